@@ -1,0 +1,10 @@
+"""fxprune: structured pruning of causal LMs by compiler passes over torch.fx graphs."""
+from fxprune.analyze import analyze
+from fxprune.api import PLAN_KEY, apply, compile, plan
+from fxprune.capture import CaptureError, capture
+from fxprune.config import PruneConfig
+from fxprune.groups import DependencyGraph, Group, Member
+from fxprune.plan import PlanError, PrunePlan
+
+__all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY"]

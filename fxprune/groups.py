@@ -1,0 +1,277 @@
+"""The result of dependency analysis: groups of coupled dimensions, with their prunable units."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from fxprune.passes.propagate_dimensions import DIMS, Labels
+
+KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "head_dim", "other")
+SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+
+
+@dataclass
+class Member:
+    name: str            # canonical parameter or buffer name in the original model
+    dim: int
+    unit_of: torch.Tensor  # for each position along `dim`, the unit it belongs to (-1: none)
+
+    @property
+    def width(self) -> int:
+        """Positions per unit along this dimension (head_dim for q rows, 1 for a channel)."""
+        used = int((self.unit_of >= 0).sum())
+        return used // (int(self.unit_of.max()) + 1)
+
+
+@dataclass
+class Group:
+    id: int
+    kind: str
+    n_units: int
+    layer: int | None
+    members: list[Member]
+    atom_id: int
+    params_per_unit: int
+    nodes: list = field(default_factory=list, repr=False)  # fx nodes whose dims contain the atom
+
+    @property
+    def unit_size(self) -> int:
+        return min(m.width for m in self.members)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The ops and tensors this group couples, with data edges between them."""
+        g = nx.DiGraph()
+        inside = set(self.nodes)
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op, target=str(n.target))
+            for src in n.all_input_nodes:
+                if src in inside:
+                    g.add_edge(src.name, n.name)
+        return g
+
+    def describe(self) -> str:
+        layer = "-" if self.layer is None else str(self.layer)
+        return (f"g{self.id:<4} {self.kind:<11} layer {layer:>3}  units {self.n_units:>5} x {self.unit_size:<4} "
+                f"params/unit {self.params_per_unit:>7}  members {len(self.members)}")
+
+
+def tensor_of(gm, target):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class DependencyGraph:
+    """Groups of dimensions that must be pruned together, found on a captured graph."""
+
+    def __init__(self, gm: torch.fx.GraphModule, labels: Labels):
+        self.gm, self.labels, self.table = gm, labels, labels.table
+        self.frozen_ops = list(labels.frozen_ops)
+        self.parameters, self.buffers, self.aliases = self._tensors()
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.groups = self._build_groups()
+
+    # -- tensors ---------------------------------------------------------------
+    def _tensors(self):
+        params, buffers, aliases, seen = {}, {}, {}, {}
+        for kind, items in (("p", self.gm.named_parameters(remove_duplicate=False)),
+                            ("b", self.gm.named_buffers(remove_duplicate=False))):
+            for name, t in items:
+                if id(t) in seen:
+                    aliases[name] = seen[id(t)]
+                    continue
+                seen[id(t)] = name
+                (params if kind == "p" else buffers)[name] = t
+        return params, buffers, aliases
+
+    def dims_of(self, name):
+        t = self.parameters.get(name, self.buffers.get(name))
+        return self.labels.tensor_atoms.get(id(t))
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters.values())
+
+    def count_parameters(self, kept_counts: dict[int, int]) -> int:
+        """Unique parameters after keeping `kept_counts[atom_id]` units of each listed atom."""
+        total = 0
+        for name, t in self.parameters.items():
+            dims = self.dims_of(name)
+            if dims is None:
+                total += t.numel()
+                continue
+            total += math.prod(int(self.table.kept_size(a, kept_counts)) for a in dims)
+        return total
+
+    # -- groups ----------------------------------------------------------------
+    def _build_groups(self):
+        T = self.table
+        occurrences: dict[int, list] = {}
+        for name in list(self.parameters) + list(self.buffers):
+            dims = self.dims_of(name)
+            for d, atom in enumerate(dims or []):
+                for leaf in {l.id: l for l in T.leaves(atom)}.values():
+                    if not leaf.frozen and leaf.static and int(leaf.size) > 1:
+                        occurrences.setdefault(leaf.id, []).append((name, d, atom))
+        kinds, layers = self._classify()
+        groups = []
+        for atom_id, occ in sorted(occurrences.items(), key=lambda kv: self._first_use(kv[1])):
+            leaf = T.atoms[atom_id]
+            members = [Member(name, d, T.digit_map(atom, leaf)) for name, d, atom in occ]
+            if not any(m.name in self.parameters for m in members):
+                continue
+            before = self.num_parameters()
+            after = self.count_parameters({atom_id: int(leaf.size) - 1})
+            kind = kinds.get(atom_id) or self._channel_kind(members, occ, kinds)
+            layer = layers.get(atom_id, self._layer_of(occ))
+            groups.append(Group(len(groups), kind, int(leaf.size), layer, members, atom_id, before - after))
+        for g in groups:
+            g.nodes = self._nodes_with(g.atom_id)
+        return groups
+
+    def _uses(self, occ):
+        names = {name for name, _, _ in occ}
+        return [self.order[u] for n in self.gm.graph.nodes
+                if n.op == "get_attr" and self.aliases.get(n.target, n.target) in names for u in n.users]
+
+    def _first_use(self, occ):
+        return min(self._uses(occ), default=len(self.order))
+
+    def _attention_ops(self):
+        """(op, query dims, key dims) for sdpa and for matmul -> ... -> softmax -> matmul chains."""
+        found = list(self.labels.attention)
+        for node in self.gm.graph.nodes:
+            name = getattr(node.target, "__name__", "")
+            if node.op != "call_function" or name.split(".")[0] not in SOFTMAX:
+                continue
+            qk = self._producer_matmul(node)
+            if qk is not None:
+                a, b = (qk.args[1], qk.args[2]) if len(qk.args) > 2 else (qk.args[0], qk.args[1])
+                found.append((qk, a.meta[DIMS], b.meta[DIMS]))
+        return sorted(found, key=lambda t: self.order[t[0]])
+
+    def _producer_matmul(self, node, depth=8):
+        frontier = [node]
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                for src in n.all_input_nodes:
+                    if src in self.labels.matmuls:
+                        return src
+                    nxt.append(src)
+            frontier = nxt
+        return None
+
+    def _classify(self):
+        T = self.table
+        kinds, layers = {}, {}
+        self.attention_ops = self._attention_ops()
+        for layer, (_, dq, _) in enumerate(self.attention_ops):
+            for atom in dq[:-2]:
+                leaves = [l for l in T.leaves(atom) if l.static and int(l.size) > 1]
+                grouped = any(l.broadcast for l in leaves)
+                for leaf in leaves:
+                    kinds.setdefault(leaf.id, "group_heads" if leaf.broadcast else ("kv_groups" if grouped else "heads"))
+                    layers.setdefault(leaf.id, layer)
+            for leaf in T.leaves(dq[-1]):
+                kinds.setdefault(leaf.id, "head_dim")
+        for atom in self.labels.embeddings:
+            for leaf in T.leaves(atom):
+                kinds.setdefault(leaf.id, "hidden")
+        return kinds, layers
+
+    def _channel_kind(self, members, occ, kinds):
+        # Beside a head in one dimension (value rows: heads x head_dim): it is a head's inner dimension.
+        T = self.table
+        head_kinds = ("heads", "kv_groups", "group_heads")
+        if any(kinds.get(l.id) in head_kinds for _, _, atom in occ for l in T.leaves(atom)):
+            return "head_dim"
+        # An intermediate channel space: produced by one projection (rows) and read by another (columns).
+        mats = [m for m in members if m.name in self.parameters and self.parameters[m.name].dim() >= 2]
+        rows = any(m.dim == self.parameters[m.name].dim() - 2 for m in mats)
+        cols = any(m.dim == self.parameters[m.name].dim() - 1 for m in mats)
+        return "mlp" if rows and cols else "other"
+
+    def _layer_of(self, occ):
+        # The layer is that of the last attention op before the group's last use (o_proj, down_proj).
+        pos = max(self._uses(occ), default=0)
+        starts = [self.order[op] for op, _, _ in self.attention_ops]
+        before = sum(1 for s in starts if s < pos)
+        return max(before - 1, 0) if starts else None
+
+    def _nodes_with(self, atom_id):
+        T = self.table
+        out = []
+        for node in self.gm.graph.nodes:
+            dims = node.meta.get(DIMS)
+            flat = dims if dims and not isinstance(dims[0], list) else [a for d in (dims or []) if d for a in d]
+            if any(leaf.id == atom_id for a in flat if a is not None for leaf in T.leaves(a)):
+                out.append(node)
+        return out
+
+    # -- views -------------------------------------------------------------------
+    def by_kind(self, *kinds):
+        return [g for g in self.groups if g.kind in kinds]
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} groups over {self.num_parameters():,} parameters"]
+        counts = {k: len(self.by_kind(k)) for k in KINDS if self.by_kind(k)}
+        lines.append("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        lines += [g.describe() for g in self.groups]
+        if self.frozen_ops:
+            lines.append(f"frozen by {len(self.frozen_ops)} ops without a rule or with irreconcilable shapes:")
+            lines += [f"  {n} ({op}): {why}" for n, op, why in self.frozen_ops]
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_networkx(self) -> nx.Graph:
+        """Bipartite graph: group nodes ('g3') linked to the parameter dimensions they cover."""
+        g = nx.Graph()
+        for grp in self.groups:
+            g.add_node(f"g{grp.id}", kind=grp.kind, units=grp.n_units, layer=grp.layer, bipartite=0)
+            for m in grp.members:
+                g.add_node(f"{m.name}:{m.dim}", bipartite=1)
+                g.add_edge(f"g{grp.id}", f"{m.name}:{m.dim}", width=m.width)
+        return g
+
+    def to_dot(self, groups=None) -> str:
+        groups = self.groups if groups is None else groups
+        lines = ["graph fxprune {", "  rankdir=LR; node [fontsize=10];"]
+        for grp in groups:
+            lines.append(f'  g{grp.id} [shape=box, label="g{grp.id} {grp.kind}\\n{grp.n_units} x {grp.unit_size}"];')
+            for m in grp.members:
+                lines.append(f'  "{m.name}:{m.dim}" [shape=ellipse];')
+                lines.append(f'  g{grp.id} -- "{m.name}:{m.dim}";')
+        lines.append("}")
+        return "\n".join(lines)
+
+    def draw(self, path, layer: int | None = None, groups=None) -> None:
+        """Picture (PNG or SVG by extension) of one layer's groups, or of the given groups."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        if groups is None:
+            groups = [g for g in self.groups if layer is None or g.layer == layer or (g.layer is None and g.kind == "hidden")]
+        g = nx.Graph()
+        colors = {"heads": "#e4572e", "kv_groups": "#f3a712", "group_heads": "#ffd166", "mlp": "#29335c",
+                  "hidden": "#669bbc", "head_dim": "#a8c686", "other": "#999999"}
+        for grp in groups:
+            g.add_node(f"g{grp.id}\n{grp.kind}\n{grp.n_units}x{grp.unit_size}", color=colors[grp.kind], box=True)
+            for m in grp.members:
+                short = m.name if layer is None else m.name.replace(f".{layer}.", ".L.")
+                g.add_node(f"{short}\n[dim {m.dim}]", color="#eeeeee", box=False)
+                g.add_edge(f"g{grp.id}\n{grp.kind}\n{grp.n_units}x{grp.unit_size}", f"{short}\n[dim {m.dim}]")
+        fig, ax = plt.subplots(figsize=(14, 9))
+        pos = nx.spring_layout(g, seed=0, k=1.2)
+        nx.draw_networkx(g, pos, ax=ax, node_color=[d["color"] for _, d in g.nodes(data=True)],
+                         node_size=[2600 if d["box"] else 900 for _, d in g.nodes(data=True)], font_size=7)
+        ax.set_title(f"fxprune groups{'' if layer is None else f' of layer {layer}'}")
+        ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)

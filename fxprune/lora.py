@@ -1,0 +1,426 @@
+"""LoRA post-training of a pruned GraphModule (LLM-Pruner's recovery stage), with peft and accelerate.
+
+The emitted GraphModule calls its projections as real `nn.Linear` submodules (`call_module` nodes
+whose code looks the module up by name at every call), so peft can swap them for LoRA layers in
+place and the graph picks them up without being retraced. It is an ordinary `nn.Module`, so
+`accelerate` wraps it in `DistributedDataParallel` like any model (`accelerate launch` with
+several processes, gloo on CPU, nccl on GPU): see `fxprune/tune_script.py`.
+
+    gm = fxprune.compile(model, ratio=0.2)
+    peft_model, history = tune(gm, examples, LoraSettings(max_steps=200, output_dir="ckpt", checkpoint_every=50))
+    pruned = merge(peft_model)        # plain GraphModule again, LoRA folded into the projections
+
+`examples` are tokenised: dicts with `input_ids` and `labels` (-100 where no loss is taken), as
+made by `fxprune.data.tokenize_alpaca`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "fxprune_lora_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+IGNORE_INDEX = -100
+# Settings that change the optimisation trajectory: a checkpoint made under other values is refused.
+TRAJECTORY_FIELDS = ("r", "alpha", "dropout", "lr", "batch_size", "grad_accum", "cutoff_len", "seed")
+
+
+# ----------------------------------------------------------------------------- targets
+
+def _linear_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Linear)]
+
+
+def output_heads(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the linear modules that produce the graph's output (the LM head), found by walking
+    back from the output node through non-linear ops and stopping at the first linear on each path."""
+    linear = {n for n in _linear_calls(gm)}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    heads, seen, stack = [], set(), list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in linear:
+            if node.target not in heads:
+                heads.append(node.target)
+            continue
+        stack.extend(node.all_input_nodes)
+    return heads
+
+
+def linear_modules(gm: torch.fx.GraphModule) -> list[str]:
+    """Every `nn.Linear` the graph calls, in call order, once each (head included)."""
+    return list(dict.fromkeys(n.target for n in _linear_calls(gm)))
+
+
+def linear_targets(gm: torch.fx.GraphModule) -> list[str]:
+    """LoRA targets: the `nn.Linear` modules the graph calls, less the output head.
+
+    Read from the graph's `call_module` nodes, not from a per-family name list, so it is
+    q/k/v/o/gate/up/down on LLaMA and whatever the projections are called elsewhere.
+    """
+    heads = set(output_heads(gm))
+    return [name for name in linear_modules(gm) if name not in heads]
+
+
+def resolve_targets(gm: torch.fx.GraphModule, target_modules) -> list[str]:
+    """The linear module names `target_modules` selects, with peft's matching rules (a list entry
+    matches a name equal to it or ending in `.entry`; a string is a regex that must match a whole
+    name; "all-linear" is `linear_targets(gm)`). Raises ValueError for a pattern that matches no
+    linear module, naming it and listing the linear modules there are."""
+    available = linear_modules(gm)
+    if target_modules is None or target_modules == "all-linear":
+        targets = linear_targets(gm)
+        if not targets:
+            raise ValueError("the GraphModule calls no nn.Linear module other than its output head; nothing to adapt")
+        return targets
+    heads = set(output_heads(gm))
+    listing = ", ".join(f"{n} (output head)" if n in heads else n for n in available) or "none"
+    if isinstance(target_modules, str):
+        chosen = [n for n in available if re.fullmatch(target_modules, n)]
+        if not chosen:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no linear module of the "
+                             f"GraphModule; its linear modules are: {listing}")
+        return chosen
+    patterns = list(target_modules)
+    if not patterns:
+        raise ValueError(f"target_modules is empty; the GraphModule's linear modules are: {listing}")
+
+    def hits(p):
+        return [n for n in available if n == p or n.endswith("." + p)]
+
+    unmatched = [p for p in patterns if not hits(p)]
+    if unmatched:
+        raise ValueError(f"target_modules {unmatched} match no linear module of the GraphModule; "
+                         f"its linear modules are: {listing}")
+    return [n for n in available if any(n in hits(p) for p in patterns)]
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA post-training settings (defaults follow LLM-Pruner's recovery stage, at micro-batch 4).
+
+    `batch_size` is per process and per micro-step; the effective batch is
+    batch_size * grad_accum * num_processes. `max_steps` (optimizer steps) overrides `epochs`.
+    `dtype`: "auto" trains under bf16 autocast on CUDA and in fp32 on CPU; "bf16", "fp16" or
+    "fp32" force it. Weights keep their dtype (mixed precision, fp32 master LoRA weights).
+    `output_dir`: checkpoints go to `output_dir/checkpoint-<step>` every `checkpoint_every`
+    optimizer steps and at the end of training.
+    """
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 1e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    cutoff_len: int = 256
+    target_modules: tuple[str, ...] | list[str] | str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    checkpoint_every: int | None = None
+    output_dir: str | os.PathLike | None = None
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("r", "batch_size", "grad_accum", "cutoff_len", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoraSettings.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"LoraSettings.{name} must be None or >= 1, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout}")
+        if self.checkpoint_every is not None and self.output_dir is None:
+            raise ValueError("LoraSettings.checkpoint_every needs an output_dir")
+        mixed_precision(self.dtype)  # validates the name
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["output_dir"] = None if self.output_dir is None else str(self.output_dir)
+        d["target_modules"] = list(self.target_modules) if isinstance(self.target_modules, tuple) else self.target_modules
+        return d
+
+
+_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+           "fp32": "no", "float32": "no", "no": "no"}
+
+
+def mixed_precision(dtype: str) -> str:
+    """accelerate's `mixed_precision` for a LoraSettings.dtype."""
+    if dtype == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if dtype not in _DTYPES:
+        raise ValueError(f"LoraSettings.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------- data
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples, cutoff_len: int):
+        self.items = []
+        for i, ex in enumerate(examples):
+            if "input_ids" not in ex:
+                raise ValueError(f"example {i} has no input_ids; tune() takes tokenised examples "
+                                 f"(see fxprune.data.tokenize_alpaca)")
+            ids = torch.as_tensor(ex["input_ids"], dtype=torch.long).flatten()[:cutoff_len]
+            labels = ex.get("labels")
+            labels = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).flatten()[:cutoff_len]
+            if labels.shape != ids.shape:
+                raise ValueError(f"example {i}: labels has {labels.numel()} tokens, input_ids {ids.numel()}")
+            if len(ids) == 0:
+                raise ValueError(f"example {i} has no tokens")
+            self.items.append((ids, labels))
+        if not self.items:
+            raise ValueError("tune() needs at least one example")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate(batch, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels) to the longest: padding gets attention 0 and label -100."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, :len(ids)] = ids
+        labels[row, :len(lab)] = lab
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out["logits"]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over the positions whose label is not -100."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP's reducer) alive on an all-masked batch
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints under output_dir (those with their state file), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", d.name)
+        if m and d.is_dir() and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def _fingerprint(settings: LoraSettings, targets, n_examples, num_processes, precision) -> dict:
+    d = {k: getattr(settings, k) for k in TRAJECTORY_FIELDS}
+    d.update(target_modules=list(targets), n_examples=n_examples, num_processes=num_processes,
+             mixed_precision=precision)
+    return d
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _register_lora_only_checkpointing(accelerator):
+    """Make save_state/load_state store only the trainable (LoRA) weights, not the frozen base model."""
+    from safetensors.torch import load_file
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if i < len(weights):
+                weights[i] = {n: p.detach().contiguous() for n, p in _trainable(accelerator.unwrap_model(model)).items()}
+
+    def load_hook(models, input_dir):
+        for model in list(models):
+            i = accelerator._models.index(model)
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            state = load_file(str(path))
+            own = _trainable(accelerator.unwrap_model(model))
+            if set(state) != set(own):
+                raise ValueError(f"checkpoint {input_dir} holds other trainable weights than the model: "
+                                 f"missing {sorted(set(own) - set(state))[:5]}, unexpected {sorted(set(state) - set(own))[:5]}")
+            with torch.no_grad():
+                for name, value in state.items():
+                    own[name].copy_(value)
+            models.remove(model)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------- training
+
+def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = None, resume: bool = False,
+         progress: bool = False):
+    """LoRA-train `gm` on tokenised `examples`; returns (peft_model, history).
+
+    `gm` is modified in place (peft injects its LoRA layers into it, as `get_peft_model` does).
+    history: one dict per optimizer step, {"step", "epoch", "loss", "lr"}, loss averaged over the
+    step's micro-batches and processes. The returned PeftModel is unwrapped (no DDP) and in eval
+    mode. With `resume=True` training continues from the newest complete checkpoint in
+    `settings.output_dir` (parameters, optimizer, RNG states and data position), or starts afresh
+    if there is none; the run then ends where an uninterrupted one would, with the same weights.
+    Under `accelerate launch` every process calls tune() on its own copy of `gm` (DDP).
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    if resume and settings.output_dir is None:
+        raise ValueError("resume=True needs LoraSettings.output_dir")
+    targets = resolve_targets(gm, settings.target_modules)
+    precision = mixed_precision(settings.dtype)
+    accelerator = Accelerator(mixed_precision=precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                        data_seed=settings.seed))
+    set_seed(settings.seed)
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, bias="none")
+    peft_model = get_peft_model(gm, config)
+    peft_model.train()
+
+    dataset = _Examples(examples, settings.cutoff_len)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(settings.seed))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)
+    _register_lora_only_checkpointing(accelerator)
+
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    fingerprint = _fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
+
+    step, epoch, batch_in_epoch, history = 0, 0, 0, []
+    found = checkpoints(settings.output_dir) if resume else []
+    if found:
+        state = json.loads((found[-1] / STATE_FILE).read_text())
+        if state["fingerprint"] != fingerprint:
+            diff = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+            raise ValueError(f"cannot resume from {found[-1]}: it was made with other settings "
+                             f"(checkpoint vs now: {diff})")
+        accelerator.load_state(str(found[-1]))
+        step, epoch, batch_in_epoch, history = state["step"], state["epoch"], state["batch_in_epoch"], state["history"]
+        logger.info("resumed from %s at step %d", found[-1], step)
+
+    def save_checkpoint():
+        directory = Path(settings.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(directory))
+        if accelerator.is_main_process:
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
+                     "fingerprint": fingerprint, "settings": settings.to_dict()}
+            tmp = directory / (STATE_FILE + ".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            tmp.replace(directory / STATE_FILE)  # written last: marks the checkpoint complete
+        accelerator.wait_for_everyone()
+
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="lora")
+    last_saved = step if found else None
+    model.train()
+    while step < total_steps:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+        losses = []
+        for batch in batches:
+            group_start = batch_in_epoch - batch_in_epoch % settings.grad_accum
+            group = min(settings.grad_accum, batches_per_epoch - group_start)
+            batch_in_epoch += 1
+            boundary = batch_in_epoch - group_start == group
+            sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
+            with sync:
+                loss = causal_lm_loss(_logits(model(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"])), batch["labels"])
+                accelerator.backward(loss / group)
+            losses.append(loss.detach())
+            if not boundary:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            losses = []
+            history.append({"step": step, "epoch": epoch, "loss": mean, "lr": optimizer.param_groups[0]["lr"]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean:.4f}")
+            if accelerator.is_main_process and (step % settings.log_every == 0 or step == total_steps):
+                logger.info("step %d/%d epoch %d loss %.4f", step, total_steps, epoch, mean)
+            if batch_in_epoch == batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                save_checkpoint()
+                last_saved = step
+            if step >= total_steps:
+                break
+        else:
+            epoch, batch_in_epoch = (epoch + 1, 0) if batch_in_epoch else (epoch, batch_in_epoch)
+    if settings.output_dir is not None and last_saved != step:
+        save_checkpoint()
+    if bar is not None:
+        bar.close()
+
+    accelerator.wait_for_everyone()
+    peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    peft_model.eval()
+    return peft_model, history
+
+
+def merge(peft_model) -> torch.fx.GraphModule:
+    """Fold the LoRA weights into their projections (`merge_and_unload`) and return the plain
+    GraphModule: same graph and module names, no peft module or attribute left, every parameter
+    trainable again as in a freshly emitted GraphModule."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    gm = peft_model.merge_and_unload()
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"merge() expects a peft model around a torch.fx.GraphModule, got {type(gm).__name__}")
+    left = [name for name, mod in gm.named_modules() if isinstance(mod, BaseTunerLayer)]
+    if left:
+        raise RuntimeError(f"peft modules left after merge_and_unload: {left}")
+    if hasattr(gm, "peft_config"):
+        del gm.peft_config
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    gm.eval()
+    return gm

@@ -1,0 +1,443 @@
+"""One rule per ATen op family: how the dimensions of an op's inputs relate to its outputs.
+
+A rule receives the node and a `Labels` context, reads the atoms of the input dimensions,
+unites those that the op's semantics say are the same index space, and returns the atoms
+of the output dimensions (a list, or a list of lists for ops returning several tensors).
+Rules are looked up by op overload packet; ops tagged pointwise share the broadcasting
+rule. An op with no rule freezes every dimension it touches (see propagate_dimensions).
+"""
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+
+from fxprune.atoms import PROD, SUM, as_expr
+
+aten = torch.ops.aten
+RULES: dict = {}
+
+
+def rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def find_rule(target):
+    if target in RULES:
+        return RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    if packet in RULES:
+        return RULES[packet]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return broadcast_rule
+    return None
+
+
+def shape(node) -> list:
+    return [as_expr(s) for s in node.meta["val"].shape]
+
+
+def norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# -- broadcasting ------------------------------------------------------------
+def broadcast_into(L, out_dims, out_shape, arg) -> None:
+    """Unite the dimensions of `arg` with the trailing output dimensions of equal size."""
+    dims, sizes = L.dims(arg), shape(arg)
+    for i in range(1, len(dims) + 1):
+        if sizes[-i] == out_shape[-i]:
+            L.unify(dims[-i], out_dims[-i])
+        elif sizes[-i] != 1:
+            raise ValueError(f"cannot broadcast {sizes} to {out_shape}")
+
+
+def tensor_args(node):
+    flat = list(node.args) + list(node.kwargs.values())
+    out = []
+    for a in flat:
+        for x in a if isinstance(a, (list, tuple)) else [a]:
+            if isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor):
+                out.append(x)
+    return out
+
+
+def broadcast_rule(node, L):
+    out = L.fresh(node)
+    for arg in tensor_args(node):
+        broadcast_into(L, out, shape(node), arg)
+    return out
+
+
+IDENTITY_OPS = [
+    aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy, aten.to,
+    aten._to_copy, aten.type_as, aten.dropout, aten.masked_fill, aten.where, aten.clamp,
+    aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum,
+    aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.copy,
+    aten.triu, aten.tril, aten.__and__, aten.__or__, aten.bitwise_and, aten.bitwise_or,
+    aten.bitwise_not, aten.logical_and, aten.logical_or, aten.logical_not, aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid,
+]
+rule(*IDENTITY_OPS)(broadcast_rule)
+
+
+# -- contractions ------------------------------------------------------------
+def batched_matmul(L, node, a, b):
+    out = L.fresh(node)
+    da, db = L.dims(a), L.dims(b)
+    if len(da) < 2 or len(db) < 2:
+        raise ValueError("matmul with a 1-D operand")
+    L.unify(da[-1], db[-2])
+    L.unify(out[-2], da[-2])
+    L.unify(out[-1], db[-1])
+    oshape = shape(node)
+    for arg_dims, arg in ((da, a), (db, b)):
+        sizes = shape(arg)
+        for i in range(3, len(arg_dims) + 1):
+            if sizes[-i] == oshape[-i]:
+                L.unify(arg_dims[-i], out[-i])
+    return out
+
+
+@rule(aten.matmul, aten.bmm, aten.mm)
+def matmul_rule(node, L):
+    out = batched_matmul(L, node, node.args[0], node.args[1])
+    L.matmuls.append(node)
+    return out
+
+
+@rule(aten.baddbmm, aten.addmm, aten.addbmm)
+def addmm_rule(node, L):
+    out = batched_matmul(L, node, node.args[1], node.args[2])
+    broadcast_into(L, out, shape(node), node.args[0])
+    L.matmuls.append(node)
+    return out
+
+
+@rule(aten.linear)
+def linear_rule(node, L):
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    dx, dw = L.dims(x), L.dims(w)
+    L.unify(dx[-1], dw[1])
+    if isinstance(b, torch.fx.Node):
+        L.unify(L.dims(b)[0], dw[0])
+    return list(dx[:-1]) + [dw[0]]
+
+
+@rule(aten.scaled_dot_product_attention)
+def sdpa_rule(node, L):
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    dq, dk, dv = L.dims(q), L.dims(k), L.dims(v)
+    sq, sk = shape(q), shape(k)
+    out = list(dq[:-1]) + [dv[-1]]
+    L.unify(dq[-1], dk[-1])
+    L.unify(dk[-2], dv[-2])
+    L.unify(dk[-3], dv[-3])
+    if sq[-3] == sk[-3]:
+        L.unify(dq[-3], dk[-3])
+    else:  # enable_gqa: query head h reads key head h // (Hq / Hk)
+        per_group = L.table.new(sq[-3] / sk[-3], f"query heads per group of {node.name}", broadcast=True)
+        L.unify(dq[-3], L.table.make(PROD, [dk[-3], per_group], node.name))
+    for i in range(4, len(dq) + 1):
+        for other, s in ((dk, sk), (dv, shape(v))):
+            if len(other) >= i and s[-i] == sq[-i]:
+                L.unify(dq[-i], other[-i])
+    if isinstance(mask, torch.fx.Node):
+        scores = list(dq[:-1]) + [dk[-2]]
+        broadcast_into(L, scores, sq[:-1] + [sk[-2]], mask)
+    L.attention.append((node, dq, dk))
+    return out
+
+
+# -- shape ops ---------------------------------------------------------------
+def reshape_dims(L, node, in_dims, in_shape, out_shape):
+    out = [None] * len(out_shape)
+    src = [(d, s) for d, s in zip(in_dims, in_shape) if s != 1]
+    dst = [j for j, s in enumerate(out_shape) if s != 1]
+    for j, s in enumerate(out_shape):
+        if s == 1:
+            out[j] = L.table.new(1, node.name)
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        block_in, block_out = [src[i]], [dst[j]]
+        pin, pout = src[i][1], out_shape[dst[j]]
+        i, j = i + 1, j + 1
+        while pin != pout:
+            ratio = sympy.simplify(pin / pout)
+            if ratio == 1:
+                break
+            if not ratio.is_number:
+                raise ValueError(f"cannot group reshape {in_shape} -> {out_shape}")
+            if ratio > 1 and j < len(dst):
+                block_out.append(dst[j]); pout = pout * out_shape[dst[j]]; j += 1
+            elif ratio < 1 and i < len(src):
+                block_in.append(src[i]); pin = pin * src[i][1]; i += 1
+            else:
+                raise ValueError(f"cannot group reshape {in_shape} -> {out_shape}")
+        merged = L.table.make(PROD, [d for d, _ in block_in], node.name)
+        if len(block_out) == 1:
+            out[block_out[0]] = merged
+        else:
+            parts = L.table.split_prod(merged, [out_shape[k] for k in block_out])
+            for k, part in zip(block_out, parts):
+                out[k] = part
+    if i < len(src) or j < len(dst):
+        raise ValueError(f"cannot group reshape {in_shape} -> {out_shape}")
+    return out
+
+
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
+      aten.reshape_as)
+def reshape_rule(node, L):
+    x = node.args[0]
+    return reshape_dims(L, node, L.dims(x), shape(x), shape(node))
+
+
+@rule(aten.transpose, aten.swapaxes)
+def transpose_rule(node, L):
+    dims = list(L.dims(node.args[0]))
+    a, b = (norm_dim(d, len(dims)) for d in node.args[1:3])
+    dims[a], dims[b] = dims[b], dims[a]
+    return dims
+
+
+@rule(aten.permute)
+def permute_rule(node, L):
+    dims = L.dims(node.args[0])
+    return [dims[norm_dim(p, len(dims))] for p in node.args[1]]
+
+
+@rule(aten.t, aten.numpy_T)
+def t_rule(node, L):
+    return list(reversed(L.dims(node.args[0])))
+
+
+@rule(aten.unsqueeze)
+def unsqueeze_rule(node, L):
+    dims = list(L.dims(node.args[0]))
+    d = norm_dim(node.args[1], len(dims) + 1)
+    return dims[:d] + [L.table.new(1, node.name)] + dims[d:]
+
+
+@rule(aten.squeeze)
+def squeeze_rule(node, L):
+    x = node.args[0]
+    dims, sizes = L.dims(x), shape(x)
+    which = node.args[1] if len(node.args) > 1 else None
+    which = None if which is None else {norm_dim(d, len(dims)) for d in ([which] if isinstance(which, int) else which)}
+    return [d for i, (d, s) in enumerate(zip(dims, sizes)) if not (s == 1 and (which is None or i in which))]
+
+
+@rule(aten.expand, aten.expand_as, aten.broadcast_to)
+def expand_rule(node, L):
+    x = node.args[0]
+    dims, sizes, out_shape = L.dims(x), shape(x), shape(node)
+    lead = len(out_shape) - len(dims)
+    out = [L.table.new(s, node.name, broadcast=True) for s in out_shape[:lead]]
+    for d, s, o in zip(dims, sizes, out_shape[lead:]):
+        out.append(d if s == o else L.table.new(o, node.name, broadcast=True))
+    return out
+
+
+@rule(aten.repeat)
+def repeat_rule(node, L):
+    x = node.args[0]
+    dims, reps = L.dims(x), list(node.args[1])
+    lead = len(reps) - len(dims)
+    out = [L.table.new(as_expr(r), node.name, broadcast=True) for r in reps[:lead]]
+    for d, r in zip(dims, reps[lead:]):
+        if r == 1:
+            out.append(d)
+        else:  # tiling: out index = copy * size + i
+            copies = L.table.new(as_expr(r), node.name, broadcast=True)
+            out.append(L.table.make(PROD, [copies, d], node.name))
+    return out
+
+
+@rule(aten.repeat_interleave)
+def repeat_interleave_rule(node, L):
+    x = node.args[0]
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(repeats, int) or dim is None:
+        raise ValueError("repeat_interleave with tensor repeats or no dim")
+    dims = list(L.dims(x))
+    d = norm_dim(dim, len(dims))
+    copies = L.table.new(repeats, node.name, broadcast=True)
+    dims[d] = L.table.make(PROD, [dims[d], copies], node.name)
+    return dims
+
+
+@rule(aten.slice)
+def slice_rule(node, L):
+    x = node.args[0]
+    dims, sizes = list(L.dims(x)), shape(x)
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(dims))
+    size = sizes[dim]
+    out_size = shape(node)[dim]
+    if out_size == size:
+        return dims
+    if not size.is_number:  # slicing along sequence or batch: nothing prunable there
+        dims[dim] = L.table.new(out_size, node.name)
+        return dims
+    size = int(size)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    step = node.args[4] if len(node.args) > 4 else 1
+    start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
+    if step == 1:
+        sizes_ = [s for s in (start, end - start, size - end)]
+        parts = L.table.split_sum(dims[dim], [s for s in sizes_ if s])
+        dims[dim] = parts[1 if start else 0]
+        return dims
+    if size % step == 0 and start < step and end > size - step + start:
+        # x[start::step] picks digit `start` of the inner factor of (size/step, step)
+        outer, inner = L.table.split_prod(dims[dim], [size // step, step])
+        L.table.freeze(inner, f"strided slice {node.name}")
+        dims[dim] = outer
+        return dims
+    raise ValueError("irregular strided slice")
+
+
+@rule(aten.narrow)
+def narrow_rule(node, L):
+    x, dim, start, length = node.args[:4]
+    dims = list(L.dims(x))
+    d = norm_dim(dim, len(dims))
+    size = int(shape(x)[d])
+    parts = L.table.split_sum(dims[d], [s for s in (start, length, size - start - length) if s])
+    dims[d] = parts[1 if start else 0]
+    return dims
+
+
+@rule(aten.select)
+def select_rule(node, L):
+    x, dim = node.args[0], node.args[1]
+    dims = list(L.dims(x))
+    d = norm_dim(dim, len(dims))
+    L.table.freeze(dims[d], f"select {node.name}")
+    return dims[:d] + dims[d + 1:]
+
+
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
+def split_rule(node, L):
+    x = node.args[0]
+    dims = L.dims(x)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    d = norm_dim(dim, len(dims))
+    sizes = [as_expr(t.shape[d]) for t in node.meta["val"]]
+    parts = L.table.split_sum(dims[d], [s for s in sizes if s != 0]) if len(sizes) > 1 else [dims[d]]
+    parts = iter(parts)
+    outs = []
+    for s in sizes:
+        out = list(dims)
+        out[d] = next(parts) if s != 0 else L.table.new(0, node.name)
+        outs.append(out)
+    return outs
+
+
+@rule(aten.unbind)
+def unbind_rule(node, L):
+    x = node.args[0]
+    dims = L.dims(x)
+    d = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(dims))
+    L.table.freeze(dims[d], f"unbind {node.name}")
+    return [dims[:d] + dims[d + 1:] for _ in node.meta["val"]]
+
+
+@rule(aten.cat)
+def cat_rule(node, L):
+    tensors = [t for t in node.args[0] if shape(t) != [0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out_shape = shape(node)
+    d = norm_dim(dim, len(out_shape))
+    out = L.fresh(node)
+    for t in tensors:
+        for i, a in enumerate(L.dims(t)):
+            if i != d:
+                L.unify(a, out[i])
+    L.unify(out[d], L.table.make(SUM, [L.dims(t)[d] for t in tensors], node.name))
+    return out
+
+
+@rule(aten.stack)
+def stack_rule(node, L):
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = L.fresh(node)
+    d = norm_dim(dim, len(out))
+    L.table.freeze(out[d], f"stack {node.name}")
+    rest = out[:d] + out[d + 1:]
+    for t in tensors:
+        for a, b in zip(L.dims(t), rest):
+            L.unify(a, b)
+    return out
+
+
+# -- embeddings, norms, reductions --------------------------------------------
+@rule(aten.embedding)
+def embedding_rule(node, L):
+    w, idx = node.args[0], node.args[1]
+    dw = L.dims(w)
+    L.table.freeze(dw[0], f"embedding rows indexed by {idx.name}")
+    L.embeddings.append(dw[1])
+    return list(L.dims(idx)) + [dw[1]]
+
+
+@rule(aten.layer_norm, aten.rms_norm, aten.native_layer_norm, aten._fused_rms_norm)
+def norm_rule(node, L):
+    x = node.args[0]
+    dims = L.dims(x)
+    n = len(node.args[1])
+    for w in node.args[2:4]:
+        if isinstance(w, torch.fx.Node):
+            for a, b in zip(L.dims(w), dims[-n:]):
+                L.unify(a, b)
+    if isinstance(node.meta["val"], (tuple, list)):  # (out, statistics...): statistics reduce the normalised dims
+        stats = [list(dims[:-n]) + [L.table.new(1, node.name) for _ in range(n)] for _ in node.meta["val"][1:]]
+        return [list(dims)] + stats
+    return list(dims)
+
+
+REDUCTIONS = [aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.var, aten.std,
+              aten.norm, aten.logsumexp, aten.any, aten.all, aten.prod, aten.argmax, aten.argmin,
+              aten.var_mean]
+
+
+@rule(*REDUCTIONS)
+def reduction_rule(node, L):
+    x = node.args[0]
+    dims = L.dims(x)
+    which = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(which, bool) or which is None or which == []:
+        reduced = set(range(len(dims)))
+    else:
+        reduced = {norm_dim(d, len(dims)) for d in ([which] if isinstance(which, int) else which)}
+    vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
+    outs = []
+    for v in vals:
+        keep = v.dim() == len(dims)
+        outs.append([L.table.new(1, node.name) if i in reduced else d
+                     for i, d in enumerate(dims) if keep or i not in reduced])
+    return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
+
+
+FACTORIES = [aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor,
+             aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.rand, aten.randn,
+             aten.eye, aten.linspace, aten.tensor]
+
+
+@rule(*FACTORIES)
+def factory_rule(node, L):
+    return L.fresh(node)
+
+
+@rule(operator.getitem)
+def getitem_rule(node, L):
+    return L.dims(node.args[0])[node.args[1]]

@@ -1,0 +1,61 @@
+"""Rewrite pass: gather the kept indices where a pruned dimension is born in a computed tensor.
+
+Example: Bloom's ALiBi slopes come from `arange(1, n_heads + 1)`. Shrinking the arange would
+give the first k heads' slopes; the kept heads need their own, so the full tensor is built
+and `index_select` keeps the right rows. Constant fills (zeros, ones, full, expand) have
+equal values everywhere and get their size literal rewritten instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.passes.propagate_dimensions import DIMS
+from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
+
+aten = torch.ops.aten
+
+
+class InsertGathersPass(PassBase):
+    def __init__(self, table, kept: dict):
+        super().__init__()
+        self.T, self.kept = table, kept
+
+    def leaves(self, dims):
+        return {l.id for a in dims for l in self.T.leaves(a) if l.id in self.kept}
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        count = 0
+        for node in list(gm.graph.nodes):
+            dims = node.meta.get(DIMS)
+            if node.op != "call_function" or not dims or isinstance(dims[0], list):
+                continue
+            if getattr(node.target, "overloadpacket", None) in SIZE_LIST_AT:
+                continue
+            inherited = set()
+            for arg in node.all_input_nodes:
+                a = arg.meta.get(DIMS) or []
+                flat = [x for d in a if d for x in d] if a and isinstance(a[0], list) else a
+                inherited |= self.leaves([x for x in flat if x is not None])
+            born = self.leaves(dims) - inherited
+            if not born:
+                continue
+            users = list(node.users)
+            out = node
+            for d, atom in enumerate(dims):
+                if not self.leaves([atom]) & born:
+                    continue
+                name = f"_fxprune_gather_{count}"
+                count += 1
+                gm.register_buffer(name, self.T.kept_index(atom, self.kept), persistent=False)
+                with gm.graph.inserting_after(out):
+                    index = gm.graph.get_attr(name)
+                with gm.graph.inserting_after(index):
+                    out = gm.graph.call_function(aten.index_select.default, (out, d, index))
+                out.meta[DIMS] = dims  # same labels: later nodes must see the atom as inherited
+            for u in users:
+                u.replace_input_with(node, out)
+            changed = True
+        gm.recompile()
+        return PassResult(gm, changed)

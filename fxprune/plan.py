@@ -1,0 +1,155 @@
+"""Planning: choose which units to remove so the parameter count drops by `ratio`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fxprune.config import PruneConfig, protected_layers
+from fxprune.groups import DependencyGraph
+
+KINDS_FOR_TARGET = {"mlp": ("mlp",), "hidden": ("hidden",)}
+TOLERANCE = 0.01  # absolute, on the fraction of parameters removed
+
+
+class PlanError(ValueError):
+    pass
+
+
+def fingerprint(dg: DependencyGraph) -> str:
+    h = hashlib.sha256()
+    for name, t in dg.parameters.items():
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    for g in dg.groups:
+        h.update(f"{g.kind}:{g.n_units}:{g.layer};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PrunePlan:
+    config: PruneConfig
+    units: dict[int, list[int]]            # group id -> kept unit indices
+    kept: dict[str, dict[int, list[int]]]  # parameter name -> {dim: kept positions}
+    params_before: int
+    params_after: int
+    fingerprint: str
+    groups: dict[int, str] = field(default_factory=dict)  # group id -> kind, for readers
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "config": self.config.to_dict(), "units": {str(k): v for k, v in self.units.items()},
+            "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in self.kept.items()},
+            "params_before": self.params_before, "params_after": self.params_after,
+            "fingerprint": self.fingerprint, "groups": {str(k): v for k, v in self.groups.items()},
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        d = json.loads(text)
+        return cls(PruneConfig.from_dict(d["config"]), {int(k): v for k, v in d["units"].items()},
+                   {n: {int(k): v for k, v in dims.items()} for n, dims in d["kept"].items()},
+                   d["params_before"], d["params_after"], d["fingerprint"],
+                   {int(k): v for k, v in d.get("groups", {}).items()})
+
+
+def target_groups(dg: DependencyGraph, cfg: PruneConfig):
+    kinds = set()
+    for t in cfg.targets:
+        if t == "heads":
+            kinds |= {"heads", "kv_groups" if cfg.gqa == "groups" else "group_heads"}
+        else:
+            kinds |= set(KINDS_FOR_TARGET[t])
+    n_layers = len(getattr(dg, "attention_ops", []))
+    protect = protected_layers(cfg.protect_layers, n_layers)
+    return [g for g in dg.groups if g.kind in kinds and not (g.kind != "hidden" and g.layer in protect)]
+
+
+def kept_count(n: int, fraction: float, round_to: int | None) -> int:
+    keep = max(1, n - math.floor(fraction * n + 1e-9))
+    if round_to and n >= round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(keep, n)
+
+
+def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, int]:
+    """Kept unit count per group so that the removed fraction is closest to cfg.ratio."""
+    total = dg.num_parameters()
+    target = cfg.ratio * total
+
+    def removed(counts):
+        return total - dg.count_parameters({g.atom_id: c for g, c in zip(groups, counts)})
+
+    if cfg.allocation == "uniform":
+        def counts_at(f):
+            return [kept_count(g.n_units, f, cfg.round_to if g.kind == "mlp" else None) for g in groups]
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if removed(counts_at(mid)) < target else (lo, mid)
+        best = min((counts_at(lo), counts_at(hi)), key=lambda c: abs(removed(c) - target))
+    else:
+        best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2)
+    return dict(zip((g.id for g in groups), best))
+
+
+def global_counts(groups, scores, removed, target, slack):
+    # One ranking over all units; a score is normalised by its group's mean so kinds compare.
+    # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
+    # large unit (a head) late in the ranking gives way to smaller ones (channels).
+    ranked = []
+    for i, g in enumerate(groups):
+        s = scores[g.id].double()
+        s = s / (s.abs().mean() + 1e-12)
+        ranked += [(float(v), i) for v in s]
+    ranked.sort()
+    counts = [g.n_units for g in groups]
+    done = 0
+    for _, i in ranked:
+        if done >= target:
+            break
+        if counts[i] <= 1:
+            continue
+        counts[i] -= 1
+        trial = removed(counts)
+        if trial > target + slack:
+            counts[i] += 1
+        else:
+            done = trial
+    return counts
+
+
+def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Tensor]) -> PrunePlan:
+    from fxprune.rewrite import kept_positions
+    groups = target_groups(dg, cfg)
+    if not groups:
+        raise PlanError(f"no prunable groups for targets {cfg.targets}; frozen ops: {frozen_summary(dg)}")
+    counts = select(dg, groups, scores, cfg)
+    units = {}
+    for g in groups:
+        order = torch.argsort(scores[g.id].double(), descending=True, stable=True)
+        units[g.id] = sorted(order[: counts[g.id]].tolist())
+    atom_units = {dg.groups[gid].atom_id: u for gid, u in units.items() if len(u) < dg.groups[gid].n_units}
+    after = dg.count_parameters({a: len(u) for a, u in atom_units.items()})
+    before = dg.num_parameters()
+    achieved = 1 - after / before
+    if abs(achieved - cfg.ratio) > TOLERANCE:
+        raise PlanError(
+            f"ratio {cfg.ratio} cannot be met: the prunable structure for targets {cfg.targets} allows "
+            f"{achieved:.4f} (tolerance {TOLERANCE}). Frozen ops: {frozen_summary(dg)}")
+    kept = {n: {d: idx.tolist() for d, idx in dims.items()}
+            for n, dims in kept_positions(dg, {a: torch.tensor(u) for a, u in atom_units.items()}).items()}
+    return PrunePlan(cfg, {gid: u for gid, u in units.items() if len(u) < dg.groups[gid].n_units}, kept,
+                     before, after, fingerprint(dg), {g.id: g.kind for g in groups})
+
+
+def frozen_summary(dg: DependencyGraph) -> str:
+    if not dg.frozen_ops:
+        return "none"
+    return "; ".join(f"{n} ({op}): {why}" for n, op, why in dg.frozen_ops[:12])
