@@ -5,6 +5,7 @@ from fxprune.capture import CaptureError, capture
 from fxprune.config import PruneConfig
 from fxprune.groups import DependencyGraph, Group, Member
 from fxprune.plan import PlanError, PrunePlan
+from fxprune.serialization import load, save
 
 __all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
-           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY"]
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load"]

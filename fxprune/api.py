@@ -45,6 +45,7 @@ def apply(model, plan: PrunePlan, *, example_inputs=None, dg=None) -> torch.fx.G
         kept[group.atom_id] = units
     gm = rewrite(dg, kept)
     gm.meta[PLAN_KEY] = plan
+    gm.meta["fxprune.base"] = model  # for save(); the model itself is never changed
     return gm
 
 

@@ -127,7 +127,7 @@ class DependencyGraph:
             before = self.num_parameters()
             after = self.count_parameters({atom_id: int(leaf.size) - 1})
             kind = kinds.get(atom_id) or self._channel_kind(members, occ, kinds)
-            layer = layers.get(atom_id, self._layer_of(occ))
+            layer = None if kind == "hidden" else layers.get(atom_id, self._layer_of(occ))
             groups.append(Group(len(groups), kind, int(leaf.size), layer, members, atom_id, before - after))
         for g in groups:
             g.nodes = self._nodes_with(g.atom_id)

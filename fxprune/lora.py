@@ -284,6 +284,16 @@ def _register_lora_only_checkpointing(accelerator):
 
 # ----------------------------------------------------------------------------- training
 
+def _launched_on_cpu() -> bool:
+    """True when several processes were launched (torchrun, `accelerate launch --multi_gpu`) on a machine
+    without an accelerator: accelerate then needs cpu=True to join them into one gloo process group,
+    where it would otherwise run each alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    available = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return not available
+
+
 def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = None, resume: bool = False,
          progress: bool = False):
     """LoRA-train `gm` on tokenised `examples`; returns (peft_model, history).
@@ -305,9 +315,14 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         raise ValueError("resume=True needs LoraSettings.output_dir")
     targets = resolve_targets(gm, settings.target_modules)
     precision = mixed_precision(settings.dtype)
-    accelerator = Accelerator(mixed_precision=precision,
+    accelerator = Accelerator(cpu=_launched_on_cpu(), mixed_precision=precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=settings.seed))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
+                           f"each would train alone and overwrite the others' checkpoints. On CPU, launch with "
+                           f"ACCELERATE_USE_CPU=1 (e.g. `accelerate launch --multi_gpu --num_processes N`, or torchrun)")
     set_seed(settings.seed)
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -321,6 +336,9 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)
+    logger.info("LoRA r=%d on %d modules, %d trainable parameters; %s on %d process(es), %s",
+                settings.r, len(targets), sum(p.numel() for p in params), type(model).__name__,
+                accelerator.num_processes, accelerator.distributed_type)
     _register_lora_only_checkpointing(accelerator)
 
     batches_per_epoch = len(loader)

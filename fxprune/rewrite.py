@@ -6,7 +6,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxprune.groups import DependencyGraph
 from fxprune.passes.insert_gathers import InsertGathersPass
-from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
+from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
 from fxprune.passes.slice_parameters import SliceParametersPass
@@ -33,6 +33,7 @@ def copy_graph_module(dg: DependencyGraph) -> torch.fx.GraphModule:
     graph.output(graph.graph_copy(dg.gm.graph, {}))
     for node in graph.nodes:
         if node.op == "get_attr":
+            node.meta[READ_AS] = node.target  # the name this read had (lm_head.weight for a tied head)
             node.target = dg.aliases.get(node.target, node.target)
     gm = torch.fx.GraphModule(dg.gm, graph)
     for node in graph.nodes:

@@ -11,3 +11,7 @@ def default_attention_mask(input_ids: torch.Tensor, attention_mask):
 
 def causal_lm_output(logits: torch.Tensor) -> CausalLMOutputWithPast:
     return CausalLMOutputWithPast(logits=logits)
+
+
+def device_of(t: torch.Tensor) -> torch.device:
+    return t.device

@@ -213,6 +213,22 @@ def _batches(calibration, vocab_size=None) -> list[tuple[torch.Tensor, torch.Ten
     return out
 
 
+def _vocab_size(dg) -> int | None:
+    """The model config's vocab_size, else the rows of the weight read by the first embedding op."""
+    vocab = getattr(getattr(dg, "model_config", None), "vocab_size", None)
+    if vocab is not None:
+        return int(vocab)
+    for node in dg.gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] == "embedding":
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and src.op == "get_attr":
+                weight = dg.parameters.get(dg.aliases.get(src.target, src.target))
+                if weight is not None and weight.dim() == 2:
+                    return int(weight.shape[0])
+            return None
+    return None
+
+
 def _chunks(batches, size):
     for ids, mask in batches:
         for start in range(0, ids.shape[0], size):
@@ -376,8 +392,7 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     `checkpoint=True` (or an int: the number of segments) recomputes activations in backward,
     keeping only segment boundaries alive: less memory for about one more forward pass.
     """
-    vocab = getattr(getattr(dg, "model_config", None), "vocab_size", None)
-    batches = _batches(calibration, vocab)
+    batches = _batches(calibration, _vocab_size(dg))
     if not batches:
         raise ValueError("gradient-based scoring needs calibration data: an iterable of input_ids "
                          "LongTensors [batch, seq] or dicts with 'input_ids'")
@@ -599,6 +614,11 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio (the fraction of units to prune) must be in (0, 1), got {ratio}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if calibration is None:
+        raise ValueError("hywia learns its attention on the LM loss: pass calibration=[input_ids, ...] "
+                         "(LongTensors [batch, seq] or dicts with 'input_ids')")
     groups = _resolve_groups(dg, groups)
     device = _compute_device(dg, device)
     needs = frozenset({"grad"})
@@ -629,8 +649,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     maskable = [(g, output_projection_members(dg, g)) for g in groups]
     maskable = [(g, ms) for g, ms in maskable if ms and g.n_units > 1]
     losses = []
-    batches = list(_chunks(_batches(calibration, getattr(getattr(dg, "model_config", None), "vocab_size", None)),
-                           max(batch_size, 1))) if maskable else []
+    batches = list(_chunks(_batches(calibration, _vocab_size(dg)), max(batch_size, 1)))
     if maskable and batches and steps > 0:
         base = _tensors(dg, device, dtype)
         opt = torch.optim.Adam(learnables, lr=lr)

@@ -154,3 +154,15 @@ def test_other_sizes_export(build, kw):
         torch.testing.assert_close(build("eager", **kw)(ids, attention_mask=mask).logits, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(_export(model).module()(ids, attention_mask=mask, use_cache=False).logits,
                                    want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", REPLICAS)
+def test_save_pretrained_round_trip(name, tmp_path):
+    # Guards against state that from_pretrained would not restore (e.g. non-persistent buffers).
+    model = REPLICAS[name]("sdpa")
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    ids, mask = _inputs(2, 7, seed=5, pad_row=0, pad=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   atol=0, rtol=0)

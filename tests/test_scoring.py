@@ -144,7 +144,8 @@ def test_gradients_match_plain_autograd(env):
     for name in env.grads.grad:
         close(env.grads.grad[name], env.G[name])
         close(env.grads.sq_grad[name], env.H[name])
-    losses = [float(env.model(ids, labels=ids).loss) for ids in env.cal]
+    with torch.no_grad():
+        losses = [float(env.model(ids, labels=ids).loss) for ids in env.cal]
     assert env.grads.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
@@ -317,6 +318,20 @@ def test_batch_size_and_checkpointing_do_not_change_scores(env):
     # only the group members get gradient accumulators
     got = compute_gradients(env.dg, env.cal, ["model.layers.0.mlp.up_proj.weight"])
     assert list(got.grad) == ["model.layers.0.mlp.up_proj.weight"] and got.sq_grad is None
+
+
+def test_checkpointed_forward_runs_the_graph_in_segments(env, monkeypatch):
+    tensors = scoring._tensors(env.dg, torch.device("cpu"), None)
+    ids = env.cal[0]
+    plain = scoring._forward(env.dg, tensors, ids, None)
+    calls = []
+    original = scoring._checkpoint
+    monkeypatch.setattr(scoring, "_checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    segmented = scoring._forward(env.dg, tensors, ids, None, checkpoint=5)
+    assert len(calls) == 5
+    torch.testing.assert_close(segmented, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain, env.model(ids).logits)
 
 
 def test_tied_embeddings_get_the_gradient_of_both_uses():

@@ -12,6 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.passes.slice_parameters import set_attr_path
 
 aten = torch.ops.aten
+READ_AS = "fxprune.read_as"
 
 
 def get_attr_path(gm, path):
@@ -32,7 +33,8 @@ class LiftLinearModulesPass(PassBase):
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if w.op != "get_attr" or (b is not None and getattr(b, "op", None) != "get_attr"):
                 continue
-            path = w.target[: -len(".weight")] if w.target.endswith(".weight") else f"{w.target}_linear"
+            read_as = w.meta.get(READ_AS, w.target)
+            path = read_as[: -len(".weight")] if read_as.endswith(".weight") else f"{read_as}_linear"
             key = (w.target, None if b is None else b.target)
             if key not in modules:
                 weight = get_attr_path(gm, w.target)
@@ -42,9 +44,14 @@ class LiftLinearModulesPass(PassBase):
                     lin.bias = get_attr_path(gm, b.target)
                 parent, _, leaf = path.rpartition(".")
                 owner = get_attr_path(gm, parent) if parent else gm
-                if hasattr(owner, leaf) and not isinstance(getattr(owner, leaf), torch.nn.Linear):
-                    # Move the existing parameters under the Linear so names stay `path.weight`.
-                    delattr(owner, leaf)
+                existing = getattr(owner, leaf, None)
+                if existing is not None:
+                    members = dict(existing.named_parameters(recurse=False))
+                    if set(members) <= {"weight", "bias"} and not list(existing.children()) and \
+                            all(members[k] is getattr(lin, k) for k in members):
+                        delattr(owner, leaf)  # a plain holder of exactly these tensors: the Linear takes its place
+                    else:
+                        path, leaf = f"{path}_linear", f"{leaf}_linear"
                 set_attr_path(gm, path, lin)
                 modules[key] = path
             with gm.graph.inserting_before(node):

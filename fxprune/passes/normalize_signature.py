@@ -1,14 +1,18 @@
 """Rewrite pass: give the GraphModule the call signature of a causal LM.
 
 `gm(input_ids, attention_mask=None)` returning an object with `.logits`, in place of the
-export's flat pytree signature (which also demanded `use_cache`).
+export's flat pytree signature (which also demanded `use_cache`). Devices that export baked
+into factory ops follow `input_ids.device` instead, so `gm.to("cuda")` (or a model captured
+on the meta device and loaded later) runs; export's metadata asserts are dropped for the same reason.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.runtime import causal_lm_output, default_attention_mask
+from fxprune.runtime import causal_lm_output, default_attention_mask, device_of
+
+aten = torch.ops.aten
 
 
 class NormalizeSignaturePass(PassBase):
@@ -28,6 +32,12 @@ class NormalizeSignaturePass(PassBase):
         for user in list(mask.users):
             if user is not full:
                 user.replace_input_with(mask, full)
+        follow_input_device(graph, ids)
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule) and sub is not gm:  # higher-order op bodies
+                first = next(n for n in sub.graph.nodes if n.op == "placeholder")
+                follow_input_device(sub.graph, first)
+                sub.recompile()
         output = next(n for n in graph.nodes if n.op == "output")
         logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
         with graph.inserting_before(output):
@@ -36,3 +46,17 @@ class NormalizeSignaturePass(PassBase):
         graph._codegen = torch.fx.graph.CodeGen()
         gm.recompile()
         return PassResult(gm, True)
+
+
+def follow_input_device(graph: torch.fx.Graph, source: torch.fx.Node) -> None:
+    """Replace device constants by `source.device`; drop export's metadata asserts."""
+    with graph.inserting_after(source):
+        device = graph.call_function(device_of, (source,))
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node is device:
+            continue
+        if node.target is aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+            continue
+        node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
+        node.kwargs = {k: device if isinstance(v, torch.device) else v for k, v in node.kwargs.items()}

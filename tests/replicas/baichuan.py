@@ -47,14 +47,15 @@ class BaichuanRMSNorm(nn.Module):
 class BaichuanRotaryEmbedding(nn.Module):
     def __init__(self, dim, base=10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, base
 
-    def forward(self, seq_len):
-        # Computed per call from the (dynamic) sequence length rather than cached for
-        # max_position_embeddings, so the exported graph has no size-specialised table.
-        t = torch.arange(seq_len, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
-        freqs = torch.outer(t, self.inv_freq)
+    def forward(self, seq_len, device=None):
+        # Computed per call for the (dynamic) sequence length instead of a cached table sized
+        # for max_position_embeddings. No inv_freq buffer either: from_pretrained in
+        # transformers 5 leaves non-persistent buffers of custom modules uninitialised.
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos()[None, None], emb.sin()[None, None]  # [1, 1, S, head_dim]
 
@@ -116,7 +117,7 @@ class BaichuanAttention(nn.Module):
         key_states = proj[1].view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         value_states = proj[2].view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         if self.config.position_embedding == "rope":
-            cos, sin = self.rotary_emb(q_len)
+            cos, sin = self.rotary_emb(q_len, device=hidden_states.device)
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if self.config._attn_implementation == "sdpa":

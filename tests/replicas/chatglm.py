@@ -55,13 +55,14 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim, rope_ratio=1.0):
         super().__init__()
-        base = 10000 * rope_ratio
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.dim, self.base = dim, 10000 * rope_ratio
 
-    def forward(self, seq_len):
-        # Built for the (dynamic) current length instead of a seq_length-sized table.
-        seq_idx = torch.arange(seq_len, dtype=torch.float, device=self.inv_freq.device)
-        idx_theta = torch.outer(seq_idx, self.inv_freq).float()
+    def forward(self, seq_len, device=None):
+        # As published, theta is recomputed per call (no buffer, which from_pretrained would leave
+        # uninitialised); built for the dynamic current length, not a seq_length-sized table.
+        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim))
+        seq_idx = torch.arange(seq_len, dtype=torch.float, device=device)
+        idx_theta = torch.outer(seq_idx, theta).float()
         return torch.stack([torch.cos(idx_theta), torch.sin(idx_theta)], dim=-1)  # [S, rot_dim//2, 2]
 
 
@@ -211,7 +212,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         seq_length = input_ids.shape[1]
         inputs_embeds = self.embedding(input_ids)
         full_attention_mask = self.get_masks(input_ids, attention_mask)
-        rotary_pos_emb = self.rotary_pos_emb(seq_length)[None, :seq_length]
+        rotary_pos_emb = self.rotary_pos_emb(seq_length, device=input_ids.device)[None, :seq_length]
         hidden_states = self.encoder(inputs_embeds, full_attention_mask, rotary_pos_emb)
         return self.output_layer(hidden_states)
 

@@ -1,0 +1,103 @@
+"""Save and load pruned GraphModules without pickle: safetensors + JSON.
+
+`load` rebuilds the base architecture on the meta device from its config, re-applies the
+plan (the rewrite is deterministic), and assigns the saved weights.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fxprune.api import PLAN_KEY, apply
+from fxprune.plan import PrunePlan
+
+FORMAT = 1
+FILES = ("model.safetensors", "plan.json", "config.json", "fxprune.json")
+
+
+def unique_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, a tied tensor once; gather indices are rebuilt by the plan."""
+    seen, out = set(), {}
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if id(t) in seen or name.rsplit(".", 1)[-1].startswith("_fxprune_gather"):
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
+def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
+    """Write weights, plan and base config to `directory` atomically (write, then rename)."""
+    plan = gm.meta.get(PLAN_KEY)
+    base = base_model if base_model is not None else gm.meta.get("fxprune.base")
+    if plan is None or base is None:
+        raise ValueError("save needs a GraphModule made by fxprune.apply/compile (it carries its plan and base model)")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fxprune-", dir=directory.parent))
+    try:
+        save_file({k: t.detach().contiguous().cpu() for k, t in unique_tensors(gm).items()}, tmp / "model.safetensors")
+        (tmp / "plan.json").write_text(plan.to_json())
+        config = base.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        cls = type(base)
+        meta = {"format": FORMAT, "architecture": f"{cls.__module__}.{cls.__qualname__}",
+                "dtype": str(next(gm.parameters()).dtype).replace("torch.", "")}
+        (tmp / "fxprune.json").write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
+
+
+def load(directory) -> torch.fx.GraphModule:
+    directory = Path(directory)
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not an fxprune directory: missing {', '.join(missing)}")
+    meta = json.loads((directory / "fxprune.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory}/fxprune.json has format {meta.get('format')!r}, expected {FORMAT}")
+    module, _, name = meta["architecture"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    config_dict = json.loads((directory / "config.json").read_text())
+    config = cls.config_class.from_dict(config_dict)
+    config._attn_implementation = config_dict.get("_attn_implementation_internal") or config_dict.get("_attn_implementation") or "sdpa"
+    dtype = getattr(torch, meta["dtype"])
+    with torch.device("meta"):
+        base = cls(config).to(dtype).eval()
+    plan = PrunePlan.from_json((directory / "plan.json").read_text())
+    gm = apply(base, plan)
+    state = load_file(directory / "model.safetensors")
+    expected = unique_tensors(gm)
+    if set(state) != set(expected):
+        raise ValueError(f"{directory}/model.safetensors does not match its plan: "
+                         f"missing {sorted(set(expected) - set(state))[:5]}, unexpected {sorted(set(state) - set(expected))[:5]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{directory}: tensor {key} has shape {tuple(value.shape)}, plan expects {tuple(expected[key].shape)}")
+    tied = {}
+    for pname, t in gm.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(t), []).append(pname)
+    gm.load_state_dict(state, strict=False, assign=True)
+    for names in tied.values():  # assign=True replaced one name of a tied weight: point the others at it
+        owner = next(n for n in names if n in state)
+        for alias in names:
+            if alias != owner:
+                parent, _, leaf = alias.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, gm.get_parameter(owner))
+    for pname, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"{directory}: {pname} was not loaded")
+    return gm
