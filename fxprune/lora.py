@@ -323,14 +323,22 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
                            f"each would train alone and overwrite the others' checkpoints. On CPU, launch with "
                            f"ACCELERATE_USE_CPU=1 (e.g. `accelerate launch --multi_gpu --num_processes N`, or torchrun)")
-    set_seed(settings.seed)
+    dataset = _Examples(examples, settings.cutoff_len)
+    fingerprint = _fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
+    found = checkpoints(settings.output_dir) if resume else []
+    state = None
+    if found:  # checked before peft touches gm, so a refused resume leaves it as it was
+        state = json.loads((found[-1] / STATE_FILE).read_text())
+        if state["fingerprint"] != fingerprint:
+            diff = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+            raise ValueError(f"cannot resume from {found[-1]}: it was made with other settings "
+                             f"(checkpoint vs now: {diff})")
 
+    set_seed(settings.seed)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none")
     peft_model = get_peft_model(gm, config)
     peft_model.train()
-
-    dataset = _Examples(examples, settings.cutoff_len)
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(settings.seed))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -342,18 +350,13 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     _register_lora_only_checkpointing(accelerator)
 
     batches_per_epoch = len(loader)
+    if batches_per_epoch == 0:
+        raise ValueError(f"the data loader yields no batch ({len(dataset)} examples, {accelerator.num_processes} processes)")
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
-    fingerprint = _fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
 
     step, epoch, batch_in_epoch, history = 0, 0, 0, []
-    found = checkpoints(settings.output_dir) if resume else []
-    if found:
-        state = json.loads((found[-1] / STATE_FILE).read_text())
-        if state["fingerprint"] != fingerprint:
-            diff = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
-            raise ValueError(f"cannot resume from {found[-1]}: it was made with other settings "
-                             f"(checkpoint vs now: {diff})")
+    if state is not None:
         accelerator.load_state(str(found[-1]))
         step, epoch, batch_in_epoch, history = state["step"], state["epoch"], state["batch_in_epoch"], state["history"]
         logger.info("resumed from %s at step %d", found[-1], step)
@@ -362,11 +365,12 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         directory = Path(settings.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
         accelerator.wait_for_everyone()
         accelerator.save_state(str(directory))
+        accelerator.wait_for_everyone()  # every process has written its RNG state
         if accelerator.is_main_process:
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
+            record = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
                      "fingerprint": fingerprint, "settings": settings.to_dict()}
             tmp = directory / (STATE_FILE + ".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
+            tmp.write_text(json.dumps(record, indent=1))
             tmp.replace(directory / STATE_FILE)  # written last: marks the checkpoint complete
         accelerator.wait_for_everyone()
 

@@ -23,7 +23,9 @@ FILES = ("model.safetensors", "plan.json", "config.json", "fxprune.json")
 
 
 def unique_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers, a tied tensor once; gather indices are rebuilt by the plan."""
+    """Parameters and buffers, a tied tensor once. Non-persistent buffers are saved too: a model
+    rebuilt on the meta device has no values for them (rotary inv_freq); gather indices are
+    rebuilt by the plan."""
     seen, out = set(), {}
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if id(t) in seen or name.rsplit(".", 1)[-1].startswith("_fxprune_gather"):
@@ -90,6 +92,11 @@ def load(directory) -> torch.fx.GraphModule:
     tied = {}
     for pname, t in gm.named_parameters(remove_duplicate=False):
         tied.setdefault(id(t), []).append(pname)
+    for key in list(state):  # non-persistent buffers are not in the state dict: assign them directly
+        if key in expected and key not in gm.state_dict():
+            parent, _, leaf = key.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            owner.register_buffer(leaf, state.pop(key), persistent=False)
     gm.load_state_dict(state, strict=False, assign=True)
     for names in tied.values():  # assign=True replaced one name of a tied weight: point the others at it
         owner = next(n for n in names if n in state)

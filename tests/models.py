@@ -46,5 +46,13 @@ def bloom(attn="eager", seed=0, **kw):
     return build(tf.BloomForCausalLM, cfg, attn, seed)
 
 
+def _replica(name):
+    def build(attn):
+        from replicas import REPLICAS
+        return REPLICAS[name](attn_implementation=attn)
+    return build
+
+
 FAMILIES = {"llama_mha": lambda attn: llama(attn, kv_heads=4), "llama_gqa": llama, "glm": glm, "glm4": glm4,
-            "bloom": bloom}
+            "bloom": bloom, "baichuan7b": _replica("baichuan7b"), "baichuan13b": _replica("baichuan13b"),
+            "chatglm": _replica("chatglm")}

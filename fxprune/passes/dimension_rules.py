@@ -75,14 +75,20 @@ def broadcast_rule(node, L):
 
 
 IDENTITY_OPS = [
-    aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy, aten.to,
-    aten._to_copy, aten.type_as, aten.dropout, aten.masked_fill, aten.where, aten.clamp,
+    aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+    aten._to_copy, aten.dropout, aten.masked_fill, aten.where, aten.clamp,
     aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum,
     aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.copy,
     aten.triu, aten.tril, aten.__and__, aten.__or__, aten.bitwise_and, aten.bitwise_or,
     aten.bitwise_not, aten.logical_and, aten.logical_or, aten.logical_not, aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid,
 ]
 rule(*IDENTITY_OPS)(broadcast_rule)
+
+
+@rule(aten.to, aten.type_as)
+def cast_rule(node, L):
+    # A second tensor argument only lends its dtype/device: its shape is unrelated.
+    return list(L.dims(node.args[0]))
 
 
 # -- contractions ------------------------------------------------------------

@@ -51,7 +51,7 @@ class RewriteShapeLiteralsPass(PassBase):
             i = SIZE_LIST_AT[packet]
             return self.set_arg(node, i, self.sizes(graph, node, node.args[i], dims))
         if packet is aten.unflatten:
-            d = node.args[1] % len(dims)
+            d = node.args[1] % len(node.args[0].meta[DIMS])  # the dim is counted in the input
             sizes = self.sizes(graph, node, node.args[2], dims[d:d + len(node.args[2])])
             return self.set_arg(node, 2, sizes)
         if packet in (aten.layer_norm, aten.rms_norm, aten.native_layer_norm, aten._fused_rms_norm):

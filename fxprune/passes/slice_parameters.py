@@ -9,7 +9,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
-def set_attr_path(root: torch.nn.Module, path: str, value) -> None:
+def set_attr_path(root: torch.nn.Module, path: str, value, persistent: bool = True) -> None:
     *parents, leaf = path.split(".")
     mod = root
     for p in parents:
@@ -21,7 +21,7 @@ def set_attr_path(root: torch.nn.Module, path: str, value) -> None:
     elif isinstance(value, torch.nn.Module):
         mod.add_module(leaf, value)
     else:
-        mod.register_buffer(leaf, value)
+        mod.register_buffer(leaf, value, persistent=persistent)
 
 
 def slice_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -39,6 +39,7 @@ class SliceParametersPass(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         for name, t in self.params.items():
             set_attr_path(gm, name, torch.nn.Parameter(slice_tensor(t, self.keep.get(name, {})), t.requires_grad))
+        persistent = set(self.source.state_dict())  # non-persistent buffers (rotary inv_freq) stay so
         for name, t in self.buffers.items():
-            set_attr_path(gm, name, slice_tensor(t, self.keep.get(name, {})))
+            set_attr_path(gm, name, slice_tensor(t, self.keep.get(name, {})), persistent=name in persistent)
         return PassResult(gm, True)
