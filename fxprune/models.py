@@ -23,7 +23,7 @@ def embedded_gguf() -> Path:
     return files[0]
 
 
-def load_model(name: str | None = None, dtype=torch.float32, device="cpu"):
+def load_model(name: str | None = None, dtype=torch.float32, device="cpu", tokenizer: bool = True):
     """(model, tokenizer) for `name`: None/'smollm2' (embedded GGUF), a .gguf file or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     name = name or DEFAULT_MODEL
@@ -38,12 +38,12 @@ def load_model(name: str | None = None, dtype=torch.float32, device="cpu"):
         if not Path(name).is_dir():
             raise FileNotFoundError(f"model path {name!r} is not a local directory (fxprune never downloads)")
         kwargs, where = {}, name
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    tok = AutoTokenizer.from_pretrained(where, **kwargs) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(device).eval()
     # GGUF weights arrive dequantized; the quantizer left on the model only blocks saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

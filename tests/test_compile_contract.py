@@ -115,3 +115,28 @@ def test_plan_for_another_model_is_refused():
     plan = fxprune.plan(a, 0.2, scores=random_scores(dg), dg=dg)
     with pytest.raises(fxprune.PlanError, match="another model"):
         fxprune.apply(b, plan)
+
+
+def test_export_save_round_trip(pruned, tmp_path):
+    *_, gm = pruned
+    ids, mask = inputs()
+    ep = torch.export.export(gm, (ids,), {"attention_mask": mask}, strict=False)
+    torch.export.save(ep, tmp_path / "pruned.pt2")
+    again = torch.export.load(tmp_path / "pruned.pt2")
+    assert torch.equal(again.module()(ids, attention_mask=mask).logits, ep.module()(ids, attention_mask=mask).logits)
+
+
+def test_passes_compose_with_a_users_pass(pruned):
+    from torch.fx.passes.infra.pass_base import PassBase, PassResult
+    from torch.fx.passes.infra.pass_manager import PassManager
+    *_, gm = pruned
+
+    class CountLinears(PassBase):
+        def call(self, g):
+            self.n = sum(n.op == "call_module" and isinstance(g.get_submodule(n.target), torch.nn.Linear)
+                         for n in g.graph.nodes)
+            return PassResult(g, False)
+
+    counter = CountLinears()
+    result = PassManager(passes=[counter])(gm)
+    assert counter.n == 2 * 7 + 1 and result.graph_module is gm

@@ -43,6 +43,16 @@ def synthetic_instructions(n=48, seed=0):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from intra-op threads, and on a busy machine OpenMP threads that
+    # wait for a descheduled sibling make a step up to ~60x slower. Restored for the other modules.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base():
     return tiny_llama()
@@ -163,7 +173,7 @@ def test_only_lora_weights_train(trained, pruned):
 
 def test_merge_matches_unmerged_and_leaves_a_plain_graph_module(pruned, examples):
     from peft.tuners.tuners_utils import BaseTunerLayer
-    peft_model, _ = tune(clone(pruned), examples, LoraSettings(max_steps=5, lr=5e-3, batch_size=4))
+    peft_model, _ = tune(clone(pruned), examples, LoraSettings(max_steps=5, lr=5e-3, batch_size=4), progress=True)
     b = batch(examples)
     with torch.no_grad():
         unmerged = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -211,6 +221,25 @@ def test_resume_matches_uninterrupted_run(pruned, examples, tmp_path):
     with pytest.raises(ValueError, match="other settings"):  # a checkpoint is only resumed with its settings
         tune(gm, examples, LoraSettings(max_steps=9, output_dir=str(out), **{**common, "lr": 1e-3}), resume=True)
     assert not any("lora" in n for n, _ in gm.named_modules())
+
+
+def test_script_reads_alpaca_or_tokenised_data(tmp_path, examples):
+    from tests.tiny_tokenizer import tiny_tokenizer
+    from fxprune.tune_script import load_examples
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    records = [{"instruction": "Repeat", "input": "abc", "output": "abc abc"},
+               {"instruction": "Say hi", "output": "hi"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="--tokenizer"):
+        load_examples(tmp_path / "alpaca.json")
+    tokenised = load_examples(tmp_path / "alpaca.json", str(tmp_path / "tok"), cutoff_len=256)
+    assert len(tokenised) == 2
+    for ex in tokenised:
+        assert len(ex["input_ids"]) == len(ex["labels"]) and ex["input_ids"][-1] == tok.eos_token_id
+        assert ex["labels"][0] == -100 and ex["labels"][-1] == tok.eos_token_id  # loss on the response only
+    (tmp_path / "tok.json").write_text(json.dumps(examples[:3]))
+    assert load_examples(tmp_path / "tok.json") == examples[:3]
 
 
 def free_port():

@@ -1,0 +1,63 @@
+"""Meta-device capture + analysis of Llama-2-7B / 13B and Llama-3-70B from their published configs.
+
+Each model runs in a fresh process so peak memory (ru_maxrss) is its own.
+Usage: python -m benchmarks.meta_scale [7b 13b 70b]
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+CONFIGS = {  # published config.json values
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def run_one(name: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import fxprune
+    torch.set_num_threads(2)
+    cfg = LlamaConfig(**CONFIGS[name])
+    cfg._attn_implementation = "sdpa"
+    t = time.time()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    dg = fxprune.analyze(model)
+    wall = time.time() - t
+    kinds = {}
+    for g in dg.groups:
+        kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    return {"model": name, "parameters": dg.num_parameters(), "nodes": len(dg.gm.graph.nodes),
+            "groups": kinds, "wall_s": round(wall, 1),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def main(argv):
+    if argv and argv[0] == "--one":
+        print(json.dumps(run_one(argv[1])))
+        return
+    names = [n for n in CONFIGS if not argv or any(a in n for a in argv)]
+    results = []
+    for n in names:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.meta_scale", "--one", n], capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    report = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": str(date.today()),
+              "results": results}
+    Path("benchmarks/results/meta_scale.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,113 @@
+"""Command line: `fxprune inspect`, `fxprune prune`, `fxprune eval`."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_inspect(args) -> int:
+    from fxprune import analyze
+    from fxprune.models import load_model
+    model, _ = load_model(args.model, tokenizer=False)
+    dg = analyze(model)
+    print(dg.summary())
+    if args.dot:
+        Path(args.dot).write_text(dg.to_dot())
+    if args.png:
+        dg.draw(args.png, layer=args.layer)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    import fxprune
+    from fxprune.data import calibration_samples, data_dir
+    from fxprune.models import load_model
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    t0 = time.time()
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    root = data_dir(args.data_dir)
+    calib = calibration_samples(root / "c4" / "c4_sample.json", tok, n_samples=args.calib_samples, seq_len=args.calib_len)
+    wiki = root / "wikitext-2-raw" / "wiki.test.raw"
+    rows = []
+    ppl_before = evaluate_ppl(model, tok, wiki, args) if args.eval_tokens else None
+    t1 = time.time()
+    gm = fxprune.compile(model, args.ratio, importance=args.importance, calibration=calib.split(args.batch),
+                         protect_layers=tuple(args.protect) if args.protect else None, round_to=args.round_to)
+    prune_s = time.time() - t1
+    ppl_after = evaluate_ppl(gm, tok, wiki, args) if args.eval_tokens else None
+    plan = gm.meta[fxprune.PLAN_KEY]
+    if args.output:
+        fxprune.save(gm, args.output, base_model=model)
+    rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
+             ("importance", args.importance), ("parameters before", f"{plan.params_before:,}"),
+             ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
+             (f"wikitext-2 ppl before ({args.eval_tokens} tok, w{args.window})", fmt(ppl_before)),
+             (f"wikitext-2 ppl after", fmt(ppl_after)), ("pruning time", f"{prune_s:.1f} s"),
+             ("total time", f"{time.time() - t0:.1f} s"), ("peak memory", f"{peak_gb():.2f} GB"),
+             ("saved to", args.output or "-")]
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows), indent=1))
+    return 0
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def evaluate_ppl(model, tok, path, args):
+    from fxprune.evaluate import perplexity
+    return perplexity(model, tok, path, window=args.window, max_tokens=args.eval_tokens, progress=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="print a model's dependency groups")
+    i.add_argument("model", nargs="?", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2)")
+    i.add_argument("--dot", help="write the groups as Graphviz DOT")
+    i.add_argument("--png", help="write a picture of one layer's groups (PNG or SVG)")
+    i.add_argument("--layer", type=int, default=0)
+    i.set_defaults(fn=cmd_inspect)
+    r = sub.add_parser("prune", help="prune a model, evaluate before/after, save")
+    r.add_argument("model", nargs="?", default=None)
+    r.add_argument("--ratio", type=float, default=0.2)
+    r.add_argument("--importance", default="hywia")
+    r.add_argument("--protect", type=int, nargs="*", default=[0, 1, 2, -2, -1])
+    r.add_argument("--round-to", type=int, default=None)
+    r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")
+    r.add_argument("--calib-samples", type=int, default=32)
+    r.add_argument("--calib-len", type=int, default=128)
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--eval-tokens", type=int, default=10240)
+    r.add_argument("--window", type=int, default=128)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--output", default="out/smollm2-pruned")
+    r.add_argument("--json", default=None, help="also write the report as JSON")
+    r.set_defaults(fn=cmd_prune)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fxprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
