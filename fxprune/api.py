@@ -9,6 +9,14 @@ from fxprune.plan import PlanError, PrunePlan, fingerprint, make_plan, target_gr
 from fxprune.rewrite import rewrite
 
 PLAN_KEY = "fxprune.plan"
+BASE_KEY = "fxprune.base"
+
+
+def base_description(model) -> dict:
+    cls = type(model)
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config.pop("quantization_config", None)
+    return {"architecture": f"{cls.__module__}.{cls.__qualname__}", "config": config}
 
 
 def plan(model, ratio: float = 0.2, *, importance="l2", calibration=None, targets=("heads", "mlp"),
@@ -45,7 +53,7 @@ def apply(model, plan: PrunePlan, *, example_inputs=None, dg=None) -> torch.fx.G
         kept[group.atom_id] = units
     gm = rewrite(dg, kept)
     gm.meta[PLAN_KEY] = plan
-    gm.meta["fxprune.base"] = model  # for save(); the model itself is never changed
+    gm.meta[BASE_KEY] = base_description(model)  # what save() needs to rebuild the architecture
     return gm
 
 

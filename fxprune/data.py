@@ -19,14 +19,15 @@ Source = Union[str, os.PathLike, Sequence[str]]
 
 def data_dir(path=None) -> Path:
     """`path` if given, else the directory named by $FXPRUNE_DATA_DIR; it must exist."""
+    origin = ""
     if path is None:
         path = os.environ.get(DATA_ENV)
         if not path:
             raise FileNotFoundError(f"no data directory given: pass a path or set the {DATA_ENV} environment "
                                     "variable to a directory holding the data files")
+        origin = f" (from {DATA_ENV})"
     path = Path(path).expanduser()
     if not path.is_dir():
-        origin = "" if path != Path(os.environ.get(DATA_ENV) or "\0") else f" (from {DATA_ENV})"
         raise FileNotFoundError(f"data directory {path}{origin} does not exist")
     return path
 

@@ -179,6 +179,8 @@ class DependencyGraph:
                     layers.setdefault(leaf.id, layer)
             for leaf in T.leaves(dq[-1]):
                 kinds.setdefault(leaf.id, "head_dim")
+                # rotary frequencies shared by every layer belong to no single layer
+                layers[leaf.id] = layer if layers.get(leaf.id, layer) == layer else None
         for atom in self.labels.embeddings:
             for leaf in T.leaves(atom):
                 kinds.setdefault(leaf.id, "hidden")
@@ -250,28 +252,40 @@ class DependencyGraph:
         lines.append("}")
         return "\n".join(lines)
 
-    def draw(self, path, layer: int | None = None, groups=None) -> None:
-        """Picture (PNG or SVG by extension) of one layer's groups, or of the given groups."""
+    def draw(self, path, layer: int | None = 0, groups=None) -> None:
+        """Picture (PNG or SVG by extension): groups on the left, the parameter dimensions they
+        cover on the right. For a layer, the hidden group is shown through that layer's tensors only."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        if groups is None:
-            groups = [g for g in self.groups if layer is None or g.layer == layer or (g.layer is None and g.kind == "hidden")]
-        g = nx.Graph()
-        colors = {"heads": "#e4572e", "kv_groups": "#f3a712", "group_heads": "#ffd166", "mlp": "#29335c",
+        colors = {"heads": "#e4572e", "kv_groups": "#f3a712", "group_heads": "#ffd166", "mlp": "#5c7aaf",
                   "hidden": "#669bbc", "head_dim": "#a8c686", "other": "#999999"}
-        for grp in groups:
-            g.add_node(f"g{grp.id}\n{grp.kind}\n{grp.n_units}x{grp.unit_size}", color=colors[grp.kind], box=True)
-            for m in grp.members:
-                short = m.name if layer is None else m.name.replace(f".{layer}.", ".L.")
-                g.add_node(f"{short}\n[dim {m.dim}]", color="#eeeeee", box=False)
-                g.add_edge(f"g{grp.id}\n{grp.kind}\n{grp.n_units}x{grp.unit_size}", f"{short}\n[dim {m.dim}]")
-        fig, ax = plt.subplots(figsize=(14, 9))
-        pos = nx.spring_layout(g, seed=0, k=1.2)
-        nx.draw_networkx(g, pos, ax=ax, node_color=[d["color"] for _, d in g.nodes(data=True)],
-                         node_size=[2600 if d["box"] else 900 for _, d in g.nodes(data=True)], font_size=7)
-        ax.set_title(f"fxprune groups{'' if layer is None else f' of layer {layer}'}")
+        if groups is None:
+            groups = [g for g in self.groups if layer is None or g.layer == layer]
+        names = {m.name for g in groups for m in g.members}
+        shown = list(groups) + [g for g in self.by_kind("hidden") if g not in groups and layer is not None]
+        edges, right = [], []
+        for g in shown:
+            for m in g.members:
+                if g.kind == "hidden" and layer is not None and m.name not in names:
+                    continue
+                key = f"{m.name} [dim {m.dim}]"
+                if key not in right:
+                    right.append(key)
+                edges.append((g, key))
+        fig, ax = plt.subplots(figsize=(12, 0.45 * max(len(right), len(shown)) + 1.5))
+        ys = {k: -i for i, k in enumerate(right)}
+        gy = {g.id: -i * max(len(right) / max(len(shown), 1), 1) for i, g in enumerate(shown)}
+        for g, key in edges:
+            ax.plot([0, 1], [gy[g.id], ys[key]], color=colors[g.kind], lw=1.2, alpha=0.7)
+        for g in shown:
+            ax.text(0, gy[g.id], f"g{g.id} {g.kind}\n{g.n_units} units x {g.unit_size}", ha="right", va="center",
+                    fontsize=9, bbox=dict(boxstyle="round", fc=colors[g.kind], ec="none", alpha=0.9))
+        for key, y in ys.items():
+            ax.text(1.01, y, key, ha="left", va="center", fontsize=8)
+        ax.set_xlim(-0.6, 2.2)
         ax.axis("off")
+        ax.set_title(f"fxprune groups{'' if layer is None else f' of layer {layer}'} (lines: group -> tensor dimension it prunes)")
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

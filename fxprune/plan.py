@@ -38,6 +38,13 @@ class PrunePlan:
     fingerprint: str
     groups: dict[int, str] = field(default_factory=dict)  # group id -> kind, for readers
 
+    def __deepcopy__(self, memo):
+        # The analysis kept for apply() holds fake tensors and the model; a copy does without it.
+        return PrunePlan.from_json(self.to_json())
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_dg"}
+
     @property
     def removed_fraction(self) -> float:
         return 1 - self.params_after / self.params_before
@@ -94,23 +101,27 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if removed(counts_at(mid)) < target else (lo, mid)
         best = min((counts_at(lo), counts_at(hi)), key=lambda c: abs(removed(c) - target))
+        if abs(removed(best) - target) > TOLERANCE * total / 2:
+            # Units too coarse for one fraction (tiny models, heads of 1-2% each): top up the
+            # fraction just below the target with the globally least important units.
+            best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2, start=counts_at(lo))
     else:
         best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2)
     return dict(zip((g.id for g in groups), best))
 
 
-def global_counts(groups, scores, removed, target, slack):
+def global_counts(groups, scores, removed, target, slack, start=None):
     # One ranking over all units; a score is normalised by its group's mean so kinds compare.
     # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
     # large unit (a head) late in the ranking gives way to smaller ones (channels).
+    counts = list(start) if start is not None else [g.n_units for g in groups]
     ranked = []
     for i, g in enumerate(groups):
         s = scores[g.id].double()
-        s = s / (s.abs().mean() + 1e-12)
-        ranked += [(float(v), i) for v in s]
+        s = (s / (s.abs().mean() + 1e-12)).sort().values
+        ranked += [(float(v), i) for v in s[g.n_units - counts[i]:]]  # units not yet removed
     ranked.sort()
-    counts = [g.n_units for g in groups]
-    done = 0
+    done = removed(counts)
     for _, i in ranked:
         if done >= target:
             break

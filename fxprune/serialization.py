@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fxprune.api import PLAN_KEY, apply
+from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
 from fxprune.plan import PrunePlan
 
 FORMAT = 1
@@ -38,7 +38,7 @@ def unique_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
     """Write weights, plan and base config to `directory` atomically (write, then rename)."""
     plan = gm.meta.get(PLAN_KEY)
-    base = base_model if base_model is not None else gm.meta.get("fxprune.base")
+    base = base_description(base_model) if base_model is not None else gm.meta.get(BASE_KEY)
     if plan is None or base is None:
         raise ValueError("save needs a GraphModule made by fxprune.apply/compile (it carries its plan and base model)")
     directory = Path(directory)
@@ -47,11 +47,8 @@ def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
     try:
         save_file({k: t.detach().contiguous().cpu() for k, t in unique_tensors(gm).items()}, tmp / "model.safetensors")
         (tmp / "plan.json").write_text(plan.to_json())
-        config = base.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        cls = type(base)
-        meta = {"format": FORMAT, "architecture": f"{cls.__module__}.{cls.__qualname__}",
+        (tmp / "config.json").write_text(json.dumps(base["config"], indent=1, default=str))
+        meta = {"format": FORMAT, "architecture": base["architecture"],
                 "dtype": str(next(gm.parameters()).dtype).replace("torch.", "")}
         (tmp / "fxprune.json").write_text(json.dumps(meta, indent=1))
         if directory.exists():

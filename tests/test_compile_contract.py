@@ -140,3 +140,22 @@ def test_passes_compose_with_a_users_pass(pruned):
     counter = CountLinears()
     result = PassManager(passes=[counter])(gm)
     assert counter.n == 2 * 7 + 1 and result.graph_module is gm
+
+
+def test_copy_and_torch_save_keep_the_interface(pruned, tmp_path):
+    import copy
+    *_, gm = pruned
+    ids, mask = inputs()
+    clone = copy.deepcopy(gm)
+    torch.save(gm, tmp_path / "gm.pt")
+    reloaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    for other in (clone, reloaded):
+        assert torch.equal(other(ids).logits, gm(ids).logits)
+        assert torch.equal(other(ids, attention_mask=mask).logits, gm(ids, attention_mask=mask).logits)
+
+
+def test_uniform_allocation_meets_ratio_on_coarse_units():
+    model = bloom("eager")
+    dg = fxprune.analyze(model)
+    plan = fxprune.plan(model, 0.2, scores=random_scores(dg), dg=dg)
+    assert abs(plan.removed_fraction - 0.2) <= 0.01

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.runtime import causal_lm_output, default_attention_mask, device_of
+from fxprune.runtime import CausalLMOutput, DefaultAttentionMask, device_of
 
 aten = torch.ops.aten
 
@@ -27,8 +27,10 @@ class NormalizeSignaturePass(PassBase):
         ids, mask = placeholders["input_ids"], placeholders["attention_mask"]
         mask.args = (None,)  # default value: attention_mask=None
         last = mask
+        gm.add_module("_fxprune_default_mask", DefaultAttentionMask())
+        gm.add_module("_fxprune_output", CausalLMOutput())
         with graph.inserting_after(last):
-            full = graph.call_function(default_attention_mask, (ids, mask))
+            full = graph.call_module("_fxprune_default_mask", (ids, mask))
         for user in list(mask.users):
             if user is not full:
                 user.replace_input_with(mask, full)
@@ -41,7 +43,7 @@ class NormalizeSignaturePass(PassBase):
         output = next(n for n in graph.nodes if n.op == "output")
         logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
         with graph.inserting_before(output):
-            wrapped = graph.call_function(causal_lm_output, (logits,))
+            wrapped = graph.call_module("_fxprune_output", (logits,))
         output.args = (wrapped,)
         graph._codegen = torch.fx.graph.CodeGen()
         gm.recompile()

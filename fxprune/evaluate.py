@@ -1,0 +1,368 @@
+"""Perplexity, zero-shot multiple choice (lm-evaluation-harness formats) and plain generation.
+
+`model` is any callable `model(input_ids, attention_mask=None)` whose result has `.logits`: a Hugging Face
+causal LM or the torch.fx GraphModule fxprune emits (which has no KV cache, so nothing here uses one).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxprune.data import data_dir
+
+TASKS = ("piqa", "arc_easy", "boolq", "winogrande")
+
+
+def _progress(items, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety, never a dependency
+        return items
+    return tqdm(items, desc=desc, total=total)
+
+
+def _logits(model, ids, mask=None) -> torch.Tensor:
+    # Score in fp32 whatever the model's dtype: bf16 log-softmax sums drift visibly over long texts.
+    return model(ids, attention_mask=mask).logits.float()
+
+
+def _max_length(model, max_length):
+    if max_length is not None:
+        return int(max_length)
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048)
+
+
+# --- perplexity ----------------------------------------------------------------------------------------
+
+def wikitext_rows(path) -> list[str]:
+    """The rows Hugging Face `datasets` makes of a WikiText raw file: one per line, newline kept, blank
+    lines as "". Joined with "\\n\\n" they give the text every published WikiText perplexity is measured on."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def eval_text(text_or_path) -> str:
+    """A file (Path, or a str naming an existing file) or a list of rows -> rows joined by "\\n\\n"; a str -> itself."""
+    if isinstance(text_or_path, os.PathLike) or (
+            isinstance(text_or_path, str) and "\n" not in text_or_path and len(text_or_path) < 4096
+            and os.path.isfile(text_or_path)):
+        return "\n\n".join(wikitext_rows(text_or_path))
+    if isinstance(text_or_path, str):
+        return text_or_path
+    return "\n\n".join(text_or_path)
+
+
+def eval_windows(tokenizer, text_or_path, window: int = 128, max_tokens=None) -> torch.LongTensor:
+    """LLM-Pruner's protocol: tokenise the whole text once, keep the first `max_tokens` tokens, cut into
+    non-overlapping windows of `window` tokens and drop the incomplete last one. Returns [n, window]."""
+    ids = tokenizer(eval_text(text_or_path), verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens (after max_tokens), fewer than one window of {window}")
+    return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text_or_path, window: int = 128, max_tokens=None, batch_size: int = 8,
+               device="cpu", progress: bool = False) -> float:
+    """exp(mean NLL) over every predicted token (window - 1 per window) of `eval_windows(...)`."""
+    windows = eval_windows(tokenizer, text_or_path, window, max_tokens)
+    total, count = 0.0, 0
+    batches = windows.split(batch_size)
+    for batch in _progress(batches, progress, "perplexity", len(batches)):
+        batch = batch.to(device)
+        logits = _logits(model, batch, torch.ones_like(batch))
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += nll.double().item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+# --- log-likelihood of continuations --------------------------------------------------------------------
+
+def _prefix_token(tokenizer) -> int:
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tok is None:
+        raise ValueError("an empty context needs a tokenizer with a bos_token or eos_token to condition on")
+    return tok
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) exactly as lm-evaluation-harness splits them: trailing spaces of
+    the context move to the continuation, the pair is encoded whole (no special tokens) and cut at the
+    context's length, so merges across the boundary are tokenised as the model would see them."""
+    if not continuation:
+        raise ValueError(f"empty continuation for context {context[-60:]!r}")
+
+    def enc(s):
+        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+
+    if context == "":
+        return [_prefix_token(tokenizer)], enc(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = enc(context + continuation), enc(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def _score_pairs(model, pairs, batch_size, device, max_length, pad_id, progress):
+    """Sum of log p(continuation | context) and whether greedy decoding would produce it, per token pair."""
+    results = [None] * len(pairs)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at once, early.
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in _progress(batches, progress, "loglikelihood", len(batches)):
+        rows = []
+        for i in idx:
+            ctx, cont = pairs[i]
+            if len(cont) > max_length:
+                raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length {max_length}")
+            rows.append((ctx + cont)[-(max_length + 1):][:-1])  # keep the latest context, as lm-eval does
+        # Right padding never changes a causal model's logits at real positions; the width of at least 2
+        # serves the exported graph, whose sequence dimension starts at 2.
+        width = max(2, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = 1
+        logits = _logits(model, ids.to(device), mask.to(device))
+        for b, i in enumerate(idx):
+            cont = torch.tensor(pairs[i][1], device=logits.device)
+            n = len(rows[b])
+            logp = logits[b, n - len(cont):n].log_softmax(-1)
+            ll = logp.gather(-1, cont[:, None]).sum().item()
+            results[i] = (ll, bool((logp.argmax(-1) == cont).all()))
+    return results
+
+
+def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8, device="cpu",
+                  max_length=None, progress: bool = False) -> list[tuple[float, bool]]:
+    """lm-eval's `loglikelihood`: for each (context, continuation), (sum log-prob of the continuation, is greedy)."""
+    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _score_pairs(model, pairs, batch_size, device, _max_length(model, max_length), pad, progress)
+
+
+def loglikelihood_rolling(model, tokenizer, text: str, batch_size: int = 8, device="cpu", max_length=None) -> float:
+    """lm-eval's `loglikelihood_rolling`: log-prob of the whole text, scored in disjoint windows of
+    max_length predicted tokens, the first conditioned on the BOS (or EOS) token."""
+    L = _max_length(model, max_length)
+    toks = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    pairs = []
+    for k in range(0, len(toks), L):
+        end = min(k + L, len(toks))
+        # Each window sees the L tokens before its last prediction (the last window overlaps its predecessor).
+        ctx = toks[end - L - 1:k] if k else [_prefix_token(tokenizer)]
+        pairs.append((ctx, toks[k:end]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return sum(ll for ll, _ in _score_pairs(model, pairs, batch_size, device, L, pad, False))
+
+
+# --- zero-shot tasks ------------------------------------------------------------------------------------
+
+@dataclass
+class Doc:
+    requests: list[tuple[str, str]]   # (context, continuation) per choice
+    gold: int
+    lengths: list[int]                # characters of each choice, for acc_norm
+
+
+def _piqa(r, label):
+    ctx = f"Question: {r['goal']}\nAnswer:"
+    sols = [r["sol1"], r["sol2"]]
+    gold = int(label if label is not None else r["label"])
+    return Doc([(ctx, " " + s) for s in sols], gold, [len(s) for s in sols])
+
+
+def _arc(r, label):
+    q = r["question"]
+    texts = [c["text"] for c in q["choices"]]
+    gold = [c["label"] for c in q["choices"]].index(r["answerKey"])
+    ctx = f"Question: {q['stem']}\nAnswer:"
+    return Doc([(ctx, " " + t) for t in texts], gold, [len(t) for t in texts])
+
+
+def _boolq(r, label):
+    if not isinstance(r["answer"], bool):
+        raise TypeError(f"answer must be true/false, got {r['answer']!r}")
+    ctx = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
+    return Doc([(ctx, " no"), (ctx, " yes")], int(r["answer"]), [2, 3])
+
+
+def _winogrande(r, label):
+    # Partial evaluation: the option fills the blank in the context; only the shared rest is scored.
+    s = r["sentence"]
+    cut = s.index("_")
+    rest = " " + s[cut + 1:].strip()
+    gold = {"1": 0, "2": 1}[str(label if label is not None else r["answer"]).strip()]
+    return Doc([(s[:cut] + r["option1"], rest), (s[:cut] + r["option2"], rest)], gold, [len(rest)] * 2)
+
+
+# task -> (records file, labels file or None, record parser, the expected record, for error messages)
+_TASK_SPECS = {
+    "piqa": ("valid.jsonl", "valid-labels.lst", _piqa,
+             '{"goal": str, "sol1": str, "sol2": str} with a label 0/1 (labels file, or "label")'),
+    "arc_easy": ("ARC-Easy-Test.jsonl", None, _arc,
+                 '{"question": {"stem": str, "choices": [{"text", "label"}]}, "answerKey": one of the labels}'),
+    "boolq": ("dev.jsonl", None, _boolq, '{"question": str, "passage": str, "answer": true/false}'),
+    "winogrande": ("dev.jsonl", "dev-labels.lst", _winogrande,
+                   '{"sentence": str with "_", "option1": str, "option2": str} with answer "1"/"2" '
+                   '(labels file, or "answer")'),
+}
+
+
+def task_file(task: str, path_or_dir=None) -> Path:
+    """The records file of `task`: `path_or_dir` itself if a file, else <dir>/<file> or <dir>/<task>/<file>;
+    with no path, <FXPRUNE_DATA_DIR>/<task>/<file>."""
+    if task not in _TASK_SPECS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    p = data_dir() / task if path_or_dir is None else Path(path_or_dir)
+    if p.is_dir():
+        p = (p / task if (p / task).is_dir() else p) / _TASK_SPECS[task][0]
+    if not p.is_file():
+        raise FileNotFoundError(f"{task}: records file {p} not found")
+    return p
+
+
+def load_task(task: str, path_or_dir=None, limit=None) -> list[Doc]:
+    """Parse and validate the first `limit` records of a task. Labels come from a `*-labels.lst` file beside
+    the records when there is one (line i labels record i), else from the record itself."""
+    path = task_file(task, path_or_dir)
+    _, labels_name, parse, schema = _TASK_SPECS[task]
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    labels = None
+    label_path = path.with_name(path.stem + "-labels.lst") if labels_name else None
+    if label_path is not None and label_path.is_file():
+        labels = [x.strip() for x in label_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if len(labels) != len(lines):
+            raise ValueError(f"{label_path} has {len(labels)} labels but {path} has {len(lines)} records")
+    docs = []
+    for k, (n, line) in enumerate(lines[:limit] if limit is not None else lines):
+        try:
+            docs.append(parse(json.loads(line), labels[k] if labels else None))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path}, line {n}: expected a {task} record {schema}; "
+                             f"{type(exc).__name__}: {exc}") from None
+    if not docs:
+        raise ValueError(f"{path}: no {task} records")
+    return docs
+
+
+def zero_shot(model, tokenizer, task: str, path_or_dir=None, limit=None, batch_size: int = 8, device="cpu",
+              max_length=None, progress: bool = False) -> dict:
+    """Accuracy on a multiple-choice task as lm-evaluation-harness computes it. acc: the choice with the
+    highest summed continuation log-likelihood; acc_norm: the highest log-likelihood per character of the
+    choice (lm-eval's length normalisation). Ties go to the first choice. Returns {"acc", "acc_norm", "n"}."""
+    docs = load_task(task, path_or_dir, limit)
+    flat = [req for d in docs for req in d.requests]
+    lls = iter(ll for ll, _ in loglikelihood(model, tokenizer, flat, batch_size, device, max_length, progress))
+    acc = acc_norm = 0
+    for d in docs:
+        scores = [next(lls) for _ in d.requests]
+        norm = [s / n for s, n in zip(scores, d.lengths)]
+        acc += scores.index(max(scores)) == d.gold
+        acc_norm += norm.index(max(norm)) == d.gold
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+             device="cpu") -> str:
+    """The text generated after `prompt`, re-running the whole sequence each step (no KV cache). Stops at
+    EOS, after `max_new_tokens`, or at the first of the `stop` strings (which is cut off)."""
+    if do_sample and temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    gen = torch.Generator().manual_seed(seed)  # a private RNG: the same seed, the same text
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    start = ids.shape[1]
+    text = ""
+    for _ in range(max_new_tokens):
+        logits = _logits(model, ids, torch.ones_like(ids))[0, -1]
+        if do_sample:
+            probs = (logits / temperature).softmax(-1).cpu()
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+                drop = sorted_p.cumsum(0) - sorted_p >= top_p
+                probs[order[drop]] = 0.0
+            nxt = torch.multinomial(probs, 1, generator=gen).item()
+        else:
+            nxt = int(logits.argmax())
+        if nxt == tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+        text = tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+        hits = [text.index(s) for s in stop if s and s in text]
+        if hits:
+            return text[:min(hits)]
+    return text
+
+
+# --- lm-evaluation-harness adapter ----------------------------------------------------------------------
+
+def _lm_eval_class():
+    try:
+        from lm_eval.api.model import LM
+    except ImportError as exc:
+        raise ImportError("lm_eval_model needs lm-evaluation-harness: pip install lm_eval") from exc
+
+    class LMEvalWrapper(LM):
+        """lm-eval's LM interface over `model` + `tokenizer`, using fxprune.evaluate's functions."""
+
+        def __init__(self, model, tokenizer, batch_size=8, device="cpu", max_length=None):
+            super().__init__()
+            self.model, self.tokenizer = model, tokenizer
+            self.batch_size, self.device, self.max_length = batch_size, device, max_length
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return loglikelihood(self.model, self.tokenizer, [r.args for r in requests], self.batch_size,
+                                 self.device, self.max_length, progress=not disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return [loglikelihood_rolling(self.model, self.tokenizer, r.args[0], self.batch_size, self.device,
+                                          self.max_length) for r in requests]
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out = []
+            for r in requests:
+                context, kwargs = r.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+                out.append(generate(self.model, self.tokenizer, context,
+                                    max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                                    do_sample=bool(kwargs.get("do_sample", False)) and temperature > 0,
+                                    temperature=temperature or 1.0, top_p=float(kwargs.get("top_p", 1.0)),
+                                    stop=until, device=self.device))
+            return out
+
+    return LMEvalWrapper
+
+
+def lm_eval_model(model, tokenizer, batch_size: int = 8, device="cpu", max_length=None):
+    """An `lm_eval.api.model.LM` for `lm_eval.simple_evaluate(model=...)`; ImportError if lm_eval is missing."""
+    return _lm_eval_class()(model, tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+
+
+def __getattr__(name):
+    # `from fxprune.evaluate import LMEvalWrapper` works only where lm_eval is installed.
+    if name == "LMEvalWrapper":
+        return _lm_eval_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
