@@ -53,6 +53,7 @@ def cmd_prune(args) -> int:
     plan = gm.meta[fxprune.PLAN_KEY]
     if args.output:
         fxprune.save(gm, args.output, base_model=model)
+        tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
              ("importance", args.importance), ("parameters before", f"{plan.params_before:,}"),
              ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
@@ -73,6 +74,48 @@ def fmt(x):
 def evaluate_ppl(model, tok, path, args):
     from fxprune.evaluate import perplexity
     return perplexity(model, tok, path, window=args.window, max_tokens=args.eval_tokens, progress=True)
+
+
+def load_any(name, tokenizer=None):
+    """(model, tokenizer) from an fxprune directory, a local HF directory, a .gguf file or the default."""
+    from fxprune.models import load_model
+    if name and (Path(name) / "fxprune.json").is_file():
+        import fxprune
+        from transformers import AutoTokenizer
+        return fxprune.load(name), AutoTokenizer.from_pretrained(tokenizer or name)
+    return load_model(name)
+
+
+def cmd_eval(args) -> int:
+    from fxprune.data import data_dir
+    from fxprune.evaluate import perplexity, zero_shot
+    model, tok = load_any(args.model, args.tokenizer)
+    root = data_dir(args.data_dir)
+    rows, report = [], {"model": args.model or "SmolLM2-135M-Instruct (embedded GGUF)"}
+    t0 = time.time()
+    if "ppl" in args.tasks:
+        ppl = perplexity(model, tok, root / "wikitext-2-raw" / "wiki.test.raw", window=args.window,
+                         max_tokens=args.eval_tokens, progress=True)
+        report["wikitext2_ppl"] = ppl
+        rows.append((f"wikitext-2 ppl ({args.eval_tokens} tok, w{args.window})", f"{ppl:.2f}"))
+    for task in [t for t in args.tasks if t != "ppl"]:
+        r = zero_shot(model, tok, task, root, limit=args.limit, progress=True)
+        report[task] = r
+        rows.append((f"{task} acc / acc_norm (n={r['n']})", f"{r['acc']:.4f} / {r['acc_norm']:.4f}"))
+    rows += [("parameters", f"{sum(p.numel() for p in set(model.parameters())):,}"),
+             ("time", f"{time.time() - t0:.1f} s"), ("peak memory", f"{peak_gb():.2f} GB")]
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from fxprune import tune_script
+    rest = list(args.rest)
+    if "--tokenizer" not in rest and args.model and (Path(args.model) / "tokenizer_config.json").is_file():
+        rest += ["--tokenizer", args.model]
+    return tune_script.main(["--gm", args.model, *rest]) or 0
 
 
 def main(argv=None) -> int:
@@ -101,6 +144,21 @@ def main(argv=None) -> int:
     r.add_argument("--output", default="out/smollm2-pruned")
     r.add_argument("--json", default=None, help="also write the report as JSON")
     r.set_defaults(fn=cmd_prune)
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned directory")
+    e.add_argument("model", nargs="?", default=None)
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--tasks", nargs="+", default=["ppl", "piqa", "arc_easy", "boolq", "winogrande"])
+    e.add_argument("--limit", type=int, default=None, help="first N examples of each zero-shot task")
+    e.add_argument("--eval-tokens", type=int, default=20480)
+    e.add_argument("--window", type=int, default=128)
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--json", default=None)
+    e.set_defaults(fn=cmd_eval)
+    t = sub.add_parser("tune", help="LoRA-tune a pruned directory (options of python -m fxprune.tune_script)",
+                       add_help=False)
+    t.add_argument("model")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_tune)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -173,9 +173,10 @@ class DependencyGraph:
         for layer, (_, dq, _) in enumerate(self.attention_ops):
             for atom in dq[:-2]:
                 leaves = [l for l in T.leaves(atom) if l.static and int(l.size) > 1]
-                grouped = any(l.broadcast for l in leaves)
+                # KV groups x query heads per group; with one KV head (MQA) the query heads are plain heads
+                grouped = any(l.broadcast for l in leaves) and not all(l.broadcast for l in leaves)
                 for leaf in leaves:
-                    kinds.setdefault(leaf.id, "group_heads" if leaf.broadcast else ("kv_groups" if grouped else "heads"))
+                    kinds.setdefault(leaf.id, ("group_heads" if leaf.broadcast else "kv_groups") if grouped else "heads")
                     layers.setdefault(leaf.id, layer)
             for leaf in T.leaves(dq[-1]):
                 kinds.setdefault(leaf.id, "head_dim")

@@ -22,8 +22,8 @@ def build(cls, cfg, attn, seed=0):
     return _finish(cls(cfg), seed)
 
 
-def llama(attn="sdpa", kv_heads=2, seed=0, **kw):
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+def llama(attn="sdpa", kv_heads=2, seed=0, vocab_size=128, **kw):
+    cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16,
                          tie_word_embeddings=True, **kw)
     return build(tf.LlamaForCausalLM, cfg, attn, seed)

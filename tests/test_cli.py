@@ -20,3 +20,22 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fxprune.cli", "inspect", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "not a local directory" in out.stderr
+
+
+def test_eval_reports_perplexity_of_a_pruned_directory(tmp_path):
+    import fxprune
+    from tiny_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = llama("sdpa", vocab_size=len(tok))
+    gm = fxprune.compile(model, 0.2, importance="l2")
+    fxprune.save(gm, tmp_path / "pruned")
+    tok.save_pretrained(tmp_path / "pruned")
+    (tmp_path / "data" / "wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw").write_text("a b c\n" * 200)
+    out = subprocess.run([sys.executable, "-m", "fxprune.cli", "eval", str(tmp_path / "pruned"), "--tasks", "ppl",
+                          "--data-dir", str(tmp_path / "data"), "--eval-tokens", "256", "--window", "32",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    import json
+    ppl = json.loads((tmp_path / "r.json").read_text())["wikitext2_ppl"]
+    assert 1 < ppl < 10_000

@@ -33,6 +33,9 @@ def find_rule(target):
     packet = getattr(target, "overloadpacket", None)
     if packet in RULES:
         return RULES[packet]
+    name = getattr(target, "_schema", None) and target._schema.name  # ops outside aten, by qualified name
+    if name in RULES:
+        return RULES[name]
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
         return broadcast_rule
     return None
@@ -44,6 +47,16 @@ def shape(node) -> list:
 
 def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
+
+
+def schema_arg(node, name, default=None):
+    """An op argument by its schema name, passed positionally or by keyword, else its default."""
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if not a.kwarg_only and i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else default)
+    return default
 
 
 # -- broadcasting ------------------------------------------------------------
@@ -81,6 +94,7 @@ IDENTITY_OPS = [
     aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.copy,
     aten.triu, aten.tril, aten.__and__, aten.__or__, aten.bitwise_and, aten.bitwise_or,
     aten.bitwise_not, aten.logical_and, aten.logical_or, aten.logical_not, aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid,
+    aten.floor_divide, aten.remainder, aten.fmod,
 ]
 rule(*IDENTITY_OPS)(broadcast_rule)
 
@@ -135,6 +149,19 @@ def linear_rule(node, L):
     return list(dx[:-1]) + [dw[0]]
 
 
+@rule(aten._grouped_mm, "transformers::grouped_mm_fallback")
+def grouped_mm_rule(node, L):
+    """Rows of `x` [tokens, in] sorted by group, group g multiplied by `w[g]` [in, out]; `offs` [groups]
+    ends each group's rows. Which rows go to which group is data (router output): the group dim is frozen."""
+    x, w = node.args[0], node.args[1]
+    dx, dw = L.dims(x), L.dims(w)
+    if len(dx) != 2 or len(dw) != 3:
+        raise ValueError("grouped_mm other than [tokens, in] x [groups, in, out]")
+    L.unify(dx[-1], dw[1])
+    L.table.freeze(dw[0], f"{node.name} sends rows to groups by data")
+    return [dx[0], dw[2]]
+
+
 @rule(aten.scaled_dot_product_attention)
 def sdpa_rule(node, L):
     q, k, v = node.args[:3]
@@ -178,11 +205,13 @@ def reshape_dims(L, node, in_dims, in_shape, out_shape):
             ratio = sympy.simplify(pin / pout)
             if ratio == 1:
                 break
-            if not ratio.is_number:
-                raise ValueError(f"cannot group reshape {in_shape} -> {out_shape}")
-            if ratio > 1 and j < len(dst):
+            if ratio.is_number:
+                grow_in = ratio < 1
+            else:  # symbolic (batch * seq flattened): the side with a factor the other lacks grows
+                grow_in = sympy.fraction(ratio)[1] != 1
+            if not grow_in and j < len(dst):
                 block_out.append(dst[j]); pout = pout * out_shape[dst[j]]; j += 1
-            elif ratio < 1 and i < len(src):
+            elif grow_in and i < len(src):
                 block_in.append(src[i]); pin = pin * src[i][1]; i += 1
             else:
                 raise ValueError(f"cannot group reshape {in_shape} -> {out_shape}")
@@ -297,6 +326,9 @@ def slice_rule(node, L):
     end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
     step = node.args[4] if len(node.args) > 4 else 1
     start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
+    if end <= start:  # an empty slice (partial rotary with nothing left to pass through) reads nothing
+        dims[dim] = L.table.new(0, node.name)
+        return dims
     if step == 1:
         sizes_ = [s for s in (start, end - start, size - end)]
         parts = L.table.split_sum(dims[dim], [s for s in sizes_ if s])
@@ -329,6 +361,98 @@ def select_rule(node, L):
     d = norm_dim(dim, len(dims))
     L.table.freeze(dims[d], f"select {node.name}")
     return dims[:d] + dims[d + 1:]
+
+
+CONSTANT_READS = (aten.lift_fresh_copy, aten.clone, aten.detach, aten.alias, aten._to_copy)
+
+
+def constant_value(node):
+    """The values of a tensor read from a graph attribute that is neither parameter nor buffer
+    (a constant that torch.export lifted), or None when the values are unknown or may change."""
+    while node.op == "call_function" and getattr(node.target, "overloadpacket", None) in CONSTANT_READS:
+        node = node.args[0]
+    if node.op != "get_attr":
+        return None
+    owner, _, leaf = node.target.rpartition(".")
+    module = node.graph.owning_module.get_submodule(owner)
+    value = getattr(module, leaf, None)
+    if not isinstance(value, torch.Tensor) or leaf in module._parameters or leaf in module._buffers or value.is_meta:
+        return None
+    return value
+
+
+def constant_positions(L, atom, size, values, why):
+    """Indexing `atom` at constant `values`: couple what the values mean to the atom's structure.
+
+    Non-negative values count from the start, negative ones from the end, so the positions on
+    that side of the selection must not move; a contiguous run is a segment (like a slice), and
+    what lies beyond it on the other side stays prunable (Falcon's query slots before `[-2]`).
+    """
+    v = values.flatten().tolist()
+    pos = [x + size if x < 0 else x for x in v]
+    from_end = all(x < 0 for x in v)
+    if not v or not (from_end or all(x >= 0 for x in v)) or pos != list(range(pos[0], pos[0] + len(pos))):
+        L.table.freeze(atom, why)
+        return
+    start, n = pos[0], len(pos)
+    sizes = [start, n, size - start - n]
+    parts = iter(L.table.split_sum(atom, [s for s in sizes if s]))
+    before, chosen, after = (next(parts) if s else None for s in sizes)
+    for part in (chosen, after if from_end else before):
+        if part is not None:
+            L.table.freeze(part, why)
+
+
+@rule(aten.index)
+def index_rule(node, L):
+    """Advanced indexing: the index tensors broadcast together into the dims that replace the
+    indexed ones (in place when adjacent, in front otherwise). An indexed dim is read at the
+    positions the index holds: frozen, unless the index is a known constant (see constant_positions)."""
+    x, indices = node.args[0], list(node.args[1])
+    dims, sizes = L.dims(x), shape(x)
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if any(indices[i].meta["val"].dtype == torch.bool for i in used):
+        raise ValueError("boolean mask indexing has a data-dependent shape")
+    out_shape = shape(node)
+    rank = len(out_shape) - (len(dims) - len(used))
+    at = used[0] if used == list(range(used[0], used[-1] + 1)) else 0
+    out = [None] * len(out_shape)
+    new = [L.table.new(s, node.name) for s in out_shape[at:at + rank]]
+    for i in used:
+        broadcast_into(L, new, out_shape[at:at + rank], indices[i])
+        value = constant_value(indices[i])
+        why = f"{node.name} reads dim {i} of {x.name} at the positions its index holds"
+        if value is None or not sizes[i].is_number:
+            L.table.freeze(dims[i], why)
+        else:
+            constant_positions(L, dims[i], int(sizes[i]), value, why)
+    rest = iter(d for i, d in enumerate(dims) if i not in used)
+    return [new[j - at] if at <= j < at + rank else next(rest) for j in range(len(out_shape))]
+
+
+@rule(aten.index_put, aten.index_put_)
+def index_put_rule(node, L):
+    """`x[indices] = values`: the result has the dims of `x`; the indexed dims are written at data positions."""
+    x, indices, values = node.args[:3]
+    dims = L.dims(x)
+    for i, t in enumerate(indices):
+        if t is not None:
+            L.table.freeze(dims[i], f"{node.name} writes dim {i} of {x.name} at the positions its index holds")
+    L.freeze_all(L.dims(values), f"{node.name} writes these values at data positions")
+    return list(dims)
+
+
+@rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue)
+def selection_rule(node, L):
+    """Values (and indices) chosen along one dim by their data: that dim is frozen, the others pass."""
+    x = node.args[0]
+    dims = L.dims(x)
+    d = norm_dim(schema_arg(node, "dim", -1), len(dims))
+    L.table.freeze(dims[d], f"{node.name} selects along dim {d} by value")
+    vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
+    outs = [[L.table.new(v.shape[d], node.name) if i == d else a for i, a in enumerate(dims) if v.dim() == len(dims) or i != d]
+            for v in vals]
+    return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
@@ -432,6 +556,13 @@ def reduction_rule(node, L):
         outs.append([L.table.new(1, node.name) if i in reduced else d
                      for i, d in enumerate(dims) if keep or i not in reduced])
     return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
+
+
+@rule(aten.histc, aten.bincount)
+def histogram_rule(node, L):
+    """Counts over every position of the input: removing positions would change the counts."""
+    L.freeze_all(L.dims(node.args[0]), f"{node.name} counts over every position")
+    return L.fresh(node)
 
 
 FACTORIES = [aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor,
