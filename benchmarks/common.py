@@ -96,7 +96,8 @@ def other_busy_processes(min_cpu: float = 20.0) -> list[str]:
     busy = []
     for line in out:
         parts = line.split(None, 2)
-        if len(parts) == 3 and int(parts[0]) != os.getpid() and float(parts[1]) >= min_cpu:
+        if (len(parts) == 3 and int(parts[0]) not in (os.getpid(), os.getppid()) and parts[2] != "ps"
+                and float(parts[1]) >= min_cpu):
             busy.append(f"{parts[2]} ({parts[1]}% cpu)")
     return busy
 

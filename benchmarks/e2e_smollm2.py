@@ -40,10 +40,11 @@ def main(argv=None):
     times = {}
     if not (pruned / "fxprune.json").exists():
         times["prune_s"] = run("prune", "--output", str(pruned), "--eval-tokens", "0")
-    times["tune_s"] = run("tune", str(pruned), "--data", str(data / "alpaca" / "alpaca_cleaned_5k.json"),
-                          "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--cutoff-len", "256",
-                          "--output-dir", str(work / "ckpt"), "--checkpoint-every", "50",
-                          "--merged", str(tuned), "--result", str(work / "tune.json"))
+    if not (tuned / "fxprune.json").exists() or not (work / "tune.json").exists():
+        times["tune_s"] = run("tune", str(pruned), "--data", str(data / "alpaca" / "alpaca_cleaned_5k.json"),
+                              "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--cutoff-len", "256",
+                              "--output-dir", str(work / "ckpt"), "--checkpoint-every", "50",
+                              "--merged", str(tuned), "--result", str(work / "tune.json"))
     rows = {}
     for name, target, extra in (("dense", None, []), ("pruned 20%", pruned, []),
                                 ("pruned 20% + LoRA", tuned, ["--tokenizer", str(pruned)])):

@@ -20,6 +20,7 @@ Usage (from the repository root, FXPRUNE_DATA_DIR set or --data-dir given):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -49,7 +50,8 @@ def parse(argv):
     p.add_argument("--data-dir", default=None, help="default: $FXPRUNE_DATA_DIR")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--out", default=str(RESULTS / "importance_table"),
-                   help="output path without extension (.json and .md are written)")
+                   help="output path without extension (.json, .md and .png are written)")
+    p.add_argument("--render", action="store_true", help="only rewrite .md and .png from the existing --out .json")
     return p.parse_args(argv)
 
 
@@ -122,8 +124,39 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Perplexity against the removed fraction, one line per estimator, the dense model as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in report["settings"]["methods"]:
+        pts = sorted((r["removed_fraction"], r["ppl"]) for r in report["rows"] if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.axhline(report["dense"]["ppl"], color="k", ls="--", lw=1, label=f"dense {report['dense']['ppl']:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of parameters removed")
+    ax.set_ylabel(f"WikiText-2 perplexity ({report['settings']['window']}-token windows)")
+    ax.set_title(f"SmolLM2-135M-Instruct, no tuning, first {report['settings']['eval_tokens']:,} tokens", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    plot(report, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(render(report) + f"![perplexity against ratio]({out.name}.png)\n")
+
+
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        out = Path(args.out)
+        report = json.loads(out.with_suffix(".json").read_text())
+        write_outputs(report, out)
+        return report
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown methods {bad}; choose from {METHODS}")
@@ -242,8 +275,8 @@ def main(argv=None):
     report["total_s"] = time.perf_counter() - t_start
     finish(report)
     write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(render(report))
-    log(f"wrote {out}.json and {out}.md")
+    write_outputs(report, out)
+    log(f"wrote {out}.json, .md and .png")
     return report
 
 

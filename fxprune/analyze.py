@@ -27,13 +27,28 @@ def heads_shared_across_layers(dg: DependencyGraph) -> set[int]:
     return shared
 
 
-def analyze(model: torch.nn.Module, example_inputs=None, dynamic: bool = True) -> DependencyGraph:
+def fill_constants(gm: torch.fx.GraphModule, values: dict) -> None:
+    """Give tensor constants that the graph creates (Falcon's index tensors), captured without values
+    on the meta device, the values in `values` (by attribute path, e.g. from a saved pruned model)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in values:
+            owner, _, leaf = node.target.rpartition(".")
+            module = gm.get_submodule(owner)
+            current = getattr(module, leaf)
+            if isinstance(current, torch.Tensor) and current.is_meta and leaf not in module._parameters \
+                    and leaf not in module._buffers and current.shape == values[node.target].shape:
+                setattr(module, leaf, values[node.target].to(current.dtype))
+
+
+def analyze(model: torch.nn.Module, example_inputs=None, dynamic: bool = True, constants=None) -> DependencyGraph:
     """Trace `model` with torch.export and return its dependency groups.
 
     Works on the meta device: build the model under `torch.device("meta")` to analyse the
-    structure of a 70B model without its weights.
+    structure of a 70B model without its weights. The values of constants the graph creates
+    are then unknown (what they index freezes) unless `constants` supplies them.
     """
     captured = capture(model, example_inputs, dynamic=dynamic)
+    fill_constants(captured.gm, constants or {})
     dg = label(captured.gm)
     shared = heads_shared_across_layers(dg)
     if shared:

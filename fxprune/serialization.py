@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fxprune.analyze import analyze
 from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
 from fxprune.plan import PrunePlan
 
@@ -77,8 +78,8 @@ def load(directory) -> torch.fx.GraphModule:
     with torch.device("meta"):
         base = cls(config).to(dtype).eval()
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
-    gm = apply(base, plan)
     state = load_file(directory / "model.safetensors")
+    gm = apply(base, plan, dg=analyze(base, constants=state))  # constants: values the meta capture lacks
     expected = unique_tensors(gm)
     if set(state) != set(expected):
         raise ValueError(f"{directory}/model.safetensors does not match its plan: "

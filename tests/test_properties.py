@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxprune
+from fxprune.config import PruneConfig
+from fxprune.plan import target_groups
 from models import build
 from oracles import inputs, random_scores, rel_err, zero_masked
 
@@ -29,13 +31,17 @@ def one_thread():
 
 @st.composite
 def configs(draw):
-    """(family, heads, kv_heads, head_dim, intermediate, layers): a hashable key for `analysed`."""
+    """(family, heads, kv_heads, head_dim, intermediate, layers): a hashable key for `analysed`.
+    Kept to 24 configs in all, since each costs an export: MQA and GQA (MHA: Bloom), and the
+    intermediate size drawn together with the layer count."""
     family = draw(st.sampled_from(["llama", "glm", "bloom"]))
-    heads = draw(st.sampled_from([2, 4]))
-    kv = heads if family == "bloom" else draw(st.sampled_from([d for d in (1, 2, 4) if heads % d == 0]))
     head_dim = draw(st.sampled_from([8, 16]))
-    intermediate = 4 * heads * head_dim if family == "bloom" else draw(st.sampled_from([24, 40]))
-    return family, heads, kv, head_dim, intermediate, draw(st.sampled_from([1, 2]))
+    if family == "bloom":  # hidden = heads x head_dim, MLP = 4 x hidden
+        heads, layers = draw(st.sampled_from([2, 4])), draw(st.sampled_from([1, 2]))
+        return family, heads, heads, head_dim, 4 * heads * head_dim, layers
+    heads, kv = draw(st.sampled_from([(2, 1), (4, 2)]))
+    intermediate, layers = draw(st.sampled_from([(24, 2), (40, 1)]))
+    return family, heads, kv, head_dim, intermediate, layers
 
 
 def make(family, heads, kv, head_dim, intermediate, layers):
@@ -53,10 +59,17 @@ def analysed(key):
     return model, fxprune.analyze(model)
 
 
-@settings(max_examples=160, deadline=None, derandomize=True)
-@given(key=configs(), seed=st.integers(0, 2**16), ratio=st.floats(0.05, 0.3), gqa=st.sampled_from(["groups", "heads"]))
-def test_random_plans_keep_the_zero_mask_oracle(key, seed, ratio, gqa):
+def reachable(dg, gqa):
+    """The largest fraction of parameters that heads and MLP channels can give (one unit kept each)."""
+    groups = target_groups(dg, PruneConfig(targets=("heads", "mlp"), gqa=gqa))
+    return 1 - dg.count_parameters({g.atom_id: 1 for g in groups}) / dg.num_parameters()
+
+
+@settings(max_examples=110, deadline=None, derandomize=True)
+@given(key=configs(), seed=st.integers(0, 2**16), share=st.floats(0.1, 0.8), gqa=st.sampled_from(["groups", "heads"]))
+def test_random_plans_keep_the_zero_mask_oracle(key, seed, share, gqa):
     model, dg = analysed(key)
+    ratio = share * reachable(dg, gqa)
     plan = fxprune.plan(model, ratio, scores=random_scores(dg, seed), dg=dg, allocation="global", gqa=gqa)
     assert abs(plan.removed_fraction - ratio) <= 0.01
     gm = fxprune.apply(model, plan, dg=dg)
@@ -68,15 +81,27 @@ def test_random_plans_keep_the_zero_mask_oracle(key, seed, ratio, gqa):
     assert rel_err(got[mask.bool()], expected[mask.bool()]) < 1e-5
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(key=configs(), seed=st.integers(0, 2**16), ratio=st.floats(0.05, 0.3),
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(key=configs(), seed=st.integers(0, 2**16), share=st.floats(0.1, 0.8),
        importance=st.sampled_from(["random", "l2", "element1"]), allocation=st.sampled_from(["uniform", "global"]))
-def test_same_seed_and_inputs_give_the_same_plan(key, seed, ratio, importance, allocation):
+def test_same_seed_and_inputs_give_the_same_plan(key, seed, share, importance, allocation):
     model, dg = analysed(key)
+    ratio = share * reachable(dg, "groups")
     ids, _ = inputs(seed=seed)
 
-    def plan():
-        return fxprune.plan(model, ratio, importance=importance, calibration=ids, seed=seed, dg=dg,
-                            allocation=allocation).to_json()
+    def outcome():  # the plan, or why none meets the ratio (the greedy planner can miss a reachable one)
+        try:
+            return fxprune.plan(model, ratio, importance=importance, calibration=ids, seed=seed, dg=dg,
+                                allocation=allocation).to_json()
+        except fxprune.PlanError as exc:
+            return str(exc)
 
-    assert plan() == plan()
+    assert outcome() == outcome()
+
+
+def test_a_fresh_analysis_gives_the_same_plan():
+    key = ("llama", 4, 2, 16, 24, 2)
+    model, dg = analysed(key)
+    ids, _ = inputs()
+    kw = dict(importance="element1", calibration=ids, seed=3, allocation="global")
+    assert fxprune.plan(model, 0.15, dg=dg, **kw).to_json() == fxprune.plan(model, 0.15, **kw).to_json()

@@ -403,43 +403,45 @@ def constant_positions(L, atom, size, values, why):
             L.table.freeze(part, why)
 
 
-@rule(aten.index)
-def index_rule(node, L):
-    """Advanced indexing: the index tensors broadcast together into the dims that replace the
-    indexed ones (in place when adjacent, in front otherwise). An indexed dim is read at the
-    positions the index holds: frozen, unless the index is a known constant (see constant_positions)."""
-    x, indices = node.args[0], list(node.args[1])
+def indexed(L, node, x, indices):
+    """Dims and shape of `x[indices]` (advanced indexing): the index tensors broadcast together into
+    dims that replace the indexed ones (in place when adjacent, in front otherwise). An indexed dim
+    of `x` is read at the positions the index holds: frozen, unless the index is a known constant
+    (see constant_positions)."""
     dims, sizes = L.dims(x), shape(x)
     used = [i for i, t in enumerate(indices) if t is not None]
     if any(indices[i].meta["val"].dtype == torch.bool for i in used):
         raise ValueError("boolean mask indexing has a data-dependent shape")
-    out_shape = shape(node)
-    rank = len(out_shape) - (len(dims) - len(used))
-    at = used[0] if used == list(range(used[0], used[-1] + 1)) else 0
-    out = [None] * len(out_shape)
-    new = [L.table.new(s, node.name) for s in out_shape[at:at + rank]]
+    index_shapes = [shape(indices[i]) for i in used]
+    rank = max(len(t) for t in index_shapes)
+    joint = [next((t[-k] for t in index_shapes if len(t) >= k and t[-k] != 1), 1) for k in range(rank, 0, -1)]
+    joint_dims = [L.table.new(s, node.name) for s in joint]
     for i in used:
-        broadcast_into(L, new, out_shape[at:at + rank], indices[i])
+        broadcast_into(L, joint_dims, joint, indices[i])
         value = constant_value(indices[i])
         why = f"{node.name} reads dim {i} of {x.name} at the positions its index holds"
         if value is None or not sizes[i].is_number:
             L.table.freeze(dims[i], why)
         else:
             constant_positions(L, dims[i], int(sizes[i]), value, why)
-    rest = iter(d for i, d in enumerate(dims) if i not in used)
-    return [new[j - at] if at <= j < at + rank else next(rest) for j in range(len(out_shape))]
+    rest = [(d, s) for i, (d, s) in enumerate(zip(dims, sizes)) if i not in used]
+    at = used[0] if used == list(range(used[0], used[-1] + 1)) else 0
+    return ([d for d, _ in rest[:at]] + joint_dims + [d for d, _ in rest[at:]],
+            [s for _, s in rest[:at]] + joint + [s for _, s in rest[at:]])
+
+
+@rule(aten.index)
+def index_rule(node, L):
+    return indexed(L, node, node.args[0], list(node.args[1]))[0]
 
 
 @rule(aten.index_put, aten.index_put_)
 def index_put_rule(node, L):
-    """`x[indices] = values`: the result has the dims of `x`; the indexed dims are written at data positions."""
+    """`x[indices] = values`: the result has the dims of `x`; `values` broadcast into `x[indices]`."""
     x, indices, values = node.args[:3]
-    dims = L.dims(x)
-    for i, t in enumerate(indices):
-        if t is not None:
-            L.table.freeze(dims[i], f"{node.name} writes dim {i} of {x.name} at the positions its index holds")
-    L.freeze_all(L.dims(values), f"{node.name} writes these values at data positions")
-    return list(dims)
+    dims, view = indexed(L, node, x, list(indices))
+    broadcast_into(L, dims, view, values)
+    return list(L.dims(x))
 
 
 @rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue)
