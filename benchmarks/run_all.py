@@ -53,14 +53,15 @@ def demote(md: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
 
 
-def write_report(steps: list[dict]) -> None:
+def write_report(steps: list[dict], ran_now: bool) -> None:
     parts = ["# fxprune benchmark report", "",
              f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `{command()}`. Every section "
              "below comes from a results file in this folder and states its own machine, date and command; "
              "numbers are measured, none are typed in.", ""]
     if steps:
         m = machine()
-        parts += [f"This run: {m['cpu']} ({m['cores']} cores), load average at the end {load_average()}.", "",
+        parts += [f"This run: {m['cpu']} ({m['cores']} cores), load average at the end {load_average()}."
+                  if ran_now else "The last `run_all` (from `run_all.json`):", "",
                   md_table(["step", "wall min", "exit status"],
                            [[s["name"], f"{s['wall_s'] / 60:.1f}", s["rc"]] for s in steps]), ""]
     present = [(stem, title) for stem, title in SECTIONS if (RESULTS / f"{stem}.md").exists()]
@@ -93,10 +94,11 @@ def main(argv=None):
             rc = subprocess.run([sys.executable, "-m", *cmd], cwd=repo, env=env).returncode
             steps.append({"name": name, "command": cmd, "wall_s": time.perf_counter() - t, "rc": rc})
             log(f"{name}: exit {rc} after {steps[-1]['wall_s'] / 60:.1f} min")
-        (RESULTS / "run_all.json").write_text(json.dumps({"command": command(), "steps": steps}, indent=1))
+        (RESULTS / "run_all.json").write_text(json.dumps({"command": command(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                                     "machine": machine(), "steps": steps}, indent=1))
     elif (RESULTS / "run_all.json").exists():
         steps = json.loads((RESULTS / "run_all.json").read_text())["steps"]
-    write_report(steps)
+    write_report(steps, not args.report_only)
     log(f"wrote {RESULTS / 'report.md'}")
     return 0 if all(s["rc"] == 0 for s in steps) else 1
 

@@ -122,6 +122,7 @@ def global_counts(groups, scores, removed, target, slack, start=None):
         ranked += [(float(v), i) for v in s[g.n_units - counts[i]:]]  # units not yet removed
     ranked.sort()
     done = removed(counts)
+    skipped, taken = [], []
     for _, i in ranked:
         if done >= target:
             break
@@ -131,10 +132,30 @@ def global_counts(groups, scores, removed, target, slack, start=None):
         trial = removed(counts)
         if trial > target + slack:
             counts[i] += 1
+            skipped.append(i)
         else:
             done = trial
+            taken.append(i)
+    if done < target - slack:
+        counts = make_room(counts, skipped, taken, removed, target, slack)
     return counts
 
+
+def make_room(counts, skipped, taken, removed, target, slack):
+    """A coarse unit skipped for overshooting may still fit if the most important of the finer
+    units taken before it are given back (a 12% KV group plus 8% of MLP channels, not 17% of MLP)."""
+    for i in skipped:
+        trial = list(counts)
+        if trial[i] <= 1:
+            continue
+        trial[i] -= 1
+        for j in reversed(taken):  # give back the most important first
+            if removed(trial) <= target + slack:
+                break
+            trial[j] += 1
+        if abs(removed(trial) - target) <= slack:
+            return trial
+    return counts
 
 def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Tensor]) -> PrunePlan:
     from fxprune.rewrite import kept_positions

@@ -159,3 +159,17 @@ def test_uniform_allocation_meets_ratio_on_coarse_units():
     dg = fxprune.analyze(model)
     plan = fxprune.plan(model, 0.2, scores=random_scores(dg), dg=dg)
     assert abs(plan.removed_fraction - 0.2) <= 0.01
+
+
+def test_global_allocation_makes_room_for_a_coarse_unit():
+    # MLP channels alone reach 17.5%; 20% needs one KV group (12%) plus part of the MLP.
+    import transformers as tf
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    dg = fxprune.analyze(model)
+    plan = fxprune.plan(model, 0.2, importance="l2", allocation="global", dg=dg)
+    assert abs(plan.removed_fraction - 0.2) <= 0.01
+    assert any(dg.groups[g].kind == "kv_groups" for g in plan.units)
