@@ -22,4 +22,5 @@ prune: install
 	$(PYTHON) -m fxprune.cli prune
 
 bench: install
+	$(PIP) install -q -e '.[bench]'
 	$(PYTHON) -m benchmarks.run_all

@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
-OUT = Path("benchmarks/results")
+from benchmarks.common import RESULTS as OUT, finish, header, machine_line, md_table, shared_note
 TASKS = ["piqa", "arc_easy", "boolq", "winogrande"]
 
 
@@ -36,6 +34,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     data = Path(os.environ["FXPRUNE_DATA_DIR"])
     work = Path(a.work)
+    start = header()
     pruned, tuned = work / "pruned", work / "tuned"
     times = {}
     if not (pruned / "fxprune.json").exists():
@@ -54,20 +53,33 @@ def main(argv=None):
         times[f"eval_{name}_s"] = run(*args)
         rows[name] = json.loads(js.read_text())
     tune = json.loads((work / "tune.json").read_text())
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
-              "date": str(date.today()), "command": " ".join(["python -m benchmarks.e2e_smollm2"] + (argv or sys.argv[1:])),
+    losses = [h["loss"] for h in tune.get("history", [])]
+    tune["loss_first10"] = sum(losses[:10]) / max(len(losses[:10]), 1)
+    tune["loss_last10"] = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    if (work / "times.json").exists():  # wall times of steps run by an earlier invocation
+        times = {**json.loads((work / "times.json").read_text()), **times}
+    (work / "times.json").write_text(json.dumps(times))
+    report = {**finish(start),
               "lora": {"steps": a.steps, "micro_batch": a.batch_size, "cutoff": 256, "r": 8, "alpha": 16, "lr": 1e-4,
                        "examples_seen": a.steps * a.batch_size, **{k: tune[k] for k in tune if k != "history"}},
               "zero_shot_limit": a.limit, "ppl_tokens": a.eval_tokens, "rows": rows, "times_s": times}
     (OUT / "e2e_smollm2.json").write_text(json.dumps(report, indent=1, default=str))
-    lines = [f"SmolLM2-135M-Instruct, {report['date']}, {report['machine']}. WikiText-2 test ppl, 128-token windows, "
-             f"first {a.eval_tokens} tokens; zero-shot acc (acc_norm) on the first {a.limit} examples of each task; "
-             f"LoRA: {a.steps} steps x {a.batch_size} Alpaca examples (cutoff 256, r 8, alpha 16, lr 1e-4, CPU fp32).", "",
-             "| model | ppl | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
-    for name, r in rows.items():
-        accs = " | ".join(f"{r[t]['acc']:.3f} ({r[t]['acc_norm']:.3f})" for t in TASKS)
-        lines.append(f"| {name} | {r['wikitext2_ppl']:.2f} | {accs} |")
-    lines += ["", "Wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
+    lora = report["lora"]
+    lines = ["# End to end on SmolLM2-135M-Instruct: prune 20% -> LoRA -> evaluate (issue 5)", "",
+             f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "", shared_note(report), "",
+             f"WikiText-2 test perplexity on 128-token windows over the first {a.eval_tokens:,} tokens; zero-shot "
+             f"accuracy by log-likelihood on the first {a.limit} examples of each task (acc, the lm-eval-harness "
+             "metric for these four tasks; acc_norm in brackets). Pruning: `fxprune prune` defaults (HyWIA, 20%, "
+             "heads + MLP, layers 0-2 and the last 2 protected, 32 x 128 C4 calibration tokens). LoRA budget on this "
+             f"CPU: {lora['steps']} steps x {lora['micro_batch']} Alpaca-cleaned examples ({lora['examples_seen']:,} of "
+             f"5,000; cutoff 256, r 8, alpha 16, dropout 0.05, lr 1e-4, fp32), about "
+             f"{times.get('tune_s', float('nan')) / 60:.0f} min of tuning (wall, including loading and merging); "
+             f"training loss, mean of the first / last 10 steps: {lora['loss_first10']:.3f} / {lora['loss_last10']:.3f}.", "",
+             md_table(["model", "parameters", "WikiText-2 ppl"] + TASKS + ["mean acc"],
+                      [[name, f"{r.get('parameters', 0):,}", f"{r['wikitext2_ppl']:.2f}"]
+                       + [f"{r[t]['acc']:.3f} ({r[t]['acc_norm']:.3f})" for t in TASKS]
+                       + [f"{sum(r[t]['acc'] for t in TASKS) / len(TASKS):.3f}"] for name, r in rows.items()]),
+             "", "Wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
     (OUT / "e2e_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -6,13 +6,10 @@ Usage: python -m benchmarks.meta_scale [7b 13b 70b]
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from datetime import date
-from pathlib import Path
 
 CONFIGS = {  # published config.json values
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -48,16 +45,25 @@ def main(argv):
     if argv and argv[0] == "--one":
         print(json.dumps(run_one(argv[1])))
         return
+    from benchmarks.common import RESULTS, finish, header, machine_line, md_table, shared_note, write_json
     names = [n for n in CONFIGS if not argv or any(a in n for a in argv)]
-    results = []
+    report = header(2)
+    report["results"] = []
     for n in names:
         out = subprocess.run([sys.executable, "-m", "benchmarks.meta_scale", "--one", n], capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
-    report = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": str(date.today()),
-              "results": results}
-    Path("benchmarks/results/meta_scale.json").write_text(json.dumps(report, indent=1))
-
+        report["results"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(report["results"][-1], flush=True)
+    finish(report)
+    write_json(RESULTS / "meta_scale.json", report)
+    rows = [[r["model"], f"{r['parameters']:,}", f"{r['nodes']:,}", ", ".join(f"{k} {v}" for k, v in r["groups"].items()),
+             f"{r['wall_s']} s", f"{r['peak_rss_gb']} GB"] for r in report["results"]]
+    (RESULTS / "meta_scale.md").write_text("\n".join([
+        "# Meta-device capture and dependency analysis at scale (issue 6)", "",
+        f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "", shared_note(report), "",
+        "Published configs of each model built on the meta device (no weights), captured with torch.export and "
+        "analysed; one fresh process per model, so the peak RSS (ru_maxrss) is that model's own.", "",
+        md_table(["model (published config)", "parameters", "graph nodes", "groups", "wall time", "peak RSS"], rows),
+        ""]))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,13 +1,16 @@
 """Run the benchmarks that fit in about half an hour on a 2-core CPU, then write benchmarks/results/report.md.
 
 Default (quick) steps, each in its own process:
-  1. importance sweep: ratios 0.1-0.5, estimators l2 / element1 / element2 (one shared gradient pass),
-     WikiText-2 perplexity on the first 10,240 tokens      -> results/importance_sweep.{json,md,png}
-  2. throughput, eager only, 5 timed pairs                 -> results/throughput_quick.{json,md,png}
-  3. Torch-Pruning comparison at 20%, 10,240 tokens        -> results/torch_pruning_quick.{json,md}
-`--full` runs the full protocols instead (issue 4 table, throughput eager + torch.compile, Torch-Pruning at
-20% and 50%; a few hours on 2 cores) into their default outputs. `--report-only` just rebuilds report.md.
-report.md gathers every results file present (full and quick), each with its own machine, date and command.
+  1. importance sweep: ratios 0.1-0.5, every estimator (random, l2, vector, element1, element2, HyWIA),
+     WikiText-2 perplexity on the first 10,240 tokens    -> results/importance_sweep.*
+  2. Torch-Pruning's LLM recipe at the parameter counts of fxprune's plans, ratios 0.1-0.5, same protocol,
+     with its pruning time and memory                                        -> results/torch_pruning_quick.*
+  3. throughput at 4 x 512, eager and torch.compile                          -> results/throughput_quick.*
+  4. meta-device capture and analysis of Llama-2-7B/13B and Llama-3-70B       -> results/meta_scale.*
+then results/quality_vs_ratio.png (every method and Torch-Pruning on one plot) and report.md.
+`--full` runs the full protocols instead (issue 4 table on 20,480 tokens, the throughput grid, Torch-Pruning at
+20% and 50% on 20,480 tokens; about two hours on 2 cores) into their default outputs. `--report-only` rebuilds
+report.md. report.md gathers every results file present (full and quick), each with its machine, date and command.
 
 Usage: make bench   (or: PYTHONPATH=. python -m benchmarks.run_all [--full | --report-only] [--data-dir DIR])
 """
@@ -25,12 +28,14 @@ from benchmarks.common import RESULTS, command, load_average, log, machine, md_t
 
 QUICK = [
     ("importance sweep", ["benchmarks.importance_table", "--ratios", "0.1", "0.2", "0.3", "0.4", "0.5",
-                          "--methods", "l2", "element1", "element2", "--eval-tokens", "10240",
+                          "--eval-tokens", "10240",
                           "--out", str(RESULTS / "importance_sweep")]),
-    ("throughput (eager)", ["benchmarks.throughput", "--modes", "eager", "--runs", "5",
-                            "--out", str(RESULTS / "throughput_quick")]),
-    ("Torch-Pruning comparison (20%)", ["benchmarks.torch_pruning_compare", "--ratios", "0.2", "--eval-tokens", "10240",
-                                        "--out", str(RESULTS / "torch_pruning_quick")]),
+    ("Torch-Pruning comparison, ratios 0.1-0.5", ["benchmarks.torch_pruning_compare", "--ratios", "0.1", "0.2", "0.3",
+                                                  "0.4", "0.5", "--eval-tokens", "10240",
+                                                  "--out", str(RESULTS / "torch_pruning_quick")]),
+    ("throughput at 4 x 512, eager and compiled", ["benchmarks.throughput", "--batches", "4", "--seqs", "512",
+                                                   "--runs", "5", "--out", str(RESULTS / "throughput_quick")]),
+    ("meta-device scale", ["benchmarks.meta_scale"]),
 ]
 FULL = [
     ("importance table (issue 4)", ["benchmarks.importance_table"]),
@@ -44,13 +49,44 @@ SECTIONS = [
     ("throughput", "Throughput, eager and torch.compile"),
     ("throughput_quick", "Throughput, eager (quick)"),
     ("torch_pruning_compare", "fxprune vs Torch-Pruning"),
-    ("torch_pruning_quick", "fxprune vs Torch-Pruning, 20% (quick)"),
+    ("torch_pruning_quick", "fxprune vs Torch-Pruning, ratios 0.1-0.5 (quick)"),
+    ("meta_scale", "Meta-device capture and analysis at scale"),
 ]
 
 
+def plot_quality() -> bool:
+    """Every estimator of the sweep and Torch-Pruning's recipe, perplexity against parameters removed."""
+    sweep, tp = RESULTS / "importance_sweep.json", RESULTS / "torch_pruning_quick.json"
+    if not (sweep.exists() and tp.exists()):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a, b = json.loads(sweep.read_text()), json.loads(tp.read_text())
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for m in a["settings"]["methods"]:
+        pts = sorted((r["removed_fraction"], r["ppl"]) for r in a["rows"] if r["method"] == m)
+        ax.plot(*zip(*pts), marker="o", label=f"fxprune {m}")
+    pts = sorted((r["removed_fraction"], r["ppl"]) for r in b["rows"] if r["tool"] == "torch-pruning")
+    if pts:
+        ax.plot(*zip(*pts), marker="x", color="k", lw=2, label="Torch-Pruning LLM recipe")
+    ax.axhline(a["dense"]["ppl"], color="gray", ls="--", lw=1, label=f"dense {a['dense']['ppl']:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of parameters removed")
+    ax.set_ylabel("WikiText-2 perplexity (128-token windows)")
+    m = a["machine"]
+    ax.set_title(f"SmolLM2-135M-Instruct, no tuning, first {a['settings']['eval_tokens']:,} tokens\n"
+                 f"{m['cpu']}, {m['cores']} cores; sweep {a['date']}, Torch-Pruning {b['date']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality_vs_ratio.png", dpi=120)
+    plt.close(fig)
+    return True
+
+
 def demote(md: str) -> str:
-    """Headings one level down, so each results file becomes a section of the report."""
-    return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
+    """Headings two levels down: a results file's title (#) sits under its report section (##)."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in md.splitlines())
 
 
 def write_report(steps: list[dict], ran_now: bool) -> None:
@@ -64,6 +100,8 @@ def write_report(steps: list[dict], ran_now: bool) -> None:
                   if ran_now else "The last `run_all` (from `run_all.json`):", "",
                   md_table(["step", "wall min", "exit status"],
                            [[s["name"], f"{s['wall_s'] / 60:.1f}", s["rc"]] for s in steps]), ""]
+    if plot_quality():
+        parts += ["![perplexity against ratio, every method and Torch-Pruning](quality_vs_ratio.png)", ""]
     present = [(stem, title) for stem, title in SECTIONS if (RESULTS / f"{stem}.md").exists()]
     missing = [stem for stem, _ in SECTIONS if not (RESULTS / f"{stem}.md").exists()]
     parts += ["Contents: " + ", ".join(f"[{title}](#{stem.replace('_', '-')})" for stem, title in present), ""]

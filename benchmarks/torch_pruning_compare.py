@@ -25,6 +25,7 @@ Usage: PYTHONPATH=. python -m benchmarks.torch_pruning_compare [--ratios 0.2 0.5
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import copy
 import math
 import sys
@@ -177,6 +178,19 @@ def render(report):
         ph = r["phases"]
         prow.append([f"{r['target']:g}", r["tool"], "; ".join(f"{k} {v['wall_s']:.1f}" for k, v in ph.items())])
     lines += [md_table(["target", "tool", "phases"], prow), ""]
+    cost = []
+    for t in dict.fromkeys(r["target"] for r in report["rows"]):
+        fx = next((r for r in report["rows"] if r["target"] == t and r["tool"] == "fxprune"), None)
+        tpr = next((r for r in report["rows"] if r["target"] == t and r["tool"] == "torch-pruning"), None)
+        if fx and tpr:
+            cost.append([f"{t:g}", f"{fx['prune_wall_s']:.1f}", f"{tpr['prune_wall_s']:.1f}",
+                         f"**{fx['prune_wall_s'] / tpr['prune_wall_s']:.2f}**", f"{fx['peak_increase_gb']:+.2f}",
+                         f"{tpr['peak_increase_gb']:+.2f}", f"{fx['ppl'] / tpr['ppl']:.3g}"])
+    if cost:
+        lines += ["Cost ratios (fxprune / Torch-Pruning; fxprune's wall time includes its one-off capture and "
+                  "analysis at every ratio):", "",
+                  md_table(["target", "fxprune s", "Torch-Pruning s", "time ratio", "fxprune peak over before GB",
+                            "Torch-Pruning peak over before GB", "ppl ratio"], cost), ""]
     lines += ["Peak RSS is ru_maxrss reset per phase (the maximum over a row's phases); it counts what was "
               "resident already: the dense model (kept for both tools; Torch-Pruning prunes a deep copy, in place), "
               "and for fxprune the captured graph.", ""]
@@ -201,7 +215,7 @@ def main(argv=None):
     out = Path(args.out)
     report = header(args.threads)
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("data_dir", "out")}
-    report["tp_version"] = getattr(tp, "__version__", "?")
+    report["tp_version"] = importlib.metadata.version("torch-pruning")
     report["rows"] = []
     protect = tuple(args.protect)
 

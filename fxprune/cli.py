@@ -102,8 +102,10 @@ def cmd_eval(args) -> int:
         r = zero_shot(model, tok, task, root, limit=args.limit, progress=True)
         report[task] = r
         rows.append((f"{task} acc / acc_norm (n={r['n']})", f"{r['acc']:.4f} / {r['acc_norm']:.4f}"))
-    rows += [("parameters", f"{sum(p.numel() for p in set(model.parameters())):,}"),
-             ("time", f"{time.time() - t0:.1f} s"), ("peak memory", f"{peak_gb():.2f} GB")]
+    report.update(parameters=sum(p.numel() for p in set(model.parameters())), time_s=time.time() - t0,
+                  peak_gb=peak_gb())
+    rows += [("parameters", f"{report['parameters']:,}"),
+             ("time", f"{report['time_s']:.1f} s"), ("peak memory", f"{report['peak_gb']:.2f} GB")]
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
