@@ -47,7 +47,7 @@ SECTIONS = [
     ("importance_table", "Importance estimators, issue 4 protocol"),
     ("importance_sweep", "Importance sweep, ratios 0.1-0.5 (quick)"),
     ("throughput", "Throughput, eager and torch.compile"),
-    ("throughput_quick", "Throughput, eager (quick)"),
+    ("throughput_quick", "Throughput at 4 x 512, eager and torch.compile (quick)"),
     ("torch_pruning_compare", "fxprune vs Torch-Pruning"),
     ("torch_pruning_quick", "fxprune vs Torch-Pruning, ratios 0.1-0.5 (quick)"),
     ("meta_scale", "Meta-device capture and analysis at scale"),
