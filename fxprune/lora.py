@@ -313,11 +313,14 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     settings = settings or LoraSettings()
     if resume and settings.output_dir is None:
         raise ValueError("resume=True needs LoraSettings.output_dir")
-    targets = resolve_targets(gm, settings.target_modules)
     precision = mixed_precision(settings.dtype)
     accelerator = Accelerator(cpu=_launched_on_cpu(), mixed_precision=precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=settings.seed))
+    if precision != "no":  # autocast in bf16/fp16 on this device: refuse before peft touches gm
+        from fxprune.devices import check_runnable
+        check_runnable(precision, accelerator.device)
+    targets = resolve_targets(gm, settings.target_modules)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "

@@ -26,6 +26,8 @@ def embedded_gguf() -> Path:
 def load_model(name: str | None = None, dtype=torch.float32, device="cpu", tokenizer: bool = True):
     """(model, tokenizer) for `name`: None/'smollm2' (embedded GGUF), a .gguf file or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fxprune.devices import check_runnable
+    dtype, device = check_runnable(dtype, device)  # before minutes of loading, not after
     name = name or DEFAULT_MODEL
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name == DEFAULT_MODEL or str(name).endswith(".gguf"):
