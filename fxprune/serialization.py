@@ -1,7 +1,10 @@
 """Save and load pruned GraphModules without pickle: safetensors + JSON.
 
-`load` rebuilds the base architecture on the meta device from its config, re-applies the
-plan (the rewrite is deterministic), and assigns the saved weights.
+`load` rebuilds the base architecture from its config without initialising it (built on the meta
+device, then given uninitialised CPU storage that is never written, so device-dependent model code
+traces its CPU path), re-applies the plan (the rewrite is deterministic), and assigns the saved
+weights. The uninitialised dense storage is virtual memory only; the pruned copies the rewrite slices
+from it are resident until the saved tensors replace them.
 """
 from __future__ import annotations
 
@@ -77,6 +80,12 @@ def load(directory) -> torch.fx.GraphModule:
     dtype = getattr(torch, meta["dtype"])
     with torch.device("meta"):
         base = cls(config).to(dtype).eval()
+    # Uninitialised CPU storage, never written (the capture reads shapes and dtypes only; the saved
+    # tensors replace it below): model code that branches on the device type (Mixtral's expert
+    # histogram is int on non-CPU devices, float on CPU) then traces the CPU path the saved graph came from.
+    base = base.to_empty(device="cpu")
+    if hasattr(base, "tie_weights"):  # to_empty gives every parameter its own storage: tie them again
+        base.tie_weights()
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = load_file(directory / "model.safetensors")
     gm = apply(base, plan, dg=analyze(base, constants=state))  # constants: values the meta capture lacks
