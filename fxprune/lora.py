@@ -314,13 +314,16 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     if resume and settings.output_dir is None:
         raise ValueError("resume=True needs LoraSettings.output_dir")
     precision = mixed_precision(settings.dtype)
+    if precision != "no":
+        # Probe autocast's dtype where accelerate will put the model, before Accelerator() sets up its
+        # process-wide state (which a refused run must not leave behind).
+        from fxprune.devices import check_runnable
+        on_cuda = torch.cuda.is_available() and not _launched_on_cpu()
+        check_runnable(precision, f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_cuda else "cpu")
+    targets = resolve_targets(gm, settings.target_modules)
     accelerator = Accelerator(cpu=_launched_on_cpu(), mixed_precision=precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=settings.seed))
-    if precision != "no":  # autocast in bf16/fp16 on this device: refuse before peft touches gm
-        from fxprune.devices import check_runnable
-        check_runnable(precision, accelerator.device)
-    targets = resolve_targets(gm, settings.target_modules)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
