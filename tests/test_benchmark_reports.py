@@ -47,12 +47,15 @@ def test_torch_pruning_table_reports_cost_ratio():
              "phases": {"capture": phase}},
             {"target": 0.2, "tool": "torch-pruning", "params": 80, "params_predicted": 80, "removed_fraction": 0.2,
              "heads": "6/3", "mlp_width": "1000", "ppl": 400.0, "prune_wall_s": 10.0, "peak_rss_gb": 1.0,
-             "peak_increase_gb": 0.1, "phases": {"score + prune": phase}}]
+             "peak_increase_gb": 0.1, "phases": {"score + prune": phase}, "zero_mask_rel_err": 3e-6}]
     report = {**HEADER, "settings": {"round_to": 4, "protect": [0], "window": 128, "eval_tokens": 1024},
               "tp_version": "1.6.1", "dense": {"params": 100, "ppl": 50.0}, "rows": rows}
     md = render(report)
     ratio_line = next(l for l in md.splitlines() if l.startswith("| 0.2 | 30.0 | 10.0"))
     assert "**3.00**" in ratio_line and "0.25" in ratio_line
+    assert "correct prunings" in md and "3.0e-06 at 0.2" in md
+    rows[1]["zero_mask_rel_err"] = 0.5
+    assert "Warning: Torch-Pruning's pruned models differ" in render(report)
 
 
 def test_run_all_report_gathers_sections_and_quality_plot(tmp_path, monkeypatch):
