@@ -149,6 +149,12 @@ def machine_line(report: dict) -> str:
             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; {report['date']}")
 
 
+def report_head(title: str, report: dict) -> list[str]:
+    """The opening lines every results Markdown file shares: title, machine and date, command, load."""
+    return [f"# {title}", "", f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "",
+            shared_note(report), ""]
+
+
 def data_dir(arg=None) -> Path:
     from fxprune.data import data_dir as resolve
     return resolve(arg)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS as OUT, finish, header, machine_line, md_table, shared_note
+from benchmarks.common import report_head, RESULTS as OUT, finish, header, md_table
 TASKS = ["piqa", "arc_easy", "boolq", "winogrande"]
 
 
@@ -65,8 +65,7 @@ def main(argv=None):
               "zero_shot_limit": a.limit, "ppl_tokens": a.eval_tokens, "rows": rows, "times_s": times}
     (OUT / "e2e_smollm2.json").write_text(json.dumps(report, indent=1, default=str))
     lora = report["lora"]
-    lines = ["# End to end on SmolLM2-135M-Instruct: prune 20% -> LoRA -> evaluate (issue 5)", "",
-             f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "", shared_note(report), "",
+    lines = report_head("End to end on SmolLM2-135M-Instruct: prune 20% -> LoRA -> evaluate (issue 5)", report) + [
              f"WikiText-2 test perplexity on 128-token windows over the first {a.eval_tokens:,} tokens; zero-shot "
              f"accuracy by log-likelihood on the first {a.limit} examples of each task (acc, the lm-eval-harness "
              "metric for these four tasks; acc_norm in brackets). Pruning: `fxprune prune` defaults (HyWIA, 20%, "

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, Phase, data_dir, finish, header, log, machine_line, md_table,
+from benchmarks.common import (report_head, RESULTS, Phase, data_dir, finish, header, log, md_table,
                                shared_note, write_json)
 
 METHODS = ("random", "l2", "vector", "element1", "element2", "hywia")
@@ -64,9 +64,7 @@ def render(report: dict) -> str:
     methods = report["settings"]["methods"]
     ppl = {(r["method"], r["ratio"]): r["ppl"] for r in report["rows"]}
     s = report["settings"]
-    lines = [f"# Importance estimators on {report['model']['name']} (issue 4)", "",
-             f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "",
-             shared_note(report), "",
+    lines = report_head(f"Importance estimators on {report['model']['name']} (issue 4)", report) + [
              f"WikiText-2 test perplexity, {s['window']}-token windows over the first {s['eval_tokens']:,} tokens "
              f"({report['eval_windows']} windows), no tuning after pruning. Calibration: {s['calib_samples']} x "
              f"{s['calib_len']} tokens from c4/c4_sample.json (seed {s['seed']}). Targets "

@@ -45,7 +45,7 @@ def main(argv):
     if argv and argv[0] == "--one":
         print(json.dumps(run_one(argv[1])))
         return
-    from benchmarks.common import RESULTS, finish, header, machine_line, md_table, shared_note, write_json
+    from benchmarks.common import report_head, RESULTS, finish, header, md_table, write_json
     names = [n for n in CONFIGS if not argv or any(a in n for a in argv)]
     report = header(2)
     report["results"] = []
@@ -58,8 +58,7 @@ def main(argv):
     rows = [[r["model"], f"{r['parameters']:,}", f"{r['nodes']:,}", ", ".join(f"{k} {v}" for k, v in r["groups"].items()),
              f"{r['wall_s']} s", f"{r['peak_rss_gb']} GB"] for r in report["results"]]
     (RESULTS / "meta_scale.md").write_text("\n".join([
-        "# Meta-device capture and dependency analysis at scale (issue 6)", "",
-        f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "", shared_note(report), "",
+        *report_head("Meta-device capture and dependency analysis at scale (issue 6)", report),
         "Published configs of each model built on the meta device (no weights), captured with torch.export and "
         "analysed; one fresh process per model, so the peak RSS (ru_maxrss) is that model's own.", "",
         md_table(["model (published config)", "parameters", "graph nodes", "groups", "wall time", "peak RSS"], rows),

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, Phase, finish, header, log, machine_line, md_table, shared_note, write_json
+from benchmarks.common import report_head, RESULTS, Phase, finish, header, log, md_table, write_json
 
 
 def parse(argv):
@@ -119,9 +119,7 @@ def render(report: dict, png: Path) -> str:
     pruned = "; ".join(f"{variant_name(rt)}: {v['params']:,} parameters, linear weights {v['linear']:,}, "
                        f"ideal speedups {v['ideal_params']:.3f} (parameters) / {v['ideal_linear']:.3f} (linear weights)"
                        for rt, v in ((int(k), v) for k, v in report["variants"].items()))
-    lines = ["# Pruned vs dense forward throughput (issue 6)", "",
-             f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "",
-             shared_note(report), "",
+    lines = report_head("Pruned vs dense forward throughput (issue 6)", report) + [
              f"SmolLM2-135M-Instruct fp32, {s['ratio']:.0%} of parameters pruned ({s['importance']} importance, "
              f"heads + MLP, protected layers {tuple(s['protect'])}); dense: {report['params_dense']:,} parameters, "
              f"linear weights {report['linear_dense']:,}. Pruned variants: {pruned}. `round_to` is fxprune's "

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, Phase, data_dir, finish, header, log, machine_line, md_table,
+from benchmarks.common import (report_head, RESULTS, Phase, data_dir, finish, header, log, md_table,
                                shared_note, write_json)
 
 
@@ -176,9 +176,7 @@ def fmt(x):
 
 def render(report):
     s = report["settings"]
-    lines = ["# fxprune vs Torch-Pruning on SmolLM2-135M-Instruct (issue 6)", "",
-             f"Machine: {machine_line(report)}.", "", f"Command: `{report['command']}`", "",
-             shared_note(report), "",
+    lines = report_head("fxprune vs Torch-Pruning on SmolLM2-135M-Instruct (issue 6)", report) + [
              f"Torch-Pruning {report['tp_version']}, LLM recipe (MetaPruner + GroupMagnitudeImportance(p=2, mean), "
              f"local, heads + MLP channels, round_to={s['round_to']}); fxprune importance l2, uniform allocation. "
              f"Both: heads + MLP, hidden size kept, layers {tuple(s['protect'])} protected. WikiText-2 test, "
