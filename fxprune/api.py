@@ -14,7 +14,8 @@ BASE_KEY = "fxprune.base"
 
 def base_description(model) -> dict:
     cls = type(model)
-    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config = getattr(model, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else {}  # save() needs a transformers config
     config.pop("quantization_config", None)
     return {"architecture": f"{cls.__module__}.{cls.__qualname__}", "config": config}
 

@@ -34,6 +34,7 @@ class Atom:
     frozen: bool = False
     frozen_by: str = ""
     broadcast: bool = False  # born where a size-1 dimension was expanded (e.g. query heads per KV group)
+    min_keep: int = 1        # positions that must survive (top-k over this dimension needs k)
 
     @property
     def static(self) -> bool:
@@ -78,6 +79,11 @@ class AtomTable:
         a = self.find(a)
         if not a.frozen:
             a.frozen, a.frozen_by = True, why
+
+    def require(self, a: Atom, n: int) -> None:
+        """At least `n` positions of `a` must survive pruning."""
+        a = self.find(a)
+        a.min_keep = max(a.min_keep, int(n))
 
     # -- structure -----------------------------------------------------------
     def factors(self, a: Atom) -> list[Atom]:
@@ -156,6 +162,7 @@ class AtomTable:
         if child.frozen and not root.frozen:
             root.frozen, root.frozen_by = True, child.frozen_by
         root.broadcast = root.broadcast or child.broadcast
+        root.min_keep = max(root.min_keep, child.min_keep)
 
     def _align_products(self, fa: list[Atom], fb: list[Atom]) -> None:
         # Walk from the innermost factor outwards, splitting the larger factor when
@@ -167,7 +174,16 @@ class AtomTable:
                 self.unify(x, y)
                 continue
             if not (x.static and y.static):
-                raise AtomConflict("cannot align symbolic factors")
+                # (batch, seq) against (batch*seq): merge the smaller side with its next outer
+                # factor. Symbolic sizes are never pruned, so no structure is lost.
+                num, den = sympy.fraction(sympy.simplify(x.size / y.size))
+                grow, keep, rest = (fb, x, y) if den == 1 else (fa, y, x) if num == 1 else (None, None, None)
+                if not grow:
+                    raise AtomConflict("cannot align symbolic factors")
+                merged = self.make(PROD, [self.find(grow.pop()), rest], "merged symbolic factors")
+                grow.append(merged)
+                (fa if keep is x else fb).append(keep)
+                continue
             big, small, rest = (x, y, fa) if int(x.size) > int(y.size) else (y, x, fb)
             if int(big.size) % int(small.size):
                 raise AtomConflict(f"factors {x.size} and {y.size} do not nest")
@@ -199,9 +215,12 @@ class AtomTable:
 
     # -- after propagation ---------------------------------------------------
     def settle_frozen(self) -> None:
-        """A frozen structured atom freezes every leaf it is built from."""
+        """A frozen structured atom freezes every leaf it is built from; so does a minimum size on a
+        structured atom (which of its leaves would have to keep how much is not tracked)."""
         for atom in self.atoms:
             root = self.find(atom)
+            if root.min_keep > 1 and root.kind is not None and not root.frozen:
+                root.frozen, root.frozen_by = True, f"at least {root.min_keep} positions must stay"
             if root.frozen and root.kind is not None:
                 for leaf in self.leaves(root):
                     if not leaf.frozen:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fxprune.config import TARGETS
+
 
 def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -47,7 +49,8 @@ def cmd_prune(args) -> int:
     ppl_before = evaluate_ppl(model, tok, wiki, args) if args.eval_tokens else None
     t1 = time.time()
     gm = fxprune.compile(model, args.ratio, importance=args.importance, calibration=calib.split(args.batch),
-                         protect_layers=tuple(args.protect) if args.protect else None, round_to=args.round_to)
+                         protect_layers=tuple(args.protect) if args.protect else None, round_to=args.round_to,
+                         targets=tuple(args.targets))
     prune_s = time.time() - t1
     ppl_after = evaluate_ppl(gm, tok, wiki, args) if args.eval_tokens else None
     plan = gm.meta[fxprune.PLAN_KEY]
@@ -55,7 +58,7 @@ def cmd_prune(args) -> int:
         fxprune.save(gm, args.output, base_model=model)
         tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
-             ("importance", args.importance), ("parameters before", f"{plan.params_before:,}"),
+             ("importance", args.importance), ("targets", " ".join(args.targets)), ("parameters before", f"{plan.params_before:,}"),
              ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
              (f"wikitext-2 ppl before ({args.eval_tokens} tok, w{args.window})", fmt(ppl_before)),
              (f"wikitext-2 ppl after", fmt(ppl_after)), ("pruning time", f"{prune_s:.1f} s"),
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
     r.add_argument("--importance", default="hywia")
+    r.add_argument("--targets", nargs="+", default=["heads", "mlp"], choices=list(TARGETS),
+                   help="structures to prune (experts: whole experts of a routed MoE layer)")
     r.add_argument("--protect", type=int, nargs="*", default=[0, 1, 2, -2, -1])
     r.add_argument("--round-to", type=int, default=None)
     r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-TARGETS = ("heads", "mlp", "hidden")
+TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
 ALLOCATIONS = ("uniform", "global")  # same fraction in every group (LLM-Pruner), or one global ranking
 

@@ -9,7 +9,7 @@ import torch
 
 from fxprune.passes.propagate_dimensions import DIMS, Labels
 
-KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "head_dim", "other")
+KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "experts", "head_dim", "other")
 SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
 
@@ -35,6 +35,7 @@ class Group:
     members: list[Member]
     atom_id: int
     params_per_unit: int
+    min_units: int = 1  # a top-k over the units needs k of them
     nodes: list = field(default_factory=list, repr=False)  # fx nodes whose dims contain the atom
 
     @property
@@ -128,7 +129,8 @@ class DependencyGraph:
             after = self.count_parameters({atom_id: int(leaf.size) - 1})
             kind = kinds.get(atom_id) or self._channel_kind(members, occ, kinds)
             layer = None if kind == "hidden" else layers.get(atom_id, self._layer_of(occ))
-            groups.append(Group(len(groups), kind, int(leaf.size), layer, members, atom_id, before - after))
+            groups.append(Group(len(groups), kind, int(leaf.size), layer, members, atom_id, before - after,
+                                min(T.find(leaf).min_keep, int(leaf.size))))
         for g in groups:
             g.nodes = self._nodes_with(g.atom_id)
         return groups
@@ -182,6 +184,9 @@ class DependencyGraph:
                 kinds.setdefault(leaf.id, "head_dim")
                 # rotary frequencies shared by every layer belong to no single layer
                 layers[leaf.id] = layer if layers.get(leaf.id, layer) == layer else None
+        for atom in self.labels.experts:
+            for leaf in T.leaves(atom):
+                kinds.setdefault(leaf.id, "experts")
         for atom in self.labels.embeddings:
             for leaf in T.leaves(atom):
                 kinds.setdefault(leaf.id, "hidden")
@@ -260,7 +265,7 @@ class DependencyGraph:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         colors = {"heads": "#e4572e", "kv_groups": "#f3a712", "group_heads": "#ffd166", "mlp": "#5c7aaf",
-                  "hidden": "#669bbc", "head_dim": "#a8c686", "other": "#999999"}
+                  "hidden": "#669bbc", "experts": "#9b5de5", "head_dim": "#a8c686", "other": "#999999"}
         if groups is None:
             groups = [g for g in self.groups if layer is None or g.layer == layer]
         names = {m.name for g in groups for m in g.members}

@@ -11,7 +11,7 @@ import torch
 from fxprune.config import PruneConfig, protected_layers
 from fxprune.groups import DependencyGraph
 
-KINDS_FOR_TARGET = {"mlp": ("mlp",), "hidden": ("hidden",)}
+KINDS_FOR_TARGET = {"mlp": ("mlp",), "hidden": ("hidden",), "experts": ("experts",)}
 TOLERANCE = 0.01  # absolute, on the fraction of parameters removed
 
 
@@ -78,10 +78,10 @@ def target_groups(dg: DependencyGraph, cfg: PruneConfig):
     return [g for g in dg.groups if g.kind in kinds and not (g.kind != "hidden" and g.layer in protect)]
 
 
-def kept_count(n: int, fraction: float, round_to: int | None) -> int:
-    keep = max(1, n - math.floor(fraction * n + 1e-9))
+def kept_count(n: int, fraction: float, round_to: int | None, minimum: int = 1) -> int:
+    keep = max(minimum, n - math.floor(fraction * n + 1e-9))
     if round_to and n >= round_to:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = max(round_to, minimum, int(round(keep / round_to)) * round_to)
     return min(keep, n)
 
 
@@ -95,7 +95,7 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
 
     if cfg.allocation == "uniform":
         def counts_at(f):
-            return [kept_count(g.n_units, f, cfg.round_to if g.kind == "mlp" else None) for g in groups]
+            return [kept_count(g.n_units, f, cfg.round_to if g.kind == "mlp" else None, g.min_units) for g in groups]
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -126,7 +126,7 @@ def global_counts(groups, scores, removed, target, slack, start=None):
     for _, i in ranked:
         if done >= target:
             break
-        if counts[i] <= 1:
+        if counts[i] <= groups[i].min_units:
             continue
         counts[i] -= 1
         trial = removed(counts)
@@ -137,16 +137,16 @@ def global_counts(groups, scores, removed, target, slack, start=None):
             done = trial
             taken.append(i)
     if done < target - slack:
-        counts = make_room(counts, skipped, taken, removed, target, slack)
+        counts = make_room(counts, skipped, taken, removed, target, slack, [g.min_units for g in groups])
     return counts
 
 
-def make_room(counts, skipped, taken, removed, target, slack):
+def make_room(counts, skipped, taken, removed, target, slack, minimum):
     """A coarse unit skipped for overshooting may still fit if the most important of the finer
     units taken before it are given back (a 12% KV group plus 8% of MLP channels, not 17% of MLP)."""
     for i in skipped:
         trial = list(counts)
-        if trial[i] <= 1:
+        if trial[i] <= minimum[i]:
             continue
         trial[i] -= 1
         for j in reversed(taken):  # give back the most important first

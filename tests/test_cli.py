@@ -39,3 +39,33 @@ def test_eval_reports_perplexity_of_a_pruned_directory(tmp_path):
     import json
     ppl = json.loads((tmp_path / "r.json").read_text())["wikitext2_ppl"]
     assert 1 < ppl < 10_000
+
+
+def test_prune_whole_experts_of_a_tiny_mixtral(tmp_path):
+    import json
+
+    import torch
+
+    import fxprune
+    from families import mixtral
+    from tiny_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = mixtral("sdpa")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "data" / "c4").mkdir(parents=True)
+    (tmp_path / "data" / "c4" / "c4_sample.json").write_text(json.dumps([{"text": "a b c d e " * 40}] * 4))
+    out = subprocess.run([sys.executable, "-m", "fxprune.cli", "prune", str(tmp_path / "m"), "--targets", "experts",
+                          "--ratio", "0.115", "--importance", "l2", "--protect", "--calib-samples", "2",
+                          "--calib-len", "16", "--eval-tokens", "0", "--data-dir", str(tmp_path / "data"),
+                          "--output", str(tmp_path / "pruned"), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["targets"] == "experts", report
+    loaded = fxprune.load(tmp_path / "pruned")
+    experts = [p.shape[0] for n, p in loaded.named_parameters() if n.endswith("experts.gate_up_proj")]
+    assert sum(experts) == 6 and min(experts) >= 2, experts  # two of eight experts, top-2 routing kept
+    ids = torch.randint(1, len(tok), (2, 9))
+    assert torch.isfinite(loaded(ids).logits).all()

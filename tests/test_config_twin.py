@@ -21,7 +21,8 @@ def uniform_plan(model, keep):
     before = dg.num_parameters()
     counts = {g.atom_id: n[g.kind] for g in dg.groups if g.kind in keep}
     ratio = 1 - dg.count_parameters(counts) / before
-    targets = tuple({"kv_groups": "heads", "heads": "heads", "mlp": "mlp", "hidden": "hidden"}[k] for k in keep)
+    targets = tuple({"kv_groups": "heads", "heads": "heads", "mlp": "mlp", "hidden": "hidden", "experts": "experts"}[k]
+                    for k in keep)
     plan = fxprune.plan(model, ratio, targets=targets, scores=scores, dg=dg)
     return plan, fxprune.apply(model, plan, dg=dg)
 

@@ -14,6 +14,7 @@ import sympy
 import torch
 
 from fxprune.atoms import PROD, SUM, as_expr
+from fxprune.passes.value_rules import COUNTS, INDEX, OFFSETS, VALUES
 
 aten = torch.ops.aten
 RULES: dict = {}
@@ -138,6 +139,25 @@ def addmm_rule(node, L):
     return out
 
 
+@rule(aten.einsum)
+def einsum_rule(node, L):
+    """Every dimension named by the same subscript letter is one index space (size-1 ones broadcast)."""
+    equation, operands = node.args[0].replace(" ", ""), node.args[1]
+    if "." in equation or "->" not in equation:
+        raise ValueError(f"einsum {equation!r} with an ellipsis or an implicit output")
+    inputs, output = equation.split("->")
+    out = L.fresh(node)
+    by_letter: dict = {}
+    for term, dims, sizes in [(t, L.dims(x), shape(x)) for t, x in zip(inputs.split(","), operands)] + [(output, out, shape(node))]:
+        for letter, atom, size in zip(term, dims, sizes):
+            if size != 1:
+                by_letter.setdefault(letter, []).append(atom)
+    for atoms in by_letter.values():
+        for atom in atoms[1:]:
+            L.unify(atoms[0], atom)
+    return out
+
+
 @rule(aten.linear)
 def linear_rule(node, L):
     x, w = node.args[0], node.args[1]
@@ -152,13 +172,21 @@ def linear_rule(node, L):
 @rule(aten._grouped_mm, "transformers::grouped_mm_fallback")
 def grouped_mm_rule(node, L):
     """Rows of `x` [tokens, in] sorted by group, group g multiplied by `w[g]` [in, out]; `offs` [groups]
-    ends each group's rows. Which rows go to which group is data (router output): the group dim is frozen."""
+    ends each group's rows. The group dim is prunable only when `offs` is the running count of
+    router indices into that same dim (value_rules): then no row is sent to a removed group."""
     x, w = node.args[0], node.args[1]
+    offs = schema_arg(node, "offs") if len(node.args) < 3 else node.args[2]
     dx, dw = L.dims(x), L.dims(w)
     if len(dx) != 2 or len(dw) != 3:
         raise ValueError("grouped_mm other than [tokens, in] x [groups, in, out]")
     L.unify(dx[-1], dw[1])
-    L.table.freeze(dw[0], f"{node.name} sends rows to groups by data")
+    routed = L.value_label(offs, node, OFFSETS)
+    if routed is None:
+        L.table.freeze(dw[0], f"{node.name} sends rows to groups by offsets that are not router counts")
+    else:
+        L.unify(dw[0], routed)
+        L.unify(dw[0], L.dims(offs)[0])
+        L.experts.append(dw[0])
     return [dx[0], dw[2]]
 
 
@@ -420,7 +448,11 @@ def indexed(L, node, x, indices):
         broadcast_into(L, joint_dims, joint, indices[i])
         value = constant_value(indices[i])
         why = f"{node.name} reads dim {i} of {x.name} at the positions its index holds"
-        if value is None or not sizes[i].is_number:
+        positions_of = L.value_label(indices[i], node, INDEX)
+        if positions_of is not None:  # the index holds positions of a dim: read in the same (pruned) numbering
+            L.unify(dims[i], positions_of)
+            L.experts.append(dims[i])
+        elif value is None or not sizes[i].is_number:
             L.table.freeze(dims[i], why)
         else:
             constant_positions(L, dims[i], int(sizes[i]), value, why)
@@ -444,16 +476,28 @@ def index_put_rule(node, L):
     return list(L.dims(x))
 
 
-@rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue)
-def selection_rule(node, L):
-    """Values (and indices) chosen along one dim by their data: that dim is frozen, the others pass."""
+@rule(aten.topk, aten.kthvalue)
+def top_k_rule(node, L):
+    """The k largest (or the k-th) along one dim: removing positions there removes candidates, as a
+    router's logit of -inf would; at least k must stay. Their indices are positions (value_rules)."""
     x = node.args[0]
     dims = L.dims(x)
     d = norm_dim(schema_arg(node, "dim", -1), len(dims))
-    L.table.freeze(dims[d], f"{node.name} selects along dim {d} by value")
-    vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
-    outs = [[L.table.new(v.shape[d], node.name) if i == d else a for i, a in enumerate(dims) if v.dim() == len(dims) or i != d]
+    L.table.require(dims[d], node.args[1])
+    vals = node.meta["val"]
+    return [[L.table.new(v.shape[d], node.name) if i == d else a for i, a in enumerate(dims) if v.dim() == len(dims) or i != d]
             for v in vals]
+
+
+@rule(aten.sort, aten.argsort)
+def sort_rule(node, L):
+    """Values (and indices) reordered along one dim by their data: that dim is frozen, the others pass."""
+    x = node.args[0]
+    dims = L.dims(x)
+    d = norm_dim(schema_arg(node, "dim", -1), len(dims))
+    L.table.freeze(dims[d], f"{node.name} reorders dim {d} by value")
+    vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
+    outs = [[L.table.new(v.shape[d], node.name) if i == d else a for i, a in enumerate(dims)] for v in vals]
     return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
 
 
@@ -562,9 +606,20 @@ def reduction_rule(node, L):
 
 @rule(aten.histc, aten.bincount)
 def histogram_rule(node, L):
-    """Counts over every position of the input: removing positions would change the counts."""
-    L.freeze_all(L.dims(node.args[0]), f"{node.name} counts over every position")
-    return L.fresh(node)
+    """Counts over every position of the input. `histc(idx, bins=n, min=0, max=n-1)` of values that
+    are positions in a dim of size n counts per position of that dim: its output is that dim."""
+    x = node.args[0]
+    L.freeze_all(L.dims(x), f"{node.name} counts over every position")
+    out = L.fresh(node)
+    if node.target.overloadpacket is aten.histc:
+        n, lo, hi = (schema_arg(node, k) for k in ("bins", "min", "max"))
+        source = L.value_label(x, node, INDEX)
+        if source is not None and L.table.find(source).static and int(L.table.find(source).size) == n == hi + 1 and lo == 0:
+            L.unify(out[0], source)
+            node.meta[VALUES] = (COUNTS, source)
+        elif source is not None:
+            L.table.freeze(source, f"{node.name} bins do not match the range of the positions it counts")
+    return out
 
 
 FACTORIES = [aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor,

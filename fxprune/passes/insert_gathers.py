@@ -12,6 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.passes.propagate_dimensions import DIMS
 from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
+from fxprune.passes.value_rules import VALUES
 
 aten = torch.ops.aten
 
@@ -38,6 +39,9 @@ class InsertGathersPass(PassBase):
                 a = arg.meta.get(DIMS) or []
                 flat = [x for d in a if d for x in d] if a and isinstance(a[0], list) else a
                 inherited |= self.leaves([x for x in flat if x is not None])
+                label = arg.meta.get(VALUES)  # counted from values that are already pruned positions
+                if isinstance(label, tuple):
+                    inherited |= self.leaves([label[1]])
             born = self.leaves(dims) - inherited
             if not born:
                 continue

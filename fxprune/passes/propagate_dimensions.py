@@ -1,6 +1,7 @@
 """Analysis pass: label every tensor dimension with an atom and unite coupled dimensions.
 
-Writes only `node.meta[DIMS]`. Parameters and buffers share atoms per tensor object, so a
+Writes only `node.meta[DIMS]` and, for tensors whose values are positions, `node.meta[VALUES]`
+(see value_rules). Parameters and buffers share atoms per tensor object, so a
 tied weight read at two places is one set of atoms. Graph inputs and outputs are frozen
 (their shapes are the model's contract). Sub-graphs of higher-order ops such as
 `wrap_with_set_grad_enabled` are followed with their placeholders bound to the call's
@@ -16,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.atoms import AtomTable
 from fxprune.passes.dimension_rules import find_rule
+from fxprune.passes.value_rules import VALUES, track_values
 
 DIMS = "fxprune.dims"
 NO_TENSOR_OPS = {"_assert_tensor_metadata", "sym_size", "_set_grad_enabled", "sym_numel", "sym_stride"}
@@ -29,12 +31,22 @@ class Labels:
     embeddings: list = field(default_factory=list)  # atom of each embedding table's feature dim
     frozen_ops: list = field(default_factory=list)  # (node name, op, reason)
     tensor_atoms: dict = field(default_factory=dict)
+    experts: list = field(default_factory=list)     # dims whose positions a router's top-k picks (experts)
+    read: set = field(default_factory=set)          # (reader, tensor) pairs whose value label a rule claimed
 
     def dims(self, node):
         return node.meta[DIMS]
 
     def fresh(self, node):
         return [self.table.new(s, node.name) for s in node.meta["val"].shape]
+
+    def value_label(self, node, reader, kind):
+        """The atom whose positions `node`'s values are, if they are of `kind`; claims the read."""
+        label = node.meta.get(VALUES) if isinstance(node, torch.fx.Node) else None
+        if isinstance(label, tuple) and label[0] == kind:
+            self.read.add((reader.name, node.name))
+            return label[1]
+        return None
 
     def unify(self, a, b):
         return self.table.unify(a, b)
@@ -94,7 +106,9 @@ class PropagateDimensionsPass(PassBase):
                         L.freeze_all(d, "graph output")
                 return dims
             elif node.op == "call_function":
+                node.meta[VALUES] = None
                 node.meta[DIMS] = self.call_function(gm, node)
+                track_values(node, L, node.meta[DIMS])
             else:
                 node.meta[DIMS] = self.unknown(node, f"{node.op} is not analysed")
         return None

@@ -79,6 +79,12 @@ class RewriteShapeLiteralsPass(PassBase):
             reps = [self.new_size(o) / (self.new_size(x_dims[j - lead]) if j >= lead else 1) for j, o in enumerate(dims)]
             new = [r if not self.changed(o) else int(sympy.simplify(v)) for r, v, o in zip(node.args[1], reps, dims)]
             return self.set_arg(node, 1, new)
+        if packet is aten.histc and self.changed(dims[0]):  # bins over positions 0..n-1 of a pruned dim
+            n = int(self.new_size(dims[0]))
+            args = list(node.args) + [None] * (4 - len(node.args))
+            args[1:4] = [n, 0, n - 1]
+            node.args, node.kwargs = tuple(args), {k: v for k, v in node.kwargs.items() if k not in ("bins", "min", "max")}
+            return True
         if packet is aten.repeat_interleave:
             d = node.args[2] % len(dims)
             new = int(sympy.simplify(self.new_size(dims[d]) / self.new_size(node.args[0].meta[DIMS][d])))
