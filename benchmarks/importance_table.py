@@ -59,6 +59,12 @@ def fmt_ppl(x):
     return "–" if x is None else (f"{x:.2f}" if x < 1e4 else f"{x:.3g}")
 
 
+def validation_cells(v: dict) -> list:
+    if not v:
+        return ["–", "–", "learned"]
+    return [f"{v['learned']:.4f}", f"{v['fine']:.4f}", "fine only" if v["fine"] < v["learned"] else "learned"]
+
+
 def render(report: dict) -> str:
     ratios = report["settings"]["ratios"]
     methods = report["settings"]["methods"]
@@ -107,10 +113,14 @@ def render(report: dict) -> str:
                   f"the shared pass computes; the others need only G, which fxprune computes with the same "
                   f"per-sample passes at its default batch_size 1.", ""]
     if sc.get("hywia_diagnostics"):
-        lines += ["HyWIA diagnostics (LM loss of the soft-masked model at the first and last of its steps; mean "
-                  "weight of the fine granularity, element1, over the masked groups):", ""]
-        lines += [md_table(["ratio", "steps", "loss first", "loss last", "mean alpha_fine", "min", "max"],
+        lines += ["HyWIA diagnostics (LM loss of the masked model at the first and last of its steps, one "
+                  "calibration sample each; validation: mean LM loss over all calibration samples of the model "
+                  "pruned by the learned blend and by the fine-only corner, the lower one is returned; weight of "
+                  "the fine granularity, element1, over the masked groups of the returned scores):", ""]
+        lines += [md_table(["ratio", "steps", "loss first", "loss last", "validation: learned", "fine only",
+                            "returned", "mean alpha_fine", "min", "max"],
                            [[f"{d['ratio']:g}", d["steps"], f"{d['loss_first']:.4f}", f"{d['loss_last']:.4f}",
+                             *validation_cells(d.get("validation") or {}),
                              f"{d['alpha_fine_mean']:.3f}", f"{d['alpha_fine_min']:.3f}", f"{d['alpha_fine_max']:.3f}"]
                             for d in sc["hywia_diagnostics"]]), ""]
     ov = report["overhead"]
@@ -237,7 +247,7 @@ def main(argv=None):
                     "ratio": r, "steps": len(res.losses), "loss_first": res.losses[0] if res.losses else math.nan,
                     "loss_last": res.losses[-1] if res.losses else math.nan, "losses": res.losses,
                     "alpha_fine_mean": float(alphas.mean()), "alpha_fine_min": float(alphas.min()),
-                    "alpha_fine_max": float(alphas.max())})
+                    "alpha_fine_max": float(alphas.max()), "validation": res.validation})
                 log(f"hywia@{r} scored in {p.wall_s:.0f} s")
         else:
             with Phase() as p:

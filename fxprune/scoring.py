@@ -570,7 +570,8 @@ class HyWIAResult:
     alpha: dict[int, torch.Tensor]           # per group: [weight of fine (element1), weight of coarse (vector)]
     fine: dict[int, torch.Tensor]            # normalised element1 scores
     coarse: dict[int, torch.Tensor]          # normalised vector scores
-    losses: list[float] = field(default_factory=list)  # soft-masked LM loss at each step
+    losses: list[float] = field(default_factory=list)  # masked LM loss at each step
+    validation: dict = field(default_factory=dict)     # hard-pruned calibration loss: learned blend vs fine only
 
 
 GRANULARITIES = ("fine", "coarse")
@@ -587,10 +588,31 @@ def _features(n: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.log1p(torch.stack([std, n.max(), n.min(), q]).clamp_min(0))
 
 
+def _to(batch, device):
+    return tuple(None if t is None else t.to(device) for t in batch)
+
+
+def _mean_loss(dg, tensors, chunks, device, checkpoint) -> float:
+    total = 0.0
+    for ids, attn in (_to(c, device) for c in chunks):
+        total += float(lm_loss(_forward(dg, tensors, ids, attn, checkpoint), ids, attn))
+    return total / len(chunks)
+
+
+def planned_fractions(dg: DependencyGraph, groups, ratio: float) -> dict[int, float]:
+    """Per group, the fraction of its units that the (uniform) planner removes when `ratio` of the
+    parameters go: protected layers and the embeddings make it larger than `ratio`."""
+    from fxprune.config import PruneConfig
+    from fxprune.plan import select
+    counts = select(dg, groups, {g.id: torch.ones(g.n_units) for g in groups}, PruneConfig(ratio=ratio))
+    return {g.id: 1 - counts[g.id] / g.n_units for g in groups}
+
+
 def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2, aggregation: str = "sum",
           seed: int = 0, steps: int = 30, lr: float = 0.05, temperature: float = 0.25, dim: int = 8,
           batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False,
-          gradients: GradientStats | None = None) -> HyWIAResult:
+          gradients: GradientStats | None = None, relaxation: str = "hard", fractions: dict | None = None,
+          validate: bool = True) -> HyWIAResult:
     """Hybrid-grained weight importance (HyWIA, Liu et al., arXiv 2403.10799), small and deterministic.
 
     Per group g and granularity k in (fine, coarse):
@@ -598,22 +620,30 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
       coarse = vector   (structure-level Taylor |sum W*G| per member, aggregated)
       n_k    = s_k / mean(s_k)      normalised per group: mean 1, ranks and non-negativity kept
     Attention over the two granularities, per group:
-      phi_k  = log1p([std, max, min, ratio-quantile] of n_k)        (per-group statistics, fixed)
+      phi_k  = log1p([std, max, min, f_g-quantile] of n_k)          (per-group statistics, fixed)
       key_k  = A phi_k + b + e_k                                     (A, b, e_k learned, shared)
       a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
       s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
-    Learning: soft keep mask m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the `ratio`-quantile of s over
-    the group, T_g = temperature * std(s) (scale-free); m scales the output-projection columns of each
-    unit (o_proj / down_proj) of groups of kind heads / kv_groups / group_heads / mlp; the parameters
-    (q, A, b, e) minimise the LM loss of the soft-masked model by Adam(lr) for `steps` steps, one
-    calibration chunk per step in order. q starts at 0 (equal weights); A is drawn from a generator
-    seeded by `seed`, so the result is deterministic for a seed. Groups of other kinds have no
-    output projection to mask: their scores are blended with the attention of their (layer, kind)
-    query, which keeps its initial equal weights unless a maskable group shares it.
+    Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
+    removes when `ratio` of the parameters go (`planned_fractions`; protected layers and embeddings
+    make f_g larger than `ratio`; `fractions` overrides it):
+      soft   m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the f_g-quantile of s, T_g = temperature * std(s)
+      hard   (default) forward: m_u = 1 for the (1 - f_g) n_g best units by s, else 0 (the pruned model
+             itself); backward: the gradient of the soft m_u (straight-through)
+    m scales the output-projection columns (o_proj / down_proj) of each unit of groups of kind heads /
+    kv_groups / group_heads / mlp; the parameters (q, A, b, e) minimise the LM loss of the masked
+    model by Adam(lr) for `steps` steps, one calibration chunk per step in order. q starts at 0
+    (equal weights); A is drawn from a generator seeded by `seed`, so the result is deterministic for
+    a seed. Groups of other kinds have no output projection to mask: their scores are blended with
+    the attention of their (layer, kind) query, which keeps its initial equal weights unless a
+    maskable group shares it.
+    Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
+    i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
+    over the calibration data is returned (`validation` holds both losses).
     See docs/hywia.md for the reasons behind these choices.
     """
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio (the fraction of units to prune) must be in (0, 1), got {ratio}")
+        raise ValueError(f"ratio (the fraction of parameters the plan removes) must be in (0, 1), got {ratio}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if calibration is None:
@@ -628,8 +658,12 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     fine = {g.id: _normalise(element1[g.id]) for g in groups}
     coarse = {g.id: _normalise(vector[g.id]) for g in groups}
 
+    if relaxation not in ("soft", "hard"):
+        raise ValueError(f"relaxation must be 'soft' or 'hard', got {relaxation!r}")
+    frac = fractions if fractions is not None else planned_fractions(dg, groups, ratio)
     gen = torch.Generator().manual_seed(int(seed))
-    feats = {g.id: torch.stack([_features(fine[g.id], ratio), _features(coarse[g.id], ratio)]) for g in groups}
+    feats = {g.id: torch.stack([_features(fine[g.id], frac[g.id]), _features(coarse[g.id], frac[g.id])])
+             for g in groups}
     n_feat = 4
     A = (torch.randn(dim, n_feat, generator=gen) / math.sqrt(n_feat)).requires_grad_(True)
     b = torch.zeros(dim, requires_grad=True)
@@ -650,29 +684,34 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     maskable = [(g, ms) for g, ms in maskable if ms and g.n_units > 1]
     losses = []
     batches = list(_chunks(_batches(calibration, _vocab_size(dg)), max(batch_size, 1)))
+    base = _tensors(dg, device, dtype) if maskable and batches else None
+
+    def masked(score_of, relax):
+        """The model's tensors with each maskable group's units masked at their output projection."""
+        col_masks: dict[str, torch.Tensor] = {}
+        for g, members in maskable:
+            s = score_of(g)
+            tau = torch.quantile(s, frac[g.id])
+            T = temperature * s.detach().std().clamp_min(1e-6)
+            m = torch.sigmoid((s - tau) / T)
+            if relax == "hard":  # forward: the pruned model itself; backward: the sigmoid's gradient
+                keep = torch.zeros_like(m)
+                keep[s.detach().argsort(descending=True)[: g.n_units - round(frac[g.id] * g.n_units)]] = 1
+                m = keep + m - m.detach()
+            for mem in members:
+                unit_of = mem.unit_of.to(device)
+                per_col = torch.where(unit_of >= 0, m.to(device)[unit_of.clamp_min(0)], torch.ones((), device=device))
+                col_masks[mem.name] = col_masks.get(mem.name, 1) * per_col
+        tensors = dict(base)
+        for name, cm in col_masks.items():
+            tensors[name] = base[name] * cm.to(base[name].dtype)  # columns: the member dim is the last one
+        return tensors
+
     if maskable and batches and steps > 0:
-        base = _tensors(dg, device, dtype)
         opt = torch.optim.Adam(learnables, lr=lr)
         for step in range(steps):
-            ids, mask = batches[step % len(batches)]
-            ids = ids.to(device)
-            mask = None if mask is None else mask.to(device)
-            col_masks: dict[str, torch.Tensor] = {}
-            for g, members in maskable:
-                s = blended(g)
-                tau = torch.quantile(s, ratio)
-                T = temperature * s.detach().std().clamp_min(1e-6)
-                m = torch.sigmoid((s - tau) / T)
-                for mem in members:
-                    unit_of = mem.unit_of.to(device)
-                    per_col = torch.where(unit_of >= 0, m.to(device)[unit_of.clamp_min(0)],
-                                          torch.ones((), device=device))
-                    col_masks[mem.name] = col_masks.get(mem.name, 1) * per_col
-            tensors = dict(base)
-            for name, cm in col_masks.items():
-                w = base[name]
-                tensors[name] = w * cm.to(w.dtype)  # columns: the member dim is the last one
-            loss = lm_loss(_forward(dg, tensors, ids, mask, checkpoint), ids, mask)
+            ids, attn = _to(batches[step % len(batches)], device)
+            loss = lm_loss(_forward(dg, masked(blended, relaxation), ids, attn, checkpoint), ids, attn)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -680,4 +719,14 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     with torch.no_grad():
         scores = {g.id: blended(g).detach().cpu() for g in groups}
         alpha = {g.id: attention(g).detach().cpu() for g in groups}
-    return HyWIAResult(scores, alpha, fine, coarse, losses)
+        validation = {}
+        if validate and maskable and batches:
+            # The relaxation can settle on a blend that prunes worse than the fine-grained corner of the
+            # attention (alpha_fine = 1); keep whichever of the two prunes with the lower calibration loss.
+            chunks = list(_chunks(_batches(calibration, _vocab_size(dg)), 8))
+            for name, score_of in (("learned", lambda g: scores[g.id]), ("fine", lambda g: fine[g.id])):
+                validation[name] = _mean_loss(dg, masked(score_of, "hard"), chunks, device, checkpoint)
+            if validation["fine"] < validation["learned"]:
+                scores = {g.id: fine[g.id].clone() for g in groups}
+                alpha = {g.id: torch.tensor([1.0, 0.0]) for g in groups}
+    return HyWIAResult(scores, alpha, fine, coarse, losses, validation)
