@@ -599,12 +599,15 @@ def _mean_loss(dg, tensors, chunks, device, checkpoint) -> float:
     return total / len(chunks)
 
 
-def planned_fractions(dg: DependencyGraph, groups, ratio: float) -> dict[int, float]:
-    """Per group, the fraction of its units that the (uniform) planner removes when `ratio` of the
-    parameters go: protected layers and the embeddings make it larger than `ratio`."""
+def planned_fractions(dg: DependencyGraph, groups, ratio: float, scores=None) -> dict[int, float]:
+    """Per group, the fraction of its units that the (uniform) planner removes for these `scores` when
+    `ratio` of the parameters go. It exceeds `ratio` (embeddings, norms and protected layers stay),
+    and where one fraction for all groups cannot meet the ratio, the planner's top-up by score decides
+    which groups give more (so it depends on `scores`; equal scores when None)."""
     from fxprune.config import PruneConfig
     from fxprune.plan import select
-    counts = select(dg, groups, {g.id: torch.ones(g.n_units) for g in groups}, PruneConfig(ratio=ratio))
+    scores = scores or {g.id: torch.ones(g.n_units) for g in groups}
+    counts = select(dg, groups, scores, PruneConfig(ratio=ratio))
     return {g.id: 1 - counts[g.id] / g.n_units for g in groups}
 
 
@@ -625,8 +628,8 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
       a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
       s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
     Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
-    removes when `ratio` of the parameters go (`planned_fractions`; protected layers and embeddings
-    make f_g larger than `ratio`; `fractions` overrides it):
+    removes for the current scores when `ratio` of the parameters go (`planned_fractions`, recomputed
+    every step; protected layers and embeddings make f_g larger than `ratio`; `fractions` fixes it):
       soft   m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the f_g-quantile of s, T_g = temperature * std(s)
       hard   (default) forward: m_u = 1 for the (1 - f_g) n_g best units by s, else 0 (the pruned model
              itself); backward: the gradient of the soft m_u (straight-through)
@@ -660,7 +663,13 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
 
     if relaxation not in ("soft", "hard"):
         raise ValueError(f"relaxation must be 'soft' or 'hard', got {relaxation!r}")
-    frac = fractions if fractions is not None else planned_fractions(dg, groups, ratio)
+
+    def fractions_for(score_of):
+        if fractions is not None:
+            return fractions
+        return planned_fractions(dg, groups, ratio, {g.id: score_of(g).detach().cpu() for g in groups})
+
+    frac = fractions_for(lambda g: fine[g.id])  # for the attention's features
     gen = torch.Generator().manual_seed(int(seed))
     feats = {g.id: torch.stack([_features(fine[g.id], frac[g.id]), _features(coarse[g.id], frac[g.id])])
              for g in groups}
@@ -687,7 +696,9 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     base = _tensors(dg, device, dtype) if maskable and batches else None
 
     def masked(score_of, relax):
-        """The model's tensors with each maskable group's units masked at their output projection."""
+        """The model's tensors with each maskable group's units masked at their output projection, as many
+        as the planner removes for these scores."""
+        frac = fractions_for(score_of)
         col_masks: dict[str, torch.Tensor] = {}
         for g, members in maskable:
             s = score_of(g)
@@ -696,7 +707,8 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
             m = torch.sigmoid((s - tau) / T)
             if relax == "hard":  # forward: the pruned model itself; backward: the sigmoid's gradient
                 keep = torch.zeros_like(m)
-                keep[s.detach().argsort(descending=True)[: g.n_units - round(frac[g.id] * g.n_units)]] = 1
+                order = s.detach().double().argsort(descending=True, stable=True)  # the planner's order
+                keep[order[: g.n_units - round(frac[g.id] * g.n_units)]] = 1
                 m = keep + m - m.detach()
             for mem in members:
                 unit_of = mem.unit_of.to(device)
