@@ -11,6 +11,7 @@ positions whose mixed-radix digit for that leaf is i.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import sympy
@@ -237,6 +238,14 @@ class AtomTable:
         for s in sizes:
             out = out + s if a.kind == SUM else out * s
         return sympy.simplify(out)
+
+    def kept_int(self, a: Atom, kept: dict[int, int]) -> int:
+        """`kept_size` of a static dimension in plain integers (the planner calls it many thousand times)."""
+        a = self.find(a)
+        if a.kind is None:
+            return kept[a.id] if a.id in kept else int(a.size)
+        sizes = [self.kept_int(c, kept) for c in a.children]
+        return sum(sizes) if a.kind == SUM else math.prod(sizes)
 
     def kept_index(self, a: Atom, kept: dict[int, torch.Tensor]) -> torch.Tensor | None:
         """Positions of a static dimension that survive; None when nothing is removed."""

@@ -105,7 +105,7 @@ class DependencyGraph:
             if dims is None:
                 total += t.numel()
                 continue
-            total += math.prod(int(self.table.kept_size(a, kept_counts)) for a in dims)
+            total += math.prod(self.table.kept_int(a, kept_counts) for a in dims)
         return total
 
     # -- groups ----------------------------------------------------------------
