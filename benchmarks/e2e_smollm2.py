@@ -2,13 +2,14 @@
 prune 20% (HyWIA) -> LoRA on Alpaca-cleaned 5k (a fixed step budget) -> WikiText-2 ppl and zero-shot
 accuracy of the dense, pruned and tuned models. Each step is the CLI, run as a subprocess.
 
-Usage: FXPRUNE_DATA_DIR=../shared/data python -m benchmarks.e2e_smollm2 [--steps 150] [--limit 300]
+Usage: FXPRUNE_DATA_DIR=../shared/data python -m benchmarks.e2e_smollm2 [--steps 150] [--limit 300] [--resume]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,9 +32,14 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--eval-tokens", type=int, default=20480)
     p.add_argument("--work", default="out/e2e")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the pruned and tuned models an interrupted run left in --work; without it the work "
+                        "directory is cleared, so the figures always come from the code at hand")
     a = p.parse_args(argv)
     data = Path(os.environ["FXPRUNE_DATA_DIR"])
     work = Path(a.work)
+    if not a.resume and work.exists():
+        shutil.rmtree(work)
     start = header()
     pruned, tuned = work / "pruned", work / "tuned"
     times = {}
