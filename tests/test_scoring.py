@@ -386,6 +386,26 @@ def test_hywia_is_deterministic_for_a_seed(env, hy):
     assert all(torch.equal(via_score[k], validated.scores[k]) for k in hy.scores)
 
 
+def test_hywia_does_not_depend_on_how_the_calibration_is_batched(env):
+    # The CLI passes calibration.split(4), the benchmarks the [N, L] tensor itself, fxprune.plan calls
+    # hywia through score(): all must give the plan of the same samples (steps go one sample at a time).
+    import fxprune
+    from fxprune.config import PruneConfig
+    from fxprune.plan import target_groups
+    rows = torch.cat(env.cal)
+    groups = target_groups(env.dg, PruneConfig(ratio=0.3, targets=("heads", "mlp")))
+    ref = hywia(env.dg, groups, rows, ratio=0.3, steps=6, gradients=env.grads)
+    for batching in (env.cal, list(rows.split(1)), [{"input_ids": rows}]):
+        other = hywia(env.dg, groups, batching, ratio=0.3, steps=6)
+        assert other.losses == pytest.approx(ref.losses, rel=1e-5)
+        assert other.validation == pytest.approx(ref.validation, rel=1e-5)
+        assert all(torch.allclose(other.scores[k], ref.scores[k], rtol=1e-5) for k in ref.scores)
+    default_steps = hywia(env.dg, groups, rows, ratio=0.3, gradients=env.grads)
+    via_plan = fxprune.plan(env.model, 0.3, importance="hywia", calibration=list(rows.split(3)), dg=env.dg)
+    direct = fxprune.plan(env.model, 0.3, scores=default_steps.scores, dg=env.dg)
+    assert via_plan.units == direct.units and via_plan.params_after == direct.params_after
+
+
 def test_validation_keeps_the_blend_that_prunes_with_the_lower_loss(env):
     res = hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads)
     assert set(res.validation) == {"learned", "fine"} and all(math.isfinite(v) for v in res.validation.values())
