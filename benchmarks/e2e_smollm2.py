@@ -38,10 +38,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     data = Path(os.environ["FXPRUNE_DATA_DIR"])
     work = Path(a.work)
-    if not a.resume and work.exists():
-        shutil.rmtree(work)
     start = header()
     pruned, tuned = work / "pruned", work / "tuned"
+    if not a.resume:  # only what this script writes: --work may name a directory that holds other things
+        for stale in (pruned, tuned, work / "ckpt"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in (work / "tune.json", work / "times.json", *work.glob("eval_*.json")):
+            stale.unlink(missing_ok=True)
     times = {}
     if not (pruned / "fxprune.json").exists():
         times["prune_s"] = run("prune", "--output", str(pruned), "--eval-tokens", "0")
