@@ -53,6 +53,16 @@ def read_json_records(path) -> list:
     return records
 
 
+PACKAGED_C4 = Path(__file__).parent / "resources" / "c4_calibration.jsonl.gz"  # see resources/README.md
+
+
+def packaged_calibration_texts() -> list[str]:
+    """The 300 C4 documents shipped inside the package: calibration when the user gives none."""
+    import gzip
+    with gzip.open(PACKAGED_C4, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
 def load_texts(source: Source) -> list[str]:
     """Documents from a list of strings, a JSON array / JSON Lines file of {"text": ...}, or a plain text file.
 
