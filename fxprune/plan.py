@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune.config import PruneConfig, protected_layers
+from fxprune.config import PruneConfig, mlp_rounding, protected_layers
 from fxprune.groups import DependencyGraph
 
 KINDS_FOR_TARGET = {"mlp": ("mlp",), "hidden": ("hidden",), "experts": ("experts",)}
@@ -37,13 +37,6 @@ class PrunePlan:
     params_after: int
     fingerprint: str
     groups: dict[int, str] = field(default_factory=dict)  # group id -> kind, for readers
-
-    def __deepcopy__(self, memo):
-        # The analysis kept for apply() holds fake tensors and the model; a copy does without it.
-        return PrunePlan.from_json(self.to_json())
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_dg"}
 
     @property
     def removed_fraction(self) -> float:
@@ -95,7 +88,8 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
 
     if cfg.allocation == "uniform":
         def counts_at(f):
-            return [kept_count(g.n_units, f, cfg.round_to if g.kind == "mlp" else None, g.min_units) for g in groups]
+            return [kept_count(g.n_units, f, mlp_rounding(cfg.round_to, g.n_units) if g.kind == "mlp" else None,
+                               g.min_units) for g in groups]
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -106,19 +100,25 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
             # fraction just below the target with the globally least important units.
             best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2, start=counts_at(lo))
     else:
-        best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2)
+        best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2,
+                             standardise=cfg.allocation == "flap")
     return dict(zip((g.id for g in groups), best))
 
 
-def global_counts(groups, scores, removed, target, slack, start=None):
-    # One ranking over all units; a score is normalised by its group's mean so kinds compare.
+def global_counts(groups, scores, removed, target, slack, start=None, standardise=False):
+    # One ranking over all units; a score is normalised by its group's mean so kinds compare, or
+    # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold).
     # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
     # large unit (a head) late in the ranking gives way to smaller ones (channels).
     counts = list(start) if start is not None else [g.n_units for g in groups]
     ranked = []
     for i, g in enumerate(groups):
         s = scores[g.id].double()
-        s = (s / (s.abs().mean() + 1e-12)).sort().values
+        if standardise:
+            std = s.std().clamp_min(1e-12) if s.numel() > 1 else 1.0
+            s = ((s - s.mean()) / std).sort().values
+        else:
+            s = (s / (s.abs().mean() + 1e-12)).sort().values
         ranked += [(float(v), i) for v in s[g.n_units - counts[i]:]]  # units not yet removed
     ranked.sort()
     done = removed(counts)
@@ -168,17 +168,26 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
         order = torch.argsort(scores[g.id].double(), descending=True, stable=True)
         units[g.id] = sorted(order[: counts[g.id]].tolist())
     atom_units = {dg.groups[gid].atom_id: u for gid, u in units.items() if len(u) < dg.groups[gid].n_units}
+    kept = {n: {d: idx.tolist() for d, idx in dims.items()}
+            for n, dims in kept_positions(dg, {a: torch.tensor(u) for a, u in atom_units.items()}).items()}
     after = dg.count_parameters({a: len(u) for a, u in atom_units.items()})
+    if cfg.reconstruct != "none":
+        after += added_biases(dg, kept)
     before = dg.num_parameters()
     achieved = 1 - after / before
     if abs(achieved - cfg.ratio) > TOLERANCE:
         raise PlanError(
             f"ratio {cfg.ratio} cannot be met: the prunable structure for targets {cfg.targets} allows "
             f"{achieved:.4f} (tolerance {TOLERANCE}). Frozen ops: {frozen_summary(dg)}")
-    kept = {n: {d: idx.tolist() for d, idx in dims.items()}
-            for n, dims in kept_positions(dg, {a: torch.tensor(u) for a, u in atom_units.items()}).items()}
     return PrunePlan(cfg, {gid: u for gid, u in units.items() if len(u) < dg.groups[gid].n_units}, kept,
                      before, after, fingerprint(dg), {g.id: g.kind for g in groups})
+
+
+def added_biases(dg: DependencyGraph, kept: dict) -> int:
+    """Parameters the reconstruction adds: a bias on each refitted projection that had none."""
+    from fxprune.passes.reconstruct_layers import dense_projections
+    return sum(p.dense_weight.shape[0] if p.rows is None else len(p.rows)
+               for p in dense_projections(dg.gm, dg.aliases, kept).values() if p.dense_bias is None)
 
 
 def frozen_summary(dg: DependencyGraph) -> str:

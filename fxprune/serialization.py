@@ -64,6 +64,16 @@ def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
     return directory
 
 
+def add_reconstruction_biases(gm: torch.fx.GraphModule, state: dict) -> None:
+    """Give each nn.Linear the bias the reconstruction added to it before saving (values follow)."""
+    for key, value in state.items():
+        parent, _, leaf = key.rpartition(".")
+        module = gm.get_submodule(parent) if leaf == "bias" and parent else None
+        if isinstance(module, torch.nn.Linear) and module.bias is None and value.shape == (module.out_features,):
+            module.bias = torch.nn.Parameter(torch.empty_like(value, dtype=module.weight.dtype),
+                                             module.weight.requires_grad)
+
+
 def load(directory) -> torch.fx.GraphModule:
     directory = Path(directory)
     missing = [f for f in FILES if not (directory / f).is_file()]
@@ -88,7 +98,8 @@ def load(directory) -> torch.fx.GraphModule:
         base.tie_weights()
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = load_file(directory / "model.safetensors")
-    gm = apply(base, plan, dg=analyze(base, constants=state))  # constants: values the meta capture lacks
+    gm = apply(base, plan, dg=analyze(base, constants=state), reconstruct=False)  # constants: values the meta capture lacks
+    add_reconstruction_biases(gm, state)
     expected = unique_tensors(gm)
     if set(state) != set(expected):
         raise ValueError(f"{directory}/model.safetensors does not match its plan: "

@@ -18,6 +18,7 @@ from fxprune.passes.slice_parameters import set_attr_path
 
 aten = torch.ops.aten
 READ_AS = "fxprune.read_as"
+WEIGHT_OF = "fxprune.weight_of"  # on a lifted call: the name the original graph read its weight under
 TRANSPOSES = (aten.numpy_T.default, aten.t.default)
 
 
@@ -51,6 +52,7 @@ class LiftLinearModulesPass(PassBase):
             with gm.graph.inserting_before(replaced):
                 call = gm.graph.call_module(modules[key], (x,))
             call.meta = dict(replaced.meta)
+            call.meta[WEIGHT_OF] = w.meta.get(READ_AS, w.target)
             replaced.replace_all_uses_with(call)
             gm.graph.erase_node(replaced)
             if replaced is not node:

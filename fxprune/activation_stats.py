@@ -1,0 +1,71 @@
+"""Per-input-channel statistics of the dense model's projections on calibration text.
+
+What the activation-aware estimators (FLAP's fluctuation, Wanda-sp) read: for every projection the
+rewrite would lift to `nn.Linear` (see LiftLinearModulesPass), the mean, variance and squared norm
+over calibration tokens of each of its input channels. One forward pass of the captured graph per
+calibration batch, no backward; the logits are never computed (the run stops after the last
+projection the scorer asked for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
+from fxprune.passes.reconstruct_layers import step
+
+
+@dataclass
+class InputStats:
+    """Statistics of one projection's inputs, one entry per input channel (along `dim` of the weight)."""
+    dim: int                 # the weight's input dimension (1 for [out, in], 0 for GPT-2's [in, out])
+    tokens: int
+    mean: torch.Tensor
+    var: torch.Tensor
+    sq_norm: torch.Tensor    # sum over tokens of x**2 (Wanda's ||X_j||^2)
+
+
+def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple[str, int]]:
+    """The first projection node reading each weight (canonical name, input dim of the weight)."""
+    out, seen, matcher = {}, set(), LiftLinearModulesPass()
+    for node in gm.graph.nodes:
+        match = matcher.match(gm, node)
+        if match is None:
+            continue
+        _, w, _, transposed, _ = match
+        name = w.meta.get(READ_AS, w.target)
+        name = aliases.get(name, name)
+        if name in seen or (names is not None and name not in names):
+            continue
+        seen.add(name)
+        out[node] = (name, 0 if transposed else 1)
+    return out
+
+
+@torch.no_grad()
+def input_statistics(dg, batches, names=None) -> dict[str, InputStats]:
+    """`batches`: validated (input_ids, attention_mask or None) pairs. Keyed by canonical weight name."""
+    stops = projection_inputs(dg.gm, dg.aliases, names)
+    sums: dict[str, list] = {}
+    for ids, mask in batches:
+        mask = torch.ones_like(ids) if mask is None else mask
+        tokens = mask.reshape(-1).bool()
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        run = step(dg.gm, inputs, {n: key for n, key in stops.items()})
+        for (name, _), x in run:
+            x = x.reshape(-1, x.shape[-1])[tokens].double()
+            acc = sums.setdefault(name, [0, 0.0, 0.0])
+            acc[0] += x.shape[0]
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + x.pow(2).sum(0)
+            if len(sums) == len(stops) and name == list(stops.values())[-1][0]:
+                break
+        run.close()
+    dims = dict(stops.values())
+    out = {}
+    for name, (n, s, sq) in sums.items():
+        mean = s / n
+        var = (sq / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)
+        out[name] = InputStats(dims[name], n, mean.float(), var.float(), sq.float())
+    return out

@@ -1,0 +1,62 @@
+"""Where calibration comes from when the user gives none, and what a call falls back to without it.
+
+`fxprune.compile(model)` must be good with nothing else given: settings that need calibration text
+(activation- or gradient-based importance, reconstruction) draw it from the C4 sample shipped in the
+package, tokenised with the model's tokenizer. When no tokenizer can be found either, those settings
+fall back to data-free ones (l2 importance, no reconstruction) with a warning, and the plan's config
+records what was really used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from fxprune.config import PruneConfig
+
+
+def importance_needs_data(method) -> bool:
+    from fxprune.scoring import ESTIMATORS
+    if method == "hywia":
+        return True
+    if isinstance(method, str) and method not in ESTIMATORS:
+        raise ValueError(f"unknown importance {method!r}; choose from {sorted(ESTIMATORS) + ['hywia']}")
+    return bool(getattr(ESTIMATORS.get(method, method), "needs", ()))
+
+
+def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool):
+    """(config, calibration): the given calibration, the packaged sample, or a data-free config."""
+    wants_scores = not scored and importance_needs_data(cfg.importance)
+    if calibration is not None or not (wants_scores or cfg.reconstruct != "none"):
+        return cfg, calibration
+    from fxprune.models import tokenizer_for
+    tok = tokenizer if tokenizer is not None else tokenizer_for(model)
+    if tok is not None:
+        from fxprune.data import PACKAGED_C4, calibration_samples
+        return cfg, calibration_samples(PACKAGED_C4, tok, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
+    changes = {"reconstruct": "none"} if cfg.reconstruct != "none" else {}
+    if wants_scores:
+        changes["importance"] = "l2"
+    warnings.warn(f"fxprune: no calibration and no tokenizer for {type(model).__name__}, so "
+                  f"{', '.join(f'{k}={getattr(cfg, k)!r}' for k in changes)} cannot run; using "
+                  f"{', '.join(f'{k}={v!r}' for k, v in changes.items())} instead (quality suffers: pass "
+                  "calibration= token ids or tokenizer=)", stacklevel=3)
+    return dataclasses.replace(cfg, **changes), None
+
+
+def calibration_batch(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All calibration batches as one (input_ids, attention_mask) pair, right-padded to one length."""
+    from fxprune.scoring import _batches
+    batches = _batches(calibration)
+    if len({ids.shape[1] for ids, _ in batches}) == 1 and all(m is None for _, m in batches):
+        return torch.cat([ids for ids, _ in batches]), None
+    length = max(ids.shape[1] for ids, _ in batches)
+    ids = torch.zeros(sum(i.shape[0] for i, _ in batches), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    row = 0
+    for i, m in batches:
+        ids[row:row + i.shape[0], :i.shape[1]] = i
+        mask[row:row + i.shape[0], :i.shape[1]] = 1 if m is None else m
+        row += i.shape[0]
+    return ids, mask
