@@ -176,7 +176,8 @@ def main(argv=None):
     from fxprune.evaluate import eval_windows, perplexity
     from fxprune.models import load_model
     from fxprune.plan import target_groups
-    from fxprune.scoring import ESTIMATORS, _member_names, compute_gradients, hywia, score
+    from fxprune.scoring import ESTIMATORS, compute_gradients, hywia, score
+    from fxprune.scoring.gradients import member_names as _member_names
 
     t_start = time.perf_counter()
     root = data_dir(args.data_dir)

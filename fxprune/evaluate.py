@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.data import data_dir
+from fxprune.lm import model_logits as _logits
 
 TASKS = ("piqa", "arc_easy", "boolq", "winogrande")
 
@@ -28,11 +29,6 @@ def _progress(items, enabled: bool, desc: str, total=None):
     except ImportError:  # progress bars are a nicety, never a dependency
         return items
     return tqdm(items, desc=desc, total=total)
-
-
-def _logits(model, ids, mask=None) -> torch.Tensor:
-    # Score in fp32 whatever the model's dtype: bf16 log-softmax sums drift visibly over long texts.
-    return model(ids, attention_mask=mask).logits.float()
 
 
 def _max_length(model, max_length):

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from fxprune.lm import IGNORE_INDEX, lm_loss, logits_of
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "fxprune_lora_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-IGNORE_INDEX = -100
 # Settings that change the optimisation trajectory: a checkpoint made under other values is refused.
 TRAJECTORY_FIELDS = ("r", "alpha", "dropout", "lr", "batch_size", "grad_accum", "cutoff_len", "seed")
 
@@ -216,19 +216,6 @@ def collate(batch, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _logits(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out["logits"]
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over the positions whose label is not -100."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    if not (labels != IGNORE_INDEX).any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's reducer) alive on an all-masked batch
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def checkpoints(output_dir) -> list[Path]:
@@ -397,7 +384,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
             boundary = batch_in_epoch - group_start == group
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
-                loss = causal_lm_loss(_logits(model(input_ids=batch["input_ids"],
+                loss = lm_loss(logits_of(model(input_ids=batch["input_ids"],
                                                     attention_mask=batch["attention_mask"])), batch["labels"])
                 accelerator.backward(loss / group)
             losses.append(loss.detach())

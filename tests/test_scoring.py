@@ -321,13 +321,14 @@ def test_batch_size_and_checkpointing_do_not_change_scores(env):
 
 
 def test_checkpointed_forward_runs_the_graph_in_segments(env, monkeypatch):
-    tensors = scoring._tensors(env.dg, torch.device("cpu"), None)
+    from fxprune.scoring import forward as runner
+    tensors = runner.model_tensors(env.dg, torch.device("cpu"), None)
     ids = env.cal[0]
-    plain = scoring._forward(env.dg, tensors, ids, None)
+    plain = runner.forward(env.dg, tensors, ids, None)
     calls = []
-    original = scoring._checkpoint
-    monkeypatch.setattr(scoring, "_checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
-    segmented = scoring._forward(env.dg, tensors, ids, None, checkpoint=5)
+    original = runner._checkpoint
+    monkeypatch.setattr(runner, "_checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    segmented = runner.forward(env.dg, tensors, ids, None, checkpoint=5)
     assert len(calls) == 5
     torch.testing.assert_close(segmented, plain)
     with torch.no_grad():
@@ -472,3 +473,72 @@ def test_output_projection_members(env):
         ("model.layers.0.self_attn.o_proj.weight", 1)]
     hidden = [g for g in dg.groups if g.kind == "hidden"][0]
     assert scoring.output_projection_members(dg, hidden) == []
+
+
+# -- settings objects --------------------------------------------------------------------------------
+
+def test_settings_and_their_shorthands_give_the_same_scores(env):
+    from fxprune.scoring import Fisher, Magnitude, Random, Taylor, Vector
+    pairs = [(Magnitude(p=1), "l1"), (Magnitude(p=2), "l2"), (Vector(), "vector"), (Taylor(order=1), "element1"),
+             (Taylor(order=2), "element2"), (Taylor(order=2), "mix"), (Fisher(), "second")]
+    for settings, name in pairs:
+        a = score(env.dg, None, settings, env.cal, gradients=env.grads)
+        b = score(env.dg, None, name, env.cal, gradients=env.grads)
+        assert all(torch.equal(a[k], b[k]) for k in a), (settings, name)
+    seeded = score(env.dg, None, Random(seed=3), seed=0)  # the settings carry their own seed
+    by_name = score(env.dg, None, "random", seed=3)
+    assert all(torch.equal(seeded[k], by_name[k]) for k in seeded)
+
+
+def test_hywia_settings_are_the_shorthand_with_keywords(env):
+    from fxprune.scoring import HyWIA
+    a = score(env.dg, None, HyWIA(steps=4, lr=0.1), env.cal, ratio=0.25, gradients=env.grads)
+    b = score(env.dg, None, "hywia", env.cal, ratio=0.25, steps=4, lr=0.1, gradients=env.grads)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = score(env.dg, None, HyWIA(steps=4, lr=0.5), env.cal, ratio=0.25, gradients=env.grads)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the settings reach the optimiser
+
+
+def test_settings_are_frozen_and_validated():
+    import dataclasses
+    from fxprune.scoring import HyWIA, Magnitude, Random, Registered, Taylor
+    for bad, what in ((lambda: Magnitude(p=3), "Magnitude.p"), (lambda: Taylor(order=0), "Taylor.order"),
+                      (lambda: Taylor(order=True), "Taylor.order"), (lambda: Random(seed=1.5), "Random.seed"),
+                      (lambda: HyWIA(steps=-1), "HyWIA.steps"), (lambda: HyWIA(lr=0), "HyWIA.lr"),
+                      (lambda: HyWIA(relaxation="gumbel"), "HyWIA.relaxation"), (lambda: Registered(""), "name")):
+        with pytest.raises(ValueError, match=what):
+            bad()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Taylor().order = 2
+    with pytest.raises(ValueError, match="importance must be a name or a Method"):
+        score(None, None, 3)
+
+
+def test_a_settings_class_of_ones_own_selects_its_registered_estimator(env):
+    from dataclasses import dataclass
+    from fxprune.scoring import Method
+
+    @dataclass(frozen=True)
+    class Scaled(Method):
+        factor: float = 2.0
+
+        @property
+        def estimator(self):
+            return "test_scaled"
+
+    seen = []
+
+    @register_estimator("test_scaled")
+    def scaled(stats):
+        seen.append(stats.weight.shape)
+        return stats.settings.factor * stats.reduce(stats.weight.pow(2))
+
+    try:
+        mlp = group_of(env.dg, "mlp", 0)
+        got = score(env.dg, [mlp], Scaled(factor=3.0))[mlp.id]
+        torch.testing.assert_close(got, 3.0 * score(env.dg, [mlp], "l2")[mlp.id])
+        assert len(seen) == 3  # gate, up, down
+    finally:
+        ESTIMATORS.pop("test_scaled", None)
+    with pytest.raises(ValueError, match="names estimator 'test_scaled', which is not registered"):
+        score(env.dg, [mlp], Scaled())

@@ -1,0 +1,46 @@
+"""`score`: one importance value per unit of every group, for a method given as settings or a name."""
+from __future__ import annotations
+
+import torch
+
+from fxprune.groups import DependencyGraph
+from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
+from fxprune.scoring.estimators import ESTIMATORS
+from fxprune.scoring.forward import compute_device
+from fxprune.scoring.gradients import GradientStats, gradients_for
+from fxprune.scoring.hybrid import hywia
+from fxprune.scoring.methods import HyWIA, Method, as_method
+
+
+def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibration=None, aggregation: str = "sum",
+          seed: int = 0, batch_size: int = 1, device=None, dtype=None, *, checkpoint: bool = False,
+          gradients: GradientStats | None = None, ratio: float = 0.2, steps: int | None = None,
+          lr: float | None = None, temperature: float | None = None) -> dict[int, torch.Tensor]:
+    """Importance of every unit of `groups` (default: all groups of `dg`): {group.id: Tensor[n_units]}.
+
+    `method`: settings (`Taylor(order=1)`, `Magnitude(p=2)`, `HyWIA(steps=30)`, ...) or a shorthand name
+    ("element1", "l2", "hywia", or any name given to `register_estimator`). `calibration`: an iterable
+    of input_ids LongTensors [batch, seq] (or dicts with "input_ids" and optionally "attention_mask"),
+    needed by the gradient methods (vector, element1, element2, mix, second, hywia). `aggregation`
+    combines the members of a group: sum, mean, max, prod, or last (the member used last in graph
+    order). `gradients`: reuse a `compute_gradients` result across methods. `seed` seeds "random"
+    (a `Random(seed)` carries its own) and HyWIA's initialisation; `ratio` is the plan's ratio, which
+    HyWIA learns for; `steps`, `lr`, `temperature` set a "hywia" shorthand's fields.
+    Scores are float32 on the CPU; the model is never modified.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    method = as_method(method, ESTIMATORS, seed, steps=steps, lr=lr, temperature=temperature)
+    groups = resolve_groups(dg, groups)
+    if isinstance(method, HyWIA):
+        return hywia(dg, groups, calibration, ratio=ratio, aggregation=aggregation, seed=seed, batch_size=batch_size,
+                     device=device, dtype=dtype, checkpoint=checkpoint, gradients=gradients, settings=method).scores
+    if method.estimator not in ESTIMATORS:
+        raise ValueError(f"{method!r} names estimator {method.estimator!r}, which is not registered; "
+                         f"registered: {sorted(ESTIMATORS)}")
+    estimator = ESTIMATORS[method.estimator]
+    needs = getattr(estimator, "needs", frozenset())
+    grads = gradients_for(dg, groups, needs, method.estimator, calibration, gradients, batch_size, device, dtype,
+                          checkpoint)
+    seed = getattr(method, "seed", seed)
+    return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method)

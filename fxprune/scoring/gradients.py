@@ -1,0 +1,87 @@
+"""Gradients of the calibration loss (and the squared per-sample gradients: the Fisher diagonal)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxprune.groups import DependencyGraph
+from fxprune.lm import lm_loss
+from fxprune.scoring.calibration import batches, chunks, vocab_size
+from fxprune.scoring.forward import compute_device, forward, model_tensors
+
+@dataclass
+class GradientStats:
+    """Gradients of the calibration loss w.r.t. some parameters (float32, on the compute device)."""
+    grad: dict[str, torch.Tensor]
+    sq_grad: dict[str, torch.Tensor] | None
+    n_samples: int
+    loss: float
+
+    def covers(self, names, second_order: bool) -> bool:
+        return all(n in self.grad for n in names) and (
+            not second_order or (self.sq_grad is not None and all(n in self.sq_grad for n in names)))
+
+
+def member_names(dg, groups) -> list[str]:
+    return list(dict.fromkeys(m.name for g in groups for m in g.members if m.name in dg.parameters))
+
+
+def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order: bool = False,
+                      batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False) -> GradientStats:
+    """Gradients of the causal LM loss on `calibration` w.r.t. the parameters `names` (default: all
+    members of all groups). Only those parameters get gradient buffers.
+
+    With `second_order`, each sample gets its own forward and backward pass, giving the squared
+    per-sample gradients summed and divided by N (the Fisher diagonal); G is then the mean of the
+    per-sample gradients. Otherwise samples go in chunks of `batch_size` rows.
+    `checkpoint=True` (or an int: the number of segments) recomputes activations in backward,
+    keeping only segment boundaries alive: less memory for about one more forward pass.
+    """
+    pairs = batches(calibration, vocab_size(dg))
+    if not pairs:
+        raise ValueError("gradient-based scoring needs calibration data: an iterable of input_ids "
+                         "LongTensors [batch, seq] or dicts with 'input_ids'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = member_names(dg, dg.groups) if names is None else [n for n in names if n in dg.parameters]
+    device = compute_device(dg, device)
+    tensors = model_tensors(dg, device, dtype, trainable=set(names))
+    inputs = [tensors[n] for n in names]
+    grad = {n: torch.zeros(tensors[n].shape, dtype=torch.float32, device=device) for n in names}
+    sq = {n: torch.zeros_like(grad[n]) for n in names} if second_order else None
+    n_samples, total = 0, 0.0
+    for ids, mask in chunks(pairs, 1 if second_order else batch_size):
+        ids = ids.to(device)
+        mask = None if mask is None else mask.to(device)
+        loss = lm_loss(forward(dg, tensors, ids, mask, checkpoint), ids, mask)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        rows = ids.shape[0]
+        for n, g in zip(names, grads):
+            if g is None:
+                continue
+            g = g.float()
+            grad[n].add_(g, alpha=rows)
+            if sq is not None:
+                sq[n].addcmul_(g, g)
+        n_samples += rows
+        total += float(loss.detach()) * rows
+    for n in names:
+        grad[n].div_(n_samples)
+        if sq is not None:
+            sq[n].div_(n_samples)
+    return GradientStats(grad, sq, n_samples, total / n_samples)
+
+
+def gradients_for(dg, groups, needs, method, calibration, gradients, batch_size, device, dtype, checkpoint):
+    if not needs:
+        return None
+    names = member_names(dg, groups)
+    second = "sq_grad" in needs
+    if gradients is not None and gradients.covers(names, second):
+        return gradients
+    if calibration is None:
+        raise ValueError(f"method {method!r} uses gradients of the LM loss: pass calibration=[input_ids, ...] "
+                         "(LongTensors [batch, seq] or dicts with 'input_ids')")
+    return compute_gradients(dg, calibration, names, second_order=second, batch_size=batch_size,
+                             device=device, dtype=dtype, checkpoint=checkpoint)

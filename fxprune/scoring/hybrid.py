@@ -1,0 +1,237 @@
+"""`hywia`: hybrid-grained weight importance (Liu et al., arXiv 2403.10799), small and deterministic."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fxprune.groups import DependencyGraph, Group, Member
+from fxprune.lm import lm_loss
+from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
+from fxprune.scoring.calibration import batches, chunks, to_device, vocab_size
+from fxprune.scoring.estimators import ESTIMATORS
+from fxprune.scoring.forward import compute_device, forward, model_tensors
+from fxprune.scoring.gradients import GradientStats, gradients_for
+from fxprune.scoring.methods import HyWIA
+
+MASKABLE_KINDS = ("heads", "kv_groups", "group_heads", "mlp")
+
+
+def output_projection_members(dg: DependencyGraph, group: Group) -> list[Member]:
+    """Members whose zeroing removes a unit's contribution exactly: the columns (last dim) of the 2-D
+    weights of heads / kv_groups / group_heads / mlp groups (o_proj, down_proj)."""
+    if group.kind not in MASKABLE_KINDS:
+        return []
+    out = []
+    for m in group.members:
+        t = dg.parameters.get(m.name)
+        if t is not None and t.dim() == 2 and m.dim == t.dim() - 1:
+            out.append(m)
+    return out
+
+
+@dataclass
+class HyWIAResult:
+    scores: dict[int, torch.Tensor]          # blended, with the learned attention
+    alpha: dict[int, torch.Tensor]           # per group: [weight of fine (element1), weight of coarse (vector)]
+    fine: dict[int, torch.Tensor]            # normalised element1 scores
+    coarse: dict[int, torch.Tensor]          # normalised vector scores
+    losses: list[float] = field(default_factory=list)  # masked LM loss at each step
+    validation: dict = field(default_factory=dict)     # hard-pruned calibration loss: learned blend vs fine only
+
+
+GRANULARITIES = ("fine", "coarse")
+
+
+def _normalise(s: torch.Tensor) -> torch.Tensor:
+    return s / s.mean().clamp_min(1e-12)
+
+
+def _features(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Statistics of one group's normalised scores (mean is 1 by construction): spread and shape."""
+    q = torch.quantile(n, ratio) if n.numel() > 1 else n.min()
+    std = n.std() if n.numel() > 1 else n.new_zeros(())
+    return torch.log1p(torch.stack([std, n.max(), n.min(), q]).clamp_min(0))
+
+
+def _mean_loss(dg, tensors, pieces, device, checkpoint) -> float:
+    total = 0.0
+    for ids, attn in (to_device(c, device) for c in pieces):
+        total += float(lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn))
+    return total / len(pieces)
+
+
+def planned_fractions(dg: DependencyGraph, groups, ratio: float, scores=None) -> dict[int, float]:
+    """Per group, the fraction of its units that the (uniform) planner removes for these `scores` when
+    `ratio` of the parameters go. It exceeds `ratio` (embeddings, norms and protected layers stay),
+    and where one fraction for all groups cannot meet the ratio, the planner's top-up by score decides
+    which groups give more (so it depends on `scores`; equal scores when None)."""
+    from fxprune.config import PruneConfig
+    from fxprune.plan import select
+    scores = scores or {g.id: torch.ones(g.n_units) for g in groups}
+    counts = select(dg, groups, scores, PruneConfig(ratio=ratio))
+    return {g.id: 1 - counts[g.id] / g.n_units for g in groups}
+
+
+def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2, aggregation: str = "sum",
+          seed: int = 0, steps: int = 30, lr: float = 0.05, temperature: float = 0.25, dim: int = 8,
+          batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False,
+          gradients: GradientStats | None = None, relaxation: str = "hard", fractions: dict | None = None,
+          validate: bool = True, settings: HyWIA | None = None) -> HyWIAResult:
+    """Hybrid-grained weight importance (HyWIA, Liu et al., arXiv 2403.10799), small and deterministic.
+
+    Per group g and granularity k in (fine, coarse):
+      fine   = element1 (per-weight Taylor |W*G|, summed per unit, aggregated over members)
+      coarse = vector   (structure-level Taylor |sum W*G| per member, aggregated)
+      n_k    = s_k / mean(s_k)      normalised per group: mean 1, ranks and non-negativity kept
+    Attention over the two granularities, per group:
+      phi_k  = log1p([std, max, min, f_g-quantile] of n_k)          (per-group statistics, fixed)
+      key_k  = A phi_k + b + e_k                                     (A, b, e_k learned, shared)
+      a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
+      s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
+    Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
+    removes for the current scores when `ratio` of the parameters go (`planned_fractions`, recomputed
+    every step; protected layers and embeddings make f_g larger than `ratio`; `fractions` fixes it):
+      soft   m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the f_g-quantile of s, T_g = temperature * std(s)
+      hard   (default) forward: m_u = 1 for the (1 - f_g) n_g best units by s, else 0 (the pruned model
+             itself); backward: the gradient of the soft m_u (straight-through)
+    m scales the output-projection columns (o_proj / down_proj) of each unit of groups of kind heads /
+    kv_groups / group_heads / mlp; the parameters (q, A, b, e) minimise the LM loss of the masked
+    model by Adam(lr) for `steps` steps, one calibration chunk per step in order. q starts at 0
+    (equal weights); A is drawn from a generator seeded by `seed`, so the result is deterministic for
+    a seed. Groups of other kinds have no output projection to mask: their scores are blended with
+    the attention of their (layer, kind) query, which keeps its initial equal weights unless a
+    maskable group shares it.
+    Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
+    i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
+    over the calibration data is returned (`validation` holds both losses).
+    `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate.
+    See docs/hywia.md for the reasons behind these choices.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio (the fraction of parameters the plan removes) must be in (0, 1), got {ratio}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    settings = settings or HyWIA(steps=steps, lr=lr, temperature=temperature, dim=dim, relaxation=relaxation,
+                                 validate=validate)
+    if calibration is None:
+        raise ValueError("hywia learns its attention on the LM loss: pass calibration=[input_ids, ...] "
+                         "(LongTensors [batch, seq] or dicts with 'input_ids')")
+    groups = resolve_groups(dg, groups)
+    device = compute_device(dg, device)
+    grads = gradients_for(dg, groups, frozenset({"grad"}), "hywia", calibration, gradients, batch_size, device,
+                          dtype, checkpoint)
+    element1 = estimate(dg, groups, ESTIMATORS["element1"], aggregation, grads, seed, device)
+    vector = estimate(dg, groups, ESTIMATORS["vector"], aggregation, grads, seed, device)
+    fine = {g.id: _normalise(element1[g.id]) for g in groups}
+    coarse = {g.id: _normalise(vector[g.id]) for g in groups}
+    samples = list(chunks(batches(calibration, vocab_size(dg)), max(batch_size, 1)))
+    masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device, dtype, bool(samples))
+    attention = _Attention(groups, fine, coarse, masker.fractions_for(lambda g: fine[g.id]), settings.dim, seed)
+    run = lambda tensors, ids, attn: lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn)
+    losses = _train(attention, masker, samples, settings, device, run)
+    with torch.no_grad():
+        scores = {g.id: attention.blended(g).detach().cpu() for g in groups}
+        alpha = {g.id: attention.weights(g).detach().cpu() for g in groups}
+        validation = {}
+        if settings.validate and masker.maskable and samples:
+            # The relaxation can settle on a blend that prunes worse than the fine-grained corner of the
+            # attention (alpha_fine = 1); keep whichever of the two prunes with the lower calibration loss.
+            pieces = list(chunks(batches(calibration, vocab_size(dg)), 8))
+            for name, score_of in (("learned", lambda g: scores[g.id]), ("fine", lambda g: fine[g.id])):
+                validation[name] = _mean_loss(dg, masker.masked(score_of, "hard"), pieces, device, checkpoint)
+            if validation["fine"] < validation["learned"]:
+                scores = {g.id: fine[g.id].clone() for g in groups}
+                alpha = {g.id: torch.tensor([1.0, 0.0]) for g in groups}
+    return HyWIAResult(scores, alpha, fine, coarse, losses, validation)
+
+
+def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[float]:
+    """Adam steps on the LM loss of the masked model, one calibration chunk per step in order."""
+    losses = []
+    if not (masker.maskable and samples and settings.steps > 0):
+        return losses
+    opt = torch.optim.Adam(attention.learnables, lr=settings.lr)
+    for step in range(settings.steps):
+        ids, attn = to_device(samples[step % len(samples)], device)
+        loss = run(masker.masked(attention.blended, settings.relaxation), ids, attn)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+class _Attention:
+    """The learned attention over the two granularities: one query per (layer, kind), shared keys."""
+
+    def __init__(self, groups, fine, coarse, frac, dim: int, seed: int):
+        self.fine, self.coarse, self.dim = fine, coarse, dim
+        gen = torch.Generator().manual_seed(int(seed))
+        self.feats = {g.id: torch.stack([_features(fine[g.id], frac[g.id]), _features(coarse[g.id], frac[g.id])])
+                      for g in groups}
+        n_feat = 4
+        self.A = (torch.randn(dim, n_feat, generator=gen) / math.sqrt(n_feat)).requires_grad_(True)
+        self.b = torch.zeros(dim, requires_grad=True)
+        self.e = torch.zeros(len(GRANULARITIES), dim, requires_grad=True)
+        self.queries = {k: torch.zeros(dim, requires_grad=True) for k in dict.fromkeys(self.slot(g) for g in groups)}
+        self.learnables = [self.A, self.b, self.e, *self.queries.values()]
+
+    @staticmethod
+    def slot(g: Group) -> str:
+        return f"{g.layer}:{g.kind}"
+
+    def weights(self, g: Group) -> torch.Tensor:
+        keys = self.feats[g.id] @ self.A.T + self.b + self.e
+        return torch.softmax(keys @ self.queries[self.slot(g)] / math.sqrt(self.dim), dim=0)
+
+    def blended(self, g: Group) -> torch.Tensor:
+        a = self.weights(g)
+        return a[0] * self.fine[g.id] + a[1] * self.coarse[g.id]
+
+
+class _Masker:
+    """The model's tensors with each maskable group's units masked at their output projection."""
+
+    def __init__(self, dg, groups, ratio, fractions, temperature, device, dtype, has_data: bool):
+        self.dg, self.groups, self.ratio, self.fractions = dg, groups, ratio, fractions
+        self.temperature, self.device = temperature, device
+        maskable = [(g, output_projection_members(dg, g)) for g in groups]
+        self.maskable = [(g, ms) for g, ms in maskable if ms and g.n_units > 1]
+        self.base = model_tensors(dg, device, dtype) if self.maskable and has_data else None
+
+    def fractions_for(self, score_of) -> dict[int, float]:
+        if self.fractions is not None:
+            return self.fractions
+        return planned_fractions(self.dg, self.groups, self.ratio,
+                                 {g.id: score_of(g).detach().cpu() for g in self.groups})
+
+    def unit_mask(self, s: torch.Tensor, fraction: float, relax: str) -> torch.Tensor:
+        """Keep mask of one group's units: the sigmoid around the `fraction`-quantile, or (hard) the
+        planner's kept set in the forward pass with the sigmoid's gradient (straight-through)."""
+        tau = torch.quantile(s, fraction)
+        T = self.temperature * s.detach().std().clamp_min(1e-6)
+        m = torch.sigmoid((s - tau) / T)
+        if relax == "hard":
+            keep = torch.zeros_like(m)
+            order = s.detach().double().argsort(descending=True, stable=True)  # the planner's order
+            keep[order[: s.numel() - round(fraction * s.numel())]] = 1
+            m = keep + m - m.detach()
+        return m
+
+    def masked(self, score_of, relax: str) -> dict[str, torch.Tensor]:
+        """As many units masked per group as the planner removes for the scores `score_of(group)`."""
+        frac = self.fractions_for(score_of)
+        device = self.device
+        col_masks: dict[str, torch.Tensor] = {}
+        for g, members in self.maskable:
+            m = self.unit_mask(score_of(g), frac[g.id], relax)
+            for mem in members:
+                unit_of = mem.unit_of.to(device)
+                per_col = torch.where(unit_of >= 0, m.to(device)[unit_of.clamp_min(0)], torch.ones((), device=device))
+                col_masks[mem.name] = col_masks.get(mem.name, 1) * per_col
+        tensors = dict(self.base)
+        for name, cm in col_masks.items():
+            tensors[name] = self.base[name] * cm.to(self.base[name].dtype)  # columns: the member dim is the last one
+        return tensors

@@ -1,0 +1,149 @@
+"""Importance methods as frozen, validated settings: what `score(dg, groups, method)` accepts.
+
+Each settings class names the registry entry that computes it (`estimator`, an `ESTIMATORS` key);
+strings are shorthands (`as_method`): "l1" is `Magnitude(p=1)`, "element1" is `Taylor(order=1)`,
+"hywia" is `HyWIA()`, and any other registered name is `Registered(name)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+def _check(ok: bool, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of the importance settings. `estimator`: the `ESTIMATORS` entry that scores one member."""
+
+    @property
+    def estimator(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} names no estimator")
+
+
+@dataclass(frozen=True)
+class Magnitude(Method):
+    """Data-free: per unit, the sum of |W| (p=1, "l1") or of W**2 (p=2, "l2")."""
+    p: int = 2
+
+    def __post_init__(self):
+        _check(self.p in (1, 2) and not isinstance(self.p, bool), "Magnitude.p must be 1 or 2", self.p)
+
+    @property
+    def estimator(self) -> str:
+        return f"l{self.p}"
+
+
+@dataclass(frozen=True)
+class Taylor(Method):
+    """Element-wise Taylor expansion of the calibration loss (LLM-Pruner): order 1 is sum |W*G|
+    ("element1"), order 2 adds the diagonal Fisher term: sum |W*G - 0.5*W*H*W| ("element2", "mix")."""
+    order: int = 1
+
+    def __post_init__(self):
+        _check(self.order in (1, 2) and not isinstance(self.order, bool), "Taylor.order must be 1 or 2", self.order)
+
+    @property
+    def estimator(self) -> str:
+        return f"element{self.order}"
+
+
+@dataclass(frozen=True)
+class Vector(Method):
+    """Structure-level first-order Taylor: |sum over the unit of W*G| ("vector")."""
+
+    @property
+    def estimator(self) -> str:
+        return "vector"
+
+
+@dataclass(frozen=True)
+class Fisher(Method):
+    """The second-order term alone: sum |W*H*W| ("second", LLM-Pruner's param_second)."""
+
+    @property
+    def estimator(self) -> str:
+        return "second"
+
+
+@dataclass(frozen=True)
+class Random(Method):
+    """Uniform [0, 1) values, seeded by (seed, group id, member index) ("random")."""
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "Random.seed must be an int",
+               self.seed)
+
+    @property
+    def estimator(self) -> str:
+        return "random"
+
+
+@dataclass(frozen=True)
+class Registered(Method):
+    """An estimator registered by name with `register_estimator` and no settings class of its own."""
+    name: str
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and bool(self.name), "Registered.name must be a non-empty str", self.name)
+
+    @property
+    def estimator(self) -> str:
+        return self.name
+
+
+RELAXATIONS = ("soft", "hard")
+
+
+@dataclass(frozen=True)
+class HyWIA(Method):
+    """Hybrid-grained weight importance (see `fxprune.scoring.hywia`): element1 and vector blended by an
+    attention learned on the masked model's LM loss for `steps` Adam(`lr`) steps."""
+    steps: int = 30
+    lr: float = 0.05
+    temperature: float = 0.25
+    dim: int = 8
+    relaxation: str = "hard"
+    validate: bool = True
+
+    def __post_init__(self):
+        _check(isinstance(self.steps, int) and self.steps >= 0, "HyWIA.steps must be an int >= 0", self.steps)
+        _check(isinstance(self.dim, int) and self.dim >= 1, "HyWIA.dim must be an int >= 1", self.dim)
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"HyWIA.{name} must be > 0", value)
+        _check(self.relaxation in RELAXATIONS, f"HyWIA.relaxation must be one of {RELAXATIONS}", self.relaxation)
+
+    @property
+    def estimator(self) -> str:
+        return "hywia"
+
+
+SHORTHANDS = {"l1": Magnitude(1), "l2": Magnitude(2), "vector": Vector(), "element1": Taylor(1),
+              "element2": Taylor(2), "mix": Taylor(2), "second": Fisher(), "random": Random(), "hywia": HyWIA()}
+
+
+def as_method(method, known=(), seed: int = 0, **hywia) -> Method:
+    """Settings for `method`: a `Method` as it is, or a shorthand string. `known`: the registered names.
+
+    A shorthand takes `seed` (random) and the HyWIA keywords (steps, lr, temperature) given beside it.
+    """
+    if isinstance(method, Method):
+        return method
+    if not isinstance(method, str):
+        raise ValueError(f"importance must be a name or a Method (Taylor(order=1), Magnitude(p=2), HyWIA(), ...), "
+                         f"got {type(method).__name__}")
+    if method in SHORTHANDS:
+        base = SHORTHANDS[method]
+        if isinstance(base, Random):
+            return Random(seed)
+        if isinstance(base, HyWIA):
+            names = {f.name for f in fields(HyWIA)}
+            return replace(base, **{k: v for k, v in hywia.items() if k in names and v is not None})
+        return base
+    if method in known:
+        return Registered(method)
+    raise ValueError(f"unknown scoring method {method!r}; choose one of {sorted(set(known) | set(SHORTHANDS))}")
