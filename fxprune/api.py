@@ -7,7 +7,7 @@ import torch
 
 from fxprune.analyze import analyze
 from fxprune.config import PruneConfig
-from fxprune.defaults import calibration_batch, resolve_data
+from fxprune.defaults import calibration_batch, default_calibration, find_tokenizer, resolve_data
 from fxprune.passes.reconstruct_layers import ReconstructLayersPass
 from fxprune.plan import PlanError, PrunePlan, fingerprint, make_plan, target_groups
 from fxprune.rewrite import rewrite
@@ -46,7 +46,7 @@ def plan(model, ratio: float | None = None, *, config: PruneConfig | None = None
     `scores` (group id -> tensor of unit scores) overrides `importance`; `dg` reuses an analysis.
     """
     cfg = _config(ratio, config, options)
-    cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=scores is not None)
+    cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=scores is not None, draw=scores is None)
     dg = dg or analyze(model, example_inputs)
     if scores is None:
         from fxprune.scoring import score
@@ -76,7 +76,8 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
         kept[group.atom_id] = units
     mode = plan.config.reconstruct if reconstruct else "none"
     if mode != "none":
-        _, batches = resolve_data(model, plan.config, calibration, tokenizer, scored=True)
+        tok = find_tokenizer(model, tokenizer) if calibration is None else None
+        batches = calibration if tok is None else default_calibration(tok, plan.config)
         if batches is None:
             raise PlanError(f"the plan asks for reconstruct={mode!r}, which needs calibration: pass calibration= "
                             "(token ids) or tokenizer= to apply, or plan with reconstruct='none'")

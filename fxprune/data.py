@@ -32,10 +32,19 @@ def data_dir(path=None) -> Path:
     return path
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz."""
+    if path.name.endswith(".gz"):
+        import gzip
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
 def read_json_records(path) -> list:
     """A JSON array, or JSON Lines (one value per line), read from `path`; ValueError names the file and line."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -58,9 +67,7 @@ PACKAGED_C4 = Path(__file__).parent / "resources" / "c4_calibration.jsonl.gz"  #
 
 def packaged_calibration_texts() -> list[str]:
     """The 300 C4 documents shipped inside the package: calibration when the user gives none."""
-    import gzip
-    with gzip.open(PACKAGED_C4, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    return load_texts(PACKAGED_C4)
 
 
 def load_texts(source: Source) -> list[str]:
@@ -77,8 +84,8 @@ def load_texts(source: Source) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {path} is not a file")
-    if path.suffix.lower() not in (".json", ".jsonl"):
-        return [path.read_text(encoding="utf-8")]
+    if Path(path.name.removesuffix(".gz")).suffix.lower() not in (".json", ".jsonl"):
+        return [read_text(path)]
     records = read_json_records(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON array of {{\"text\": ...}} records, got {type(records).__name__}")

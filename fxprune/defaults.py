@@ -17,24 +17,22 @@ from fxprune.config import PruneConfig
 
 
 def importance_needs_data(method) -> bool:
-    from fxprune.scoring import ESTIMATORS
-    if method == "hywia":
-        return True
-    if isinstance(method, str) and method not in ESTIMATORS:
-        raise ValueError(f"unknown importance {method!r}; choose from {sorted(ESTIMATORS) + ['hywia']}")
-    return bool(getattr(ESTIMATORS.get(method, method), "needs", ()))
+    """Whether `method` (settings or a name; unknown names raise here, before any slow work) reads data."""
+    from fxprune.scoring import ESTIMATORS, HyWIA, as_method
+    method = as_method(method, ESTIMATORS)
+    return isinstance(method, HyWIA) or bool(getattr(ESTIMATORS.get(method.estimator), "needs", ()))
 
 
-def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool):
-    """(config, calibration): the given calibration, the packaged sample, or a data-free config."""
+def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool, draw: bool = True):
+    """(config, calibration): the given calibration, the packaged sample, or a data-free config.
+
+    `scored`: the caller has scores already; `draw=False`: only decide the config (no sample is drawn)."""
     wants_scores = not scored and importance_needs_data(cfg.importance)
     if calibration is not None or not (wants_scores or cfg.reconstruct != "none"):
         return cfg, calibration
-    from fxprune.models import tokenizer_for
-    tok = tokenizer if tokenizer is not None else tokenizer_for(model)
+    tok = find_tokenizer(model, tokenizer)
     if tok is not None:
-        from fxprune.data import PACKAGED_C4, calibration_samples
-        return cfg, calibration_samples(PACKAGED_C4, tok, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
+        return cfg, (default_calibration(tok, cfg) if draw else None)
     changes = {"reconstruct": "none"} if cfg.reconstruct != "none" else {}
     if wants_scores:
         changes["importance"] = "l2"
@@ -45,10 +43,21 @@ def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool):
     return dataclasses.replace(cfg, **changes), None
 
 
+def find_tokenizer(model, tokenizer=None):
+    from fxprune.models import tokenizer_for
+    return tokenizer if tokenizer is not None else tokenizer_for(model)
+
+
+def default_calibration(tokenizer, cfg: PruneConfig) -> torch.Tensor:
+    """`cfg.calibration_samples` windows of the packaged C4 sample, drawn with `cfg.seed`."""
+    from fxprune.data import PACKAGED_C4, calibration_samples
+    return calibration_samples(PACKAGED_C4, tokenizer, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
+
+
 def calibration_batch(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All calibration batches as one (input_ids, attention_mask) pair, right-padded to one length."""
-    from fxprune.scoring import _batches
-    batches = _batches(calibration)
+    from fxprune.scoring.calibration import batches as validated
+    batches = validated(calibration)
     if len({ids.shape[1] for ids, _ in batches}) == 1 and all(m is None for _, m in batches):
         return torch.cat([ids for ids, _ in batches]), None
     length = max(ids.shape[1] for ids, _ in batches)

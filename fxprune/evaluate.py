@@ -57,12 +57,23 @@ def eval_text(text_or_path) -> str:
     return "\n\n".join(text_or_path)
 
 
+def _leading_tokens(tokenizer, text: str, max_tokens=None) -> list[int]:
+    """The first `max_tokens` tokens of `text` (all without a limit), tokenising only a prefix of it: a
+    prefix cut at a paragraph break whose tokens run 64 past the limit has the same leading tokens as the
+    whole text (tokenisers merge within words), at a fraction of the cost for a 1.3M-character corpus."""
+    chars = 16 * max_tokens if max_tokens is not None else len(text)
+    while True:
+        cut = len(text) if chars >= len(text) else max(text.find("\n\n", chars), chars)
+        ids = tokenizer(text[:cut], verbose=False)["input_ids"]
+        if cut >= len(text) or len(ids) >= max_tokens + 64:
+            return ids if max_tokens is None else ids[:max_tokens]
+        chars *= 2
+
+
 def eval_windows(tokenizer, text_or_path, window: int = 128, max_tokens=None) -> torch.LongTensor:
     """LLM-Pruner's protocol: tokenise the whole text once, keep the first `max_tokens` tokens, cut into
     non-overlapping windows of `window` tokens and drop the incomplete last one. Returns [n, window]."""
-    ids = tokenizer(eval_text(text_or_path), verbose=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = _leading_tokens(tokenizer, eval_text(text_or_path), max_tokens)
     n = len(ids) // window
     if n == 0:
         raise ValueError(f"the text has {len(ids)} tokens (after max_tokens), fewer than one window of {window}")

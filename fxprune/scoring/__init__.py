@@ -23,6 +23,11 @@ G the gradient of the calibration loss and H the diagonal Fisher approximation o
     mix       the same as element2: LLM-Pruner's code names this formula "param_mix"
               (salience = W*G - 0.5*W*acc_grad*W); kept under both names
     second    sum over the unit of |W*H*W|                (LLM-Pruner "param_second")
+    flap      sum over the unit of Var(x_j) * W_ij**2      (FLAP's fluctuation; activations, no backward)
+    wanda     sum over the unit of |W_ij| * ||x_j||_2      (Wanda-sp; activations, no backward)
+
+flap and wanda score a member only where it is the input dimension of a projection (x_j: that
+projection's input channel j over the calibration tokens, `activations.input_statistics`).
 
 The calibration loss is the causal LM loss (next-token cross entropy, mean over the target tokens
 of a chunk of `batch_size` samples), averaged over chunks weighted by their number of samples: with
@@ -63,10 +68,10 @@ from fxprune.scoring.estimators import ESTIMATORS, NEEDS, UnitStats, register_es
 from fxprune.scoring.gradients import GradientStats, compute_gradients
 from fxprune.scoring.hybrid import (MASKABLE_KINDS, HyWIAResult, hywia, output_projection_members,
                                    planned_fractions)
-from fxprune.scoring.methods import (HyWIA, Magnitude, Method, Random, Registered, Taylor, Vector, Fisher,
-                                     as_method)
+from fxprune.scoring.methods import (HyWIA, Fluctuation, Magnitude, Method, Random, Registered, Taylor, Vector,
+                                     Wanda, Fisher, as_method)
 
 __all__ = ["ESTIMATORS", "AGGREGATIONS", "NEEDS", "UnitStats", "GradientStats", "HyWIAResult", "register_estimator",
            "unit_sum", "compute_gradients", "score", "hywia", "output_projection_members", "planned_fractions",
-           "Method", "Magnitude", "Taylor", "Vector", "Fisher", "Random", "Registered", "HyWIA", "as_method",
+           "Method", "Fluctuation", "Wanda", "Magnitude", "Taylor", "Vector", "Fisher", "Random", "Registered", "HyWIA", "as_method",
            "lm_loss", "batches", "MASKABLE_KINDS"]

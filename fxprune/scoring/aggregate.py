@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fxprune.groups import DependencyGraph, Group
-from fxprune.scoring.estimators import UnitStats
+from fxprune.scoring.estimators import ESTIMATORS, UnitStats
 from fxprune.scoring.gradients import GradientStats
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
@@ -60,9 +60,12 @@ def _aggregate(values: list[torch.Tensor], how: str, last: int) -> torch.Tensor:
     return values[last]
 
 
-def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, seed, device, settings=None):
+def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, seed, device, settings=None,
+             inputs=None):
     """{group id: aggregated per-unit scores} of `estimator` over each group's members; `settings`: the
-    `Method` that chose the estimator, handed to it in `UnitStats.settings`."""
+    `Method` that chose the estimator, handed to it in `UnitStats.settings`; `inputs`: InputStats by
+    weight name. A member the estimator returns None for carries no information and is skipped; a group
+    with no informative member is scored by l2."""
     order = _first_use(dg) if aggregation == "last" else {}
     scores = {}
     for group in groups:
@@ -74,8 +77,11 @@ def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, se
             stats = UnitStats(group, member, index, w,
                               grad=None if grads is None else grads.grad.get(member.name),
                               sq_grad=None if grads is None or grads.sq_grad is None else grads.sq_grad.get(member.name),
-                              seed=seed, settings=settings)
+                              seed=seed, settings=settings,
+                              inputs=None if inputs is None else inputs.get(member.name))
             v = estimator(stats)
+            if v is None:
+                continue
             if not isinstance(v, torch.Tensor) or v.shape != (group.n_units,):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"estimator returned {got} for group {group.id} ({group.kind}); "
@@ -83,7 +89,9 @@ def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, se
             values.append(v.float())
             uses.append(order.get(member.name, -1))
         if not values:
-            scores[group.id] = torch.zeros(group.n_units)
+            fallback = estimator is not ESTIMATORS["l2"] and inputs is not None
+            scores[group.id] = estimate(dg, [group], ESTIMATORS["l2"], aggregation, None, seed, device)[group.id] \
+                if fallback else torch.zeros(group.n_units)
             continue
         last = max(range(len(values)), key=lambda i: (uses[i], i))
         scores[group.id] = _aggregate(values, aggregation, last).detach().cpu()

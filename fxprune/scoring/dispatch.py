@@ -7,7 +7,8 @@ from fxprune.groups import DependencyGraph
 from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device
-from fxprune.scoring.gradients import GradientStats, gradients_for
+from fxprune.scoring.activations import input_statistics
+from fxprune.scoring.gradients import GradientStats, gradients_for, member_names
 from fxprune.scoring.hybrid import hywia
 from fxprune.scoring.methods import HyWIA, Method, as_method
 
@@ -15,7 +16,7 @@ from fxprune.scoring.methods import HyWIA, Method, as_method
 def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibration=None, aggregation: str = "sum",
           seed: int = 0, batch_size: int = 1, device=None, dtype=None, *, checkpoint: bool = False,
           gradients: GradientStats | None = None, ratio: float = 0.2, steps: int | None = None,
-          lr: float | None = None, temperature: float | None = None) -> dict[int, torch.Tensor]:
+          lr: float | None = None, temperature: float | None = None, inputs: dict | None = None) -> dict[int, torch.Tensor]:
     """Importance of every unit of `groups` (default: all groups of `dg`): {group.id: Tensor[n_units]}.
 
     `method`: settings (`Taylor(order=1)`, `Magnitude(p=2)`, `HyWIA(steps=30)`, ...) or a shorthand name
@@ -43,4 +44,10 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
     grads = gradients_for(dg, groups, needs, method.estimator, calibration, gradients, batch_size, device, dtype,
                           checkpoint)
     seed = getattr(method, "seed", seed)
-    return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method)
+    if "inputs" not in needs:
+        inputs = None
+    elif inputs is None:
+        if calibration is None:
+            raise ValueError(f"method {method!r} reads calibration activations: pass calibration=[input_ids, ...]")
+        inputs = input_statistics(dg, calibration, member_names(dg, groups))
+    return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method, inputs)

@@ -15,7 +15,8 @@ from fxprune.groups import Group, Member
 ESTIMATORS: dict[str, Callable] = {}
 # What an estimator may read besides the weight, each filled by the scorer before the estimators run:
 # "grad" (the gradient of the calibration loss), "sq_grad" (the Fisher diagonal: per-sample passes).
-NEEDS = ("grad", "sq_grad")
+# "inputs" (per-input-channel statistics of the projection the member's weight feeds, one forward pass).
+NEEDS = ("grad", "sq_grad", "inputs")
 
 
 def unit_sum(x: torch.Tensor, dim: int, unit_of: torch.Tensor, n_units: int) -> torch.Tensor:
@@ -50,6 +51,7 @@ class UnitStats:
     sq_grad: torch.Tensor | None = None
     seed: int = 0
     settings: object = None          # the Method that selected this estimator (its fields), if any
+    inputs: object = None            # InputStats of the projection this member is the input dimension of
 
     @property
     def name(self) -> str:
@@ -141,3 +143,38 @@ def _mix(stats: UnitStats) -> torch.Tensor:
 @register_estimator("second", needs=("sq_grad",))
 def _second(stats: UnitStats) -> torch.Tensor:
     return stats.reduce(_second_order(stats).abs())
+
+
+# -- activation-aware estimators (no backward pass; see docs/reconstruction.md) ----------------------------
+# Both score a member only where it is the input dimension of a projection (o_proj over heads,
+# down_proj over channels, every reader of the hidden stream); other members return None, which
+# the aggregation skips. A group no projection reads falls back to l2 (aggregate.estimate).
+
+def _channel_view(stats: UnitStats, v: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel vector shaped to broadcast along the member's dimension of the weight."""
+    shape = [1] * stats.weight.dim()
+    shape[stats.dim] = -1
+    return v.to(stats.weight.device).view(shape)
+
+
+def _scored_input(stats: UnitStats):
+    inputs = stats.inputs
+    return inputs if inputs is not None and inputs.dim == stats.dim else None
+
+
+@register_estimator("flap", needs=("inputs",))
+def _flap(stats: UnitStats):
+    """FLAP's fluctuation metric: per input channel j, the sample variance of x_j times ||W[:, j]||^2."""
+    inputs = _scored_input(stats)
+    if inputs is None:
+        return None
+    return stats.reduce(stats.weight.pow(2) * _channel_view(stats, inputs.var))
+
+
+@register_estimator("wanda", needs=("inputs",))
+def _wanda(stats: UnitStats):
+    """Wanda-sp (structured Wanda, as in FLAP's baselines): sum over the unit of |W_ij| * ||X_j||_2."""
+    inputs = _scored_input(stats)
+    if inputs is None:
+        return None
+    return stats.reduce(stats.weight.abs() * _channel_view(stats, inputs.sq_norm.sqrt()))

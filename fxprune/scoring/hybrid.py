@@ -105,7 +105,9 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     maskable group shares it.
     Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
     i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
-    over the calibration data is returned (`validation` holds both losses).
+    on the held-out calibration rows is returned (`validation` holds both losses). The last `holdout`
+    fraction of the calibration rows is held out of the attention's training for that (the gradients of
+    element1 and vector still use every row), so the choice is not made on the rows the blend was fitted to.
     `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate.
     See docs/hywia.md for the reasons behind these choices.
     """
@@ -126,7 +128,8 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     vector = estimate(dg, groups, ESTIMATORS["vector"], aggregation, grads, seed, device)
     fine = {g.id: _normalise(element1[g.id]) for g in groups}
     coarse = {g.id: _normalise(vector[g.id]) for g in groups}
-    samples = list(chunks(batches(calibration, vocab_size(dg)), max(batch_size, 1)))
+    train, held_out = split_rows(batches(calibration, vocab_size(dg)), settings.holdout)
+    samples = list(chunks(train, max(batch_size, 1)))
     masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device, dtype, bool(samples))
     attention = _Attention(groups, fine, coarse, masker.fractions_for(lambda g: fine[g.id]), settings.dim, seed)
     run = lambda tensors, ids, attn: lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn)
@@ -138,13 +141,33 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
         if settings.validate and masker.maskable and samples:
             # The relaxation can settle on a blend that prunes worse than the fine-grained corner of the
             # attention (alpha_fine = 1); keep whichever of the two prunes with the lower calibration loss.
-            pieces = list(chunks(batches(calibration, vocab_size(dg)), 8))
+            pieces = list(chunks(held_out or train, 8))
             for name, score_of in (("learned", lambda g: scores[g.id]), ("fine", lambda g: fine[g.id])):
                 validation[name] = _mean_loss(dg, masker.masked(score_of, "hard"), pieces, device, checkpoint)
             if validation["fine"] < validation["learned"]:
                 scores = {g.id: fine[g.id].clone() for g in groups}
                 alpha = {g.id: torch.tensor([1.0, 0.0]) for g in groups}
     return HyWIAResult(scores, alpha, fine, coarse, losses, validation)
+
+
+def split_rows(pairs, holdout: float):
+    """(train, held-out) lists of (ids, mask) pairs: the last `holdout` fraction of all rows held out
+    (at least one row when holdout > 0 and there are two rows or more; none otherwise)."""
+    rows = [(ids[i:i + 1], None if mask is None else mask[i:i + 1]) for ids, mask in pairs for i in range(ids.shape[0])]
+    n_out = min(len(rows) - 1, max(1, round(holdout * len(rows)))) if holdout > 0 and len(rows) > 1 else 0
+    return _regroup(rows[:len(rows) - n_out]), _regroup(rows[len(rows) - n_out:])
+
+
+def _regroup(rows):
+    """Consecutive single rows of equal length and mask kind back into one batch each (chunks re-cut them)."""
+    out = []
+    for ids, mask in rows:
+        if out and out[-1][0][0].shape == ids.shape and (out[-1][1][0] is None) == (mask is None):
+            out[-1][0].append(ids)
+            out[-1][1].append(mask)
+        else:
+            out.append(([ids], [mask]))
+    return [(torch.cat(i), None if m[0] is None else torch.cat(m)) for i, m in out]
 
 
 def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[float]:

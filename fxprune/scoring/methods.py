@@ -95,6 +95,25 @@ class Registered(Method):
         return self.name
 
 
+@dataclass(frozen=True)
+class Fluctuation(Method):
+    """FLAP's fluctuation metric: variance of each input channel of the consuming projection times the
+    squared norm of its weight column ("flap"); activations only, no backward pass."""
+
+    @property
+    def estimator(self) -> str:
+        return "flap"
+
+
+@dataclass(frozen=True)
+class Wanda(Method):
+    """Structured Wanda (Wanda-sp): sum over the unit of |W| times the input channel's norm ("wanda")."""
+
+    @property
+    def estimator(self) -> str:
+        return "wanda"
+
+
 RELAXATIONS = ("soft", "hard")
 
 
@@ -108,6 +127,8 @@ class HyWIA(Method):
     dim: int = 8
     relaxation: str = "hard"
     validate: bool = True
+    holdout: float = 0.25   # fraction of calibration rows kept out of training, for the validation
+
 
     def __post_init__(self):
         _check(isinstance(self.steps, int) and self.steps >= 0, "HyWIA.steps must be an int >= 0", self.steps)
@@ -115,6 +136,8 @@ class HyWIA(Method):
         for name in ("lr", "temperature"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and value > 0, f"HyWIA.{name} must be > 0", value)
+        _check(isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1, "HyWIA.holdout must be in [0, 1)",
+               self.holdout)
         _check(self.relaxation in RELAXATIONS, f"HyWIA.relaxation must be one of {RELAXATIONS}", self.relaxation)
 
     @property
@@ -123,7 +146,8 @@ class HyWIA(Method):
 
 
 SHORTHANDS = {"l1": Magnitude(1), "l2": Magnitude(2), "vector": Vector(), "element1": Taylor(1),
-              "element2": Taylor(2), "mix": Taylor(2), "second": Fisher(), "random": Random(), "hywia": HyWIA()}
+              "element2": Taylor(2), "mix": Taylor(2), "second": Fisher(), "random": Random(), "hywia": HyWIA(),
+              "flap": Fluctuation(), "wanda": Wanda()}
 
 
 def as_method(method, known=(), seed: int = 0, **hywia) -> Method:

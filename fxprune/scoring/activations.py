@@ -14,6 +14,7 @@ import torch
 
 from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
 from fxprune.passes.reconstruct_layers import step
+from fxprune.scoring.calibration import batches, chunks, vocab_size
 
 
 @dataclass
@@ -44,11 +45,12 @@ def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> di
 
 
 @torch.no_grad()
-def input_statistics(dg, batches, names=None) -> dict[str, InputStats]:
-    """`batches`: validated (input_ids, attention_mask or None) pairs. Keyed by canonical weight name."""
+def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[str, InputStats]:
+    """Statistics of the projections reading the weights `names` (all when None), keyed by canonical
+    weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time."""
     stops = projection_inputs(dg.gm, dg.aliases, names)
     sums: dict[str, list] = {}
-    for ids, mask in batches:
+    for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
         mask = torch.ones_like(ids) if mask is None else mask
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}

@@ -1,0 +1,191 @@
+"""Every importance method x {no reconstruction, bias, least squares} x ratio x calibration draw on SmolLM2.
+
+Each draw is `--calib-samples` windows of `--calib-len` tokens from the C4 sample (seeded by the draw);
+gradients and activation statistics are computed once per draw and shared by the methods and ratios.
+Quality: WikiText-2 perplexity on the first `--eval-tokens` tokens in 128-token windows (text no method
+was tuned on). Results accumulate in JSON, one cell at a time, so a run can be resumed (`--resume`)
+or extended with more ratios or draws; the Markdown table and plot are rebuilt from all cells.
+
+    PYTHONPATH=. python -m benchmarks.reconstruction_table --ratios 0.2 0.5 --draws 1 2 3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, report_head, write_json
+
+METHODS = {  # name -> (importance, allocation)
+    "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
+    "element2": ("element2", "uniform"), "hywia": ("hywia", "uniform"), "wanda": ("wanda", "uniform"),
+    "flap": ("flap", "uniform"), "flap+AL": ("flap", "flap"), "random": ("random", "uniform"),
+}
+MODES = ("none", "bias", "lstsq")
+
+
+@torch.inference_mode()
+def perplexity(model, windows, batch=8) -> float:
+    total = 0.0
+    for chunk in windows.split(batch):
+        logits = model(chunk, attention_mask=torch.ones_like(chunk)).logits
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(),
+                                                         reduction="sum"))
+    return math.exp(total / windows[:, 1:].numel())
+
+
+def run_draw(model, tok, dg, windows, draw, args, cells, save):
+    import fxprune
+    from fxprune.data import calibration_samples
+    from fxprune.plan import target_groups
+    from fxprune.scoring import compute_gradients, score
+    from fxprune.scoring.activations import input_statistics
+    calib = calibration_samples(data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.calib_samples,
+                                args.calib_len, seed=draw)
+    base = fxprune.PruneConfig(ratio=0.2, targets=tuple(args.targets), calibration_samples=args.calib_samples)
+    groups = target_groups(dg, base)
+    shared = {}
+    if {"element1", "vector", "element2", "hywia"} & set(args.methods):
+        with Phase() as p:
+            shared["gradients"] = compute_gradients(dg, calib.split(8), [m.name for g in groups for m in g.members],
+                                                    second_order="element2" in args.methods, batch_size=1)
+        log(f"draw {draw}: gradient pass {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
+        cells.setdefault("_cost", {})[f"gradients/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
+    if {"wanda", "flap", "flap+AL"} & set(args.methods):
+        with Phase() as p:
+            shared["inputs"] = input_statistics(dg, calib.split(8), {m.name for g in groups for m in g.members})
+        log(f"draw {draw}: activation statistics {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
+        cells.setdefault("_cost", {})[f"inputs/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
+    fixed = {}
+    for ratio in args.ratios:
+        for method in args.methods:
+            importance, allocation = METHODS[method]
+            todo = [m for m in args.modes if f"{method}/{m}/{ratio}/{draw}" not in cells]
+            if not todo:
+                continue
+            with Phase() as sp:
+                if importance == "hywia":
+                    scores = score(dg, groups, "hywia", calib.split(8), ratio=ratio, gradients=shared.get("gradients"))
+                else:
+                    if importance not in fixed:  # these scores do not depend on the ratio
+                        fixed[importance] = score(dg, groups, importance, calib.split(8), seed=draw,
+                                                  gradients=shared.get("gradients"), inputs=shared.get("inputs"))
+                    scores = fixed[importance]
+            for mode in todo:
+                cfg = base.__class__(**{**base.to_dict(), "ratio": ratio, "importance": importance,
+                                        "allocation": allocation, "reconstruct": mode})
+                plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
+                with Phase() as ap:
+                    gm = fxprune.apply(model, plan, calibration=calib, dg=dg)
+                ppl = perplexity(gm, windows)
+                cells[f"{method}/{mode}/{ratio}/{draw}"] = {
+                    "ppl": ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
+                    "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb}
+                log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: ppl {ppl:10.2f}  apply {ap.wall_s:5.1f} s  "
+                    f"removed {plan.removed_fraction:.4f}")
+                save()
+                del gm
+
+
+def summary(cells, methods, modes, ratios, draws):
+    rows = []
+    for method in methods:
+        for mode in modes:
+            row = [method, mode]
+            for r in ratios:
+                v = [cells[k]["ppl"] for d in draws if (k := f"{method}/{mode}/{r}/{d}") in cells]
+                row.append(f"{sum(v) / len(v):.1f} [{min(v):.1f}-{max(v):.1f}]" if v else "-")
+            rows.append(row)
+    return rows
+
+
+def write_report(report, path: Path):
+    cells, s = report["cells"], report["settings"]
+    ratios = sorted({float(k.split("/")[2]) for k in cells if not k.startswith("_")})
+    draws = sorted({int(k.split("/")[3]) for k in cells if not k.startswith("_")})
+    methods = [m for m in METHODS if any(k.startswith(m + "/") for k in cells)]
+    lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
+    lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
+              f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
+              f"{s['calib_samples']} x {s['calib_len']} C4 tokens; targets {' '.join(s['targets'])}; layers "
+              f"{report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
+              "`+AL`, FLAP's adaptive allocation). Modes: none, bias (FLAP-style bias), lstsq (ridge refit).", "",
+              md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
+                       summary(cells, methods, MODES, ratios, draws)), ""]
+    cost = [(k, f"{v['s']:.1f} s", f"{v['peak_gb']:.2f} GB") for k, v in cells.get("_cost", {}).items()]
+    applies = {m: [c["apply_s"] for k, c in cells.items() if not k.startswith("_") and k.split("/")[1] == m]
+               for m in MODES}
+    cost += [(f"apply ({m})", f"mean {sum(v) / len(v):.1f} s, max {max(v):.1f} s",
+              f"{max(c['apply_peak_gb'] for k, c in cells.items() if not k.startswith('_') and k.split('/')[1] == m):.2f} GB")
+             for m, v in applies.items() if v]
+    lines += ["Cost (wall time and peak RSS of each phase; apply = rewrite + reconstruction):", "",
+              md_table(["phase", "time", "peak memory"], cost), ""]
+    path.with_suffix(".md").write_text("\n".join(lines))
+    plot(cells, methods, ratios, draws, path.with_suffix(".png"), report)
+
+
+def plot(cells, methods, ratios, draws, path, report):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(MODES), figsize=(15, 4.5), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for method in methods:
+            pts = [(r, [cells[k]["ppl"] for d in draws if (k := f"{method}/{mode}/{r}/{d}") in cells]) for r in ratios]
+            pts = [(r, v) for r, v in pts if v]
+            if pts:
+                ax.errorbar([r for r, _ in pts], [sum(v) / len(v) for _, v in pts], marker="o", label=method,
+                            yerr=[[sum(v) / len(v) - min(v) for _, v in pts], [max(v) - sum(v) / len(v) for _, v in pts]])
+        ax.axhline(report["dense_ppl"], color="grey", ls=":", label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f"reconstruction: {mode}")
+        ax.set_xlabel("parameters removed")
+    axes[0].set_ylabel("WikiText-2 perplexity")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M, mean and range over draws {draws}; {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--draws", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--targets", nargs="+", default=["heads", "mlp"])
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=128)
+    p.add_argument("--eval-tokens", type=int, default=10240)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=str(RESULTS / "reconstruction_table"))
+    p.add_argument("--resume", action="store_true", help="keep the cells already in the JSON file")
+    args = p.parse_args(argv)
+    import json
+    import fxprune
+    from fxprune.config import protected_layers
+    from fxprune.evaluate import eval_windows
+    from fxprune.models import load_model
+    out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
+    windows_path = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"  # checked before loading
+    model, tok = load_model()
+    windows = eval_windows(tok, windows_path, 128, args.eval_tokens)
+    dg = fxprune.analyze(model)
+    n_layers = len(dg.attention_ops)
+    report = {**header(), "settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+              "dense_ppl": perplexity(model, windows), "protected": sorted(protected_layers("auto", n_layers)),
+              "cells": old.get("cells", {})}
+
+    def save():
+        write_json(out.with_suffix(".json"), finish(report))
+        write_report(report, out)
+    for draw in args.draws:
+        run_draw(model, tok, dg, windows, draw, args, report["cells"], save)
+    save()
+
+
+if __name__ == "__main__":
+    main()

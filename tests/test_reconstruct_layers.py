@@ -1,0 +1,161 @@
+"""ReconstructLayersPass: closed-form refits on the calibration activations, layer by layer."""
+import pytest
+import torch
+
+import fxprune
+from fxprune.passes.reconstruct_layers import ReconstructLayersPass
+from fxprune.rewrite import rewrite
+from models import llama
+from oracles import inputs, random_scores, rel_err, zero_masked
+
+CAL = torch.randint(1, 128, (24, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = llama("sdpa")
+    dg = fxprune.analyze(model)
+    return model, dg
+
+
+_CACHE = {}
+
+
+def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL):
+    """(plan, pruned gm), made once per setting: the tests only read them."""
+    key = (mode, ridge, targets, ratio, calibration.shape)
+    if key not in _CACHE:
+        model, dg = setup
+        plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, 1), dg=dg, allocation="global",
+                            reconstruct=mode, ridge=ridge, calibration=calibration)
+        _CACHE[key] = plan, fxprune.apply(model, plan, calibration=calibration, dg=dg)
+    return _CACHE[key]
+
+
+def inputs_of(module, model_call):
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model_call()
+    handle.remove()
+    return seen[0]
+
+
+def dense_io(model, layer):
+    proj = model.model.layers[layer].mlp.down_proj
+    x = inputs_of(proj, lambda: model(CAL))
+    return x, x @ proj.weight.detach().t()
+
+
+def closed_form(xp, y):
+    a = torch.cat([xp.double(), torch.ones(xp.shape[0], 1, dtype=torch.float64)], 1)
+    theta = torch.linalg.lstsq(a, y.double()).solution
+    return theta[:-1].t(), theta[-1]
+
+
+def test_first_refit_is_the_least_squares_optimum_and_lowers_the_error(setup):
+    model, _ = setup
+    plan, gm = pruned(setup, "lstsq")
+    cols = torch.tensor(plan.kept["model.layers.0.mlp.down_proj.weight"][1])
+    xd, y = dense_io(model, 0)
+    xp = xd[:, cols]  # nothing before layer 0's down_proj changed: its kept inputs are the dense ones
+    w, b = closed_form(xp, y)
+    down = gm.get_submodule("model.layers.0.mlp.down_proj")
+    assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
+    sliced = model.model.layers[0].mlp.down_proj.weight.detach()[:, cols]
+    before = (xp @ sliced.t() - y).pow(2).sum()
+    after = (xp @ down.weight.detach().t() + down.bias.detach() - y).pow(2).sum()
+    assert after < before
+
+
+def test_later_layers_are_fitted_on_the_pruned_models_own_activations(setup):
+    model, _ = setup
+    _, gm = pruned(setup, "lstsq")
+    down = gm.get_submodule("model.layers.1.mlp.down_proj")
+    xp = inputs_of(down, lambda: gm(CAL))  # the reconstructed model's input to layer 1's down_proj
+    _, y = dense_io(model, 1)
+    w, b = closed_form(xp, y)
+    assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
+
+
+def test_bias_mode_keeps_the_sliced_weights_and_matches_the_mean(setup):
+    model, _ = setup
+    plan, gm = pruned(setup, "bias")
+    cols = torch.tensor(plan.kept["model.layers.0.mlp.down_proj.weight"][1])
+    xd, y = dense_io(model, 0)
+    down = gm.get_submodule("model.layers.0.mlp.down_proj")
+    sliced = model.model.layers[0].mlp.down_proj.weight.detach()[:, cols]
+    assert torch.equal(down.weight.detach(), sliced)
+    expected = y.double().mean(0) - sliced.double() @ xd[:, cols].double().mean(0)
+    assert torch.allclose(down.bias.double(), expected, atol=1e-5)
+
+
+def test_a_strong_ridge_pulls_the_refit_back_to_the_sliced_weights(setup):
+    model, _ = setup
+    plan, gm = pruned(setup, "lstsq", ridge=1e6)
+    cols = torch.tensor(plan.kept["model.layers.0.mlp.down_proj.weight"][1])
+    sliced = model.model.layers[0].mlp.down_proj.weight.detach()[:, cols]
+    assert rel_err(gm.get_submodule("model.layers.0.mlp.down_proj").weight, sliced) < 1e-4
+
+
+def test_nothing_pruned_changes_nothing(setup):
+    model, dg = setup
+    gm = rewrite(dg, {})
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = ReconstructLayersPass(dg.gm, dg.aliases, {}, (CAL, None), "lstsq")(gm)
+    assert not result.modified
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    ids, mask = inputs()
+    with torch.no_grad():
+        assert torch.equal(gm(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_heads_and_hidden_readers_are_refitted_too(setup):
+    plan, gm = pruned(setup, "lstsq", ridge=0.05, targets=("heads", "mlp", "hidden"))
+    biased = {n for n, m in gm.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    # every projection whose input dimension lost units; the tied lm_head stays tied and unrefitted
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"} <= biased
+    assert "lm_head" not in biased
+    assert plan.params_after == sum(p.numel() for p in gm.parameters())
+
+
+def test_reconstruction_lowers_the_output_error_on_held_out_text(setup):
+    model, _ = setup
+    many = torch.randint(1, 128, (160, 12), generator=torch.Generator().manual_seed(7))  # 1,920 tokens
+    ids = torch.randint(1, 128, (16, 12), generator=torch.Generator().manual_seed(9))  # not calibrated on
+    with torch.no_grad():
+        ref = model(ids).logits
+        errors = {m: float((pruned(setup, m, ridge=0.05, calibration=many)[1](ids).logits - ref).norm())
+                  for m in ("none", "bias", "lstsq")}
+    assert errors["lstsq"] < errors["bias"] < errors["none"]
+
+
+def test_biases_survive_peft_and_save_load(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    _, gm = pruned(setup, "lstsq", ridge=0.05)
+    ids, mask = inputs()
+    fxprune.save(gm, tmp_path / "p")
+    loaded = fxprune.load(tmp_path / "p")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, gm(ids, attention_mask=mask).logits)
+    peft_model = get_peft_model(loaded, LoraConfig(r=2, target_modules=["down_proj"]))
+    wrapped = peft_model.base_model.model.get_submodule("model.layers.0.mlp.down_proj")
+    assert wrapped.base_layer.bias is not None
+
+
+def test_zero_mask_still_holds_with_reconstruction_off(setup):
+    model, dg = setup
+    plan, gm = pruned(setup, "none", targets=("heads", "mlp"))
+    ids, mask = inputs()
+    with torch.no_grad():
+        expected = zero_masked(model, dg, plan)(ids, attention_mask=mask).logits
+        got = gm(ids, attention_mask=mask).logits
+    assert rel_err(got[mask.bool()], expected[mask.bool()]) < 1e-5
+    assert all(m.bias is None for m in gm.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_plan_asking_for_reconstruction_needs_calibration(setup):
+    model, dg = setup
+    plan, _ = pruned(setup, "lstsq")
+    with pytest.raises(fxprune.PlanError, match="calibration"):
+        fxprune.apply(model, plan, dg=dg)
