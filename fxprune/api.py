@@ -1,6 +1,8 @@
 """The public verbs: analyze, plan, apply, compile."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fxprune.analyze import analyze
@@ -20,27 +22,48 @@ def base_description(model) -> dict:
     return {"architecture": f"{cls.__module__}.{cls.__qualname__}", "config": config}
 
 
-def plan(model, ratio: float = 0.2, *, importance="l2", calibration=None, targets=("heads", "mlp"),
-         protect_layers=None, round_to=None, example_inputs=None, scores=None, dg=None, **options) -> PrunePlan:
+def _config(ratio, config: PruneConfig | None, options: dict) -> PruneConfig:
+    """One PruneConfig from `plan(model, 0.2, importance=...)`, `plan(model, cfg)` or `plan(model, config=cfg, ...)`:
+    keyword options and a ratio given beside a config override its fields."""
+    if isinstance(ratio, PruneConfig):
+        if config is not None:
+            raise ValueError("pass the PruneConfig once: positionally or as config=, not both")
+        ratio, config = None, ratio
+    if ratio is not None:
+        options = {"ratio": ratio, **options}
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(PruneConfig)})
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; PruneConfig has {[f.name for f in dataclasses.fields(PruneConfig)]}")
+    return dataclasses.replace(config, **options) if config is not None else PruneConfig(**options)
+
+
+def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig | None = None, calibration=None,
+         scores=None, dg=None, example_inputs=None, gradients=None, device=None, dtype=None, checkpoint=False,
+         **options) -> PrunePlan:
     """Choose the units to remove from `model` so that `ratio` of its parameters go.
 
-    `scores` (group id -> tensor of unit scores) overrides `importance`; `dg` reuses an analysis.
+    The settings are a `PruneConfig` (`config`, or positionally instead of the ratio) and/or its
+    fields as keywords (`importance`, `targets`, `protect_layers`, ...), which override the config's.
+    `scores` (group id -> tensor of unit scores) overrides `importance`; `dg` reuses an analysis of
+    `model`. `gradients` (a `compute_gradients` result), `device`, `dtype` and `checkpoint` are handed
+    to the scorer as they are (see `fxprune.scoring.score`).
     """
-    cfg = PruneConfig(ratio=ratio, importance=importance, targets=targets, protect_layers=protect_layers,
-                      round_to=round_to, **options)
+    cfg = _config(ratio, config, options)
+    from fxprune.scoring import ESTIMATORS, as_method, score
+    method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # a bad name fails before the analysis
     dg = dg or analyze(model, example_inputs)
     if scores is None:
-        from fxprune.scoring import score
-        scores = score(dg, target_groups(dg, cfg), method=cfg.importance, calibration=calibration,
-                       aggregation=cfg.aggregation, seed=cfg.seed, ratio=cfg.ratio)
-    result = make_plan(dg, cfg, scores)
-    result._dg = dg
-    return result
+        scores = score(dg, target_groups(dg, cfg), method=method, calibration=calibration,
+                       aggregation=cfg.aggregation, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                       dtype=dtype, checkpoint=checkpoint, gradients=gradients, ratio=cfg.ratio)
+    return make_plan(dg, cfg, scores)
 
 
 def apply(model, plan: PrunePlan, *, example_inputs=None, dg=None) -> torch.fx.GraphModule:
-    """Emit the pruned GraphModule of `model` for `plan`; `model` itself is left unchanged."""
-    dg = dg or getattr(plan, "_dg", None)
+    """Emit the pruned GraphModule of `model` for `plan`; `model` itself is left unchanged.
+
+    `dg`: the analysis of `model` the plan was made on (analysed again when missing or of another model).
+    """
     if dg is None or dg.model is not model:
         dg = analyze(model, example_inputs)
     if fingerprint(dg) != plan.fingerprint:
@@ -58,7 +81,8 @@ def apply(model, plan: PrunePlan, *, example_inputs=None, dg=None) -> torch.fx.G
     return gm
 
 
-def compile(model, ratio: float = 0.2, **options) -> torch.fx.GraphModule:
-    """Prune `model` by `ratio` of its parameters: `apply(model, plan(model, ratio, **options))`."""
-    p = plan(model, ratio, **options)
-    return apply(model, p, dg=p._dg)
+def compile(model, ratio: float | PruneConfig | None = None, *, dg=None, example_inputs=None,
+            **options) -> torch.fx.GraphModule:
+    """Prune `model` by `ratio` of its parameters: one analysis, handed to both `plan` and `apply`."""
+    dg = dg or analyze(model, example_inputs)
+    return apply(model, plan(model, ratio, dg=dg, **options), dg=dg)

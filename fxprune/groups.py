@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
+from fxprune.fx_util import flat_dims
 from fxprune.passes.propagate_dimensions import DIMS, Labels
 
 KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "experts", "head_dim", "other")
@@ -60,21 +61,25 @@ class Group:
                 f"params/unit {self.params_per_unit:>7}  members {len(self.members)}")
 
 
-def tensor_of(gm, target):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 class DependencyGraph:
-    """Groups of dimensions that must be pruned together, found on a captured graph."""
+    """Groups of dimensions that must be pruned together, found on a captured graph.
 
-    def __init__(self, gm: torch.fx.GraphModule, labels: Labels):
+    Every attribute is set here: `gm` (the captured GraphModule), `labels`/`table` (the dimension
+    propagation's result), `frozen_ops`, `parameters`/`buffers`/`aliases` (canonical tensors by name,
+    tied names -> canonical), `order` (node -> position), `attention_ops` ((op, query dims, key dims)
+    per attention, in graph order: one per layer), `groups`, and what the capture came from:
+    `exported` (the ExportedProgram, or None), `model` (the analysed module, or None) and
+    `model_config` (its Hugging Face config, or None).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, labels: Labels, *, exported=None, model=None):
         self.gm, self.labels, self.table = gm, labels, labels.table
+        self.exported, self.model = exported, model
+        self.model_config = getattr(model, "config", None)
         self.frozen_ops = list(labels.frozen_ops)
         self.parameters, self.buffers, self.aliases = self._tensors()
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.attention_ops = self._attention_ops()
         self.groups = self._build_groups()
 
     # -- tensors ---------------------------------------------------------------
@@ -171,7 +176,6 @@ class DependencyGraph:
     def _classify(self):
         T = self.table
         kinds, layers = {}, {}
-        self.attention_ops = self._attention_ops()
         for layer, (_, dq, _) in enumerate(self.attention_ops):
             for atom in dq[:-2]:
                 leaves = [l for l in T.leaves(atom) if l.static and int(l.size) > 1]
@@ -215,9 +219,7 @@ class DependencyGraph:
         T = self.table
         out = []
         for node in self.gm.graph.nodes:
-            dims = node.meta.get(DIMS)
-            flat = dims if dims and not isinstance(dims[0], list) else [a for d in (dims or []) if d for a in d]
-            if any(leaf.id == atom_id for a in flat if a is not None for leaf in T.leaves(a)):
+            if any(leaf.id == atom_id for a in flat_dims(node.meta.get(DIMS)) for leaf in T.leaves(a)):
                 out.append(node)
         return out
 

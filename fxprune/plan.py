@@ -38,13 +38,6 @@ class PrunePlan:
     fingerprint: str
     groups: dict[int, str] = field(default_factory=dict)  # group id -> kind, for readers
 
-    def __deepcopy__(self, memo):
-        # The analysis kept for apply() holds fake tensors and the model; a copy does without it.
-        return PrunePlan.from_json(self.to_json())
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_dg"}
-
     @property
     def removed_fraction(self) -> float:
         return 1 - self.params_after / self.params_before
@@ -73,7 +66,7 @@ def target_groups(dg: DependencyGraph, cfg: PruneConfig):
             kinds |= {"heads", "kv_groups" if cfg.gqa == "groups" else "group_heads"}
         else:
             kinds |= set(KINDS_FOR_TARGET[t])
-    n_layers = len(getattr(dg, "attention_ops", []))
+    n_layers = len(dg.attention_ops)
     protect = protected_layers(cfg.protect_layers, n_layers)
     return [g for g in dg.groups if g.kind in kinds and not (g.kind != "hidden" and g.layer in protect)]
 
