@@ -14,6 +14,7 @@ import sympy
 import torch
 
 from fxprune.atoms import PROD, SUM, as_expr
+from fxprune.fx_util import owner_and_leaf, schema_arg
 from fxprune.passes.value_rules import COUNTS, INDEX, OFFSETS, VALUES
 
 aten = torch.ops.aten
@@ -48,16 +49,6 @@ def shape(node) -> list:
 
 def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
-
-
-def schema_arg(node, name, default=None):
-    """An op argument by its schema name, passed positionally or by keyword, else its default."""
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name == name:
-            if not a.kwarg_only and i < len(node.args):
-                return node.args[i]
-            return node.kwargs.get(name, a.default_value if a.has_default_value() else default)
-    return default
 
 
 # -- broadcasting ------------------------------------------------------------
@@ -401,8 +392,7 @@ def constant_value(node):
         node = node.args[0]
     if node.op != "get_attr":
         return None
-    owner, _, leaf = node.target.rpartition(".")
-    module = node.graph.owning_module.get_submodule(owner)
+    module, leaf = owner_and_leaf(node.graph.owning_module, node.target)
     value = getattr(module, leaf, None)
     if not isinstance(value, torch.Tensor) or leaf in module._parameters or leaf in module._buffers or value.is_meta:
         return None
@@ -571,6 +561,7 @@ def norm_rule(node, L):
     x = node.args[0]
     dims = L.dims(x)
     n = len(node.args[1])
+    L.renormalises(node, dims[-n:])
     for w in node.args[2:4]:
         if isinstance(w, torch.fx.Node):
             for a, b in zip(L.dims(w), dims[-n:]):
@@ -595,6 +586,7 @@ def reduction_rule(node, L):
         reduced = set(range(len(dims)))
     else:
         reduced = {norm_dim(d, len(dims)) for d in ([which] if isinstance(which, int) else which)}
+    L.renormalises(node, [dims[i] for i in sorted(reduced)])
     vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
     outs = []
     for v in vals:

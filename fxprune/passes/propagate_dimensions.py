@@ -16,10 +16,11 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.atoms import AtomTable
+from fxprune.fx_util import get_attr_path, is_multi
+from fxprune.passes.contracts import DIMS, ContractError, graphs_of
 from fxprune.passes.dimension_rules import find_rule
 from fxprune.passes.value_rules import VALUES, track_values
 
-DIMS = "fxprune.dims"
 NO_TENSOR_OPS = {"_assert_tensor_metadata", "sym_size", "_set_grad_enabled", "sym_numel", "sym_stride"}
 
 
@@ -33,6 +34,12 @@ class Labels:
     tensor_atoms: dict = field(default_factory=dict)
     experts: list = field(default_factory=list)     # dims whose positions a router's top-k picks (experts)
     read: set = field(default_factory=set)          # (reader, tensor) pairs whose value label a rule claimed
+    renormalising: list = field(default_factory=list)  # (atom, node name): dims an op reduces or normalises over
+
+    def renormalises(self, node, dims) -> None:
+        """`node` computes statistics over `dims` (a norm, a mean, a sum): the pruned model's statistics
+        over those dims are taken over the kept positions only, so it is not the zero-masked original."""
+        self.renormalising += [(atom, node.name) for atom in dims]
 
     def dims(self, node):
         return node.meta[DIMS]
@@ -54,7 +61,7 @@ class Labels:
     def freeze_all(self, dims, why):
         if dims is None:
             return
-        if isinstance(dims, list) and dims and isinstance(dims[0], list):
+        if is_multi(dims):
             for d in dims:
                 self.freeze_all(d, why)
             return
@@ -86,6 +93,13 @@ class PropagateDimensionsPass(PassBase):
         self.labels.table.settle_frozen()
         return PassResult(gm, False)
 
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Every node that holds a value (all but the outputs), in every sub-graph, has its labels."""
+        for sub in graphs_of(gm):
+            for node in sub.graph.nodes:
+                if node.op != "output" and DIMS not in node.meta:
+                    raise ContractError(f"PropagateDimensionsPass left node {node.name} ({node.op}) without labels")
+
     def propagate(self, gm, graph, top: bool, bound=None):
         L = self.labels
         placeholders = iter(bound or [])
@@ -114,9 +128,7 @@ class PropagateDimensionsPass(PassBase):
         return None
 
     def attr_dims(self, gm, node):
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
+        value = get_attr_path(gm, node.target)
         if not isinstance(value, torch.Tensor):
             return None
         key = id(value)
