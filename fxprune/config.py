@@ -8,6 +8,7 @@ from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
 ALLOCATIONS = ("uniform", "global")  # same fraction in every group (LLM-Pruner), or one global ranking
+RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class PruneConfig:
     aggregation: str = "sum"
     seed: int = 0
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
+    renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -42,6 +44,8 @@ class PruneConfig:
         if not isinstance(self.importance, (str, Method)):
             raise ValueError(f"importance must be a name or a Method (Taylor(order=1), Magnitude(p=2), HyWIA(), ...), "
                              f"got {type(self.importance).__name__}")
+        if self.renormalising not in RENORMALISING:
+            raise ValueError(f"renormalising must be one of {RENORMALISING}, got {self.renormalising!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 

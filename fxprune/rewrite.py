@@ -5,6 +5,7 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxprune.groups import DependencyGraph
+from fxprune.passes.drop_pieces import DropPiecesPass
 from fxprune.passes.contracts import check_graph
 from fxprune.passes.insert_gathers import InsertGathersPass
 from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
@@ -54,6 +55,7 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> torch.fx.Grap
     passes = [
         SliceParametersPass(dg.gm, dg.parameters, dg.buffers, dg.aliases, kept_positions(dg, kept)),
         RewriteShapeLiteralsPass(dg.table, counts, kept),
+        DropPiecesPass(dg.table, kept, dg.unit_parameters),
         InsertGathersPass(dg.table, kept),
         LiftLinearModulesPass(),
         NormalizeSignaturePass(),

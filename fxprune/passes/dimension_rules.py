@@ -491,13 +491,22 @@ def sort_rule(node, L):
     return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
 
 
+PIECES = "fxprune.pieces"  # node.meta of a split into single positions and of the cat that puts them back
+
+
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split_rule(node, L):
+    """Segments of one dim. Into single positions (one head each, processed apart, e.g. by a per-head
+    norm): the pieces are position i of the dim, and a cat that puts them back in order gives the dim
+    back whole (cat_rule), the ops in between belonging to position i; otherwise a concatenation."""
     x = node.args[0]
     dims = L.dims(x)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    d = norm_dim(dim, len(dims))
+    d = norm_dim(schema_arg(node, "dim", 0), len(dims))
     sizes = [as_expr(t.shape[d]) for t in node.meta["val"]]
+    if len(sizes) > 1 and all(s == 1 for s in sizes):
+        parts = [L.table.new(1, node.name) for _ in sizes]
+        L.pending_pieces[node] = (dims[d], parts)
+        return [[part if i == d else a for i, a in enumerate(dims)] for part in parts]
     parts = L.table.split_sum(dims[d], [s for s in sizes if s != 0]) if len(sizes) > 1 else [dims[d]]
     parts = iter(parts)
     outs = []
@@ -517,17 +526,32 @@ def unbind_rule(node, L):
     return [dims[:d] + dims[d + 1:] for _ in node.meta["val"]]
 
 
+def reassembled(L, tensors, d):
+    """The split whose single-position pieces `tensors` are, in order, along `d`; else None."""
+    got = [L.table.find(L.dims(t)[d]) for t in tensors]
+    for split, (atom, parts) in L.pending_pieces.items():
+        if [L.table.find(p) for p in parts] == got:
+            return split
+    return None
+
+
 @rule(aten.cat)
 def cat_rule(node, L):
     tensors = [t for t in node.args[0] if shape(t) != [0]]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out_shape = shape(node)
-    d = norm_dim(dim, len(out_shape))
+    d = norm_dim(schema_arg(node, "dim", 0), len(out_shape))
     out = L.fresh(node)
     for t in tensors:
         for i, a in enumerate(L.dims(t)):
             if i != d:
                 L.unify(a, out[i])
+    split = reassembled(L, tensors, d)
+    if split is not None:  # the pieces back in order: the dim the split took apart
+        atom, _ = L.pending_pieces.pop(split)
+        L.unify(out[d], atom)
+        split.meta[PIECES] = node.meta[PIECES] = atom
+        L.pieces.append((split, node, atom))
+        return out
     L.unify(out[d], L.table.make(SUM, [L.dims(t)[d] for t in tensors], node.name))
     return out
 

@@ -12,6 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.fx_util import flat_dims, is_multi
 from fxprune.passes.contracts import DIMS, require_dims
+from fxprune.passes.dimension_rules import PIECES
 from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
 from fxprune.passes.value_rules import VALUES
 
@@ -44,6 +45,8 @@ class InsertGathersPass(PassBase):
                 label = arg.meta.get(VALUES)  # counted from values that are already pruned positions
                 if isinstance(label, tuple):
                     inherited |= self.leaves([label[1]])
+            if node.meta.get(PIECES) is not None:  # a cat of the kept pieces: the dim is whole again
+                inherited |= self.leaves([node.meta[PIECES]])
             born = self.leaves(dims) - inherited
             if not born:
                 continue

@@ -35,6 +35,10 @@ class Labels:
     experts: list = field(default_factory=list)     # dims whose positions a router's top-k picks (experts)
     read: set = field(default_factory=set)          # (reader, tensor) pairs whose value label a rule claimed
     renormalising: list = field(default_factory=list)  # (atom, node name): dims an op reduces or normalises over
+    # Splits of a dim into single positions (one head each), until a cat puts them back in order:
+    # split node -> (the dim's atom, the atom of each piece's size-1 dim). See dimension_rules.split_rule.
+    pending_pieces: dict = field(default_factory=dict)
+    pieces: list = field(default_factory=list)  # (split node, cat node, atom): pieces put back together
 
     def renormalises(self, node, dims) -> None:
         """`node` computes statistics over `dims` (a norm, a mean, a sum): the pruned model's statistics
@@ -69,6 +73,18 @@ class Labels:
             self.table.freeze(atom, why)
 
 
+def settle_pieces(L: Labels) -> None:
+    """A split into single positions that no cat put back is a concatenation of size-1 segments: the
+    positions become unprunable, as for any other split into pieces."""
+    for node, (atom, parts) in L.pending_pieces.items():
+        try:
+            for part, piece in zip(L.table.split_sum(atom, [1] * len(parts)), parts):
+                L.unify(part, piece)
+        except Exception as exc:  # an irreconcilable structure: freeze, never guess
+            L.table.freeze(atom, f"{node.name} splits into pieces: {exc}")
+    L.pending_pieces.clear()
+
+
 def fresh_like(L: Labels, val, origin: str):
     if isinstance(val, torch.Tensor):
         return [L.table.new(s, origin) for s in val.shape]
@@ -90,6 +106,7 @@ class PropagateDimensionsPass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.propagate(gm, gm.graph, top=True)
+        settle_pieces(self.labels)
         self.labels.table.settle_frozen()
         return PassResult(gm, False)
 
