@@ -4,15 +4,16 @@ from __future__ import annotations
 import torch
 
 from fxprune.capture import capture
+from fxprune.fx_util import owner_and_leaf
 from fxprune.groups import DependencyGraph
 from fxprune.passes.propagate_dimensions import PropagateDimensionsPass
 from fxprune.passes.recompute_shared_constants import RecomputeSharedConstantsPass
 
 
-def label(gm) -> DependencyGraph:
+def label(gm, exported=None, model=None) -> DependencyGraph:
     propagate = PropagateDimensionsPass()
     propagate(gm)
-    return DependencyGraph(gm, propagate.labels)
+    return DependencyGraph(gm, propagate.labels, exported=exported, model=model)
 
 
 def heads_shared_across_layers(dg: DependencyGraph) -> set[int]:
@@ -32,8 +33,7 @@ def fill_constants(gm: torch.fx.GraphModule, values: dict) -> None:
     on the meta device, the values in `values` (by attribute path, e.g. from a saved pruned model)."""
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in values:
-            owner, _, leaf = node.target.rpartition(".")
-            module = gm.get_submodule(owner)
+            module, leaf = owner_and_leaf(gm, node.target)
             current = getattr(module, leaf)
             if isinstance(current, torch.Tensor) and current.is_meta and leaf not in module._parameters \
                     and leaf not in module._buffers and current.shape == values[node.target].shape:
@@ -49,11 +49,9 @@ def analyze(model: torch.nn.Module, example_inputs=None, dynamic: bool = True, c
     """
     captured = capture(model, example_inputs, dynamic=dynamic)
     fill_constants(captured.gm, constants or {})
-    dg = label(captured.gm)
+    dg = label(captured.gm, captured.exported, model)
     shared = heads_shared_across_layers(dg)
     if shared:
         RecomputeSharedConstantsPass(dg.table, shared)(captured.gm)
-        dg = label(captured.gm)
-    dg.exported = captured.exported
-    dg.model = model
+        dg = label(captured.gm, captured.exported, model)
     return dg

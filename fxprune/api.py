@@ -24,34 +24,45 @@ def base_description(model) -> dict:
     return {"architecture": f"{cls.__module__}.{cls.__qualname__}", "config": config}
 
 
-def _config(ratio, config, options) -> PruneConfig:
-    """Keyword settings on top of `config` (or the defaults); an explicit `ratio` wins over the config's."""
+def _config(ratio, config: PruneConfig | None, options: dict) -> PruneConfig:
+    """One PruneConfig from `plan(model, 0.2, importance=...)`, `plan(model, cfg)` or `plan(model, config=cfg, ...)`:
+    keyword options and a ratio given beside a config override its fields."""
+    if isinstance(ratio, PruneConfig):
+        if config is not None:
+            raise ValueError("pass the PruneConfig once: positionally or as config=, not both")
+        ratio, config = None, ratio
     if ratio is not None:
         options = {"ratio": ratio, **options}
-    if config is None:
-        return PruneConfig(**options)
-    if not isinstance(config, PruneConfig):
-        raise TypeError(f"config must be a fxprune.PruneConfig, got {type(config).__name__}")
-    return dataclasses.replace(config, **options) if options else config
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(PruneConfig)})
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; PruneConfig has {[f.name for f in dataclasses.fields(PruneConfig)]}")
+    return dataclasses.replace(config, **options) if config is not None else PruneConfig(**options)
 
 
-def plan(model, ratio: float | None = None, *, config: PruneConfig | None = None, calibration=None, tokenizer=None,
-         example_inputs=None, scores=None, dg=None, **options) -> PrunePlan:
+def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig | None = None, calibration=None,
+         tokenizer=None, scores=None, dg=None, example_inputs=None, gradients=None, device=None, dtype=None,
+         checkpoint=False, **options) -> PrunePlan:
     """Choose the units to remove from `model` so that `ratio` of its parameters go.
 
-    Settings come from `config` (a `PruneConfig`) or keyword arguments (`importance`, `targets`,
-    `protect_layers`, `round_to`, `reconstruct`, ...). Without `calibration`, the package's C4 sample is
-    drawn with `tokenizer` (or the model's own, when fxprune can find it); with neither, data-hungry
-    settings fall back to data-free ones with a warning, and the plan records what was used.
-    `scores` (group id -> tensor of unit scores) overrides `importance`; `dg` reuses an analysis.
+    The settings are a `PruneConfig` (`config`, or positionally instead of the ratio) and/or its
+    fields as keywords (`importance`, `targets`, `protect_layers`, `reconstruct`, ...), which override
+    the config's. Without `calibration`, the package's C4 sample is drawn with `tokenizer` (or the
+    model's own, when fxprune can find it); with neither, data-hungry settings fall back to data-free
+    ones with a warning, and the plan's config records what was used.
+    `scores` (group id -> tensor of unit scores) overrides `importance`; `dg` reuses an analysis of
+    `model`. `gradients` (a `compute_gradients` result), `device`, `dtype` and `checkpoint` are handed
+    to the scorer as they are (see `fxprune.scoring.score`).
     """
     cfg = _config(ratio, config, options)
+    from fxprune.scoring import ESTIMATORS, as_method, score
+    method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # a bad name fails before the analysis
     cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=scores is not None, draw=scores is None)
     dg = dg or analyze(model, example_inputs)
     if scores is None:
-        from fxprune.scoring import score
-        scores = score(dg, target_groups(dg, cfg), method=cfg.importance, calibration=batches,
-                       aggregation=cfg.aggregation, seed=cfg.seed, ratio=cfg.ratio)
+        method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # the data-free fallback, if it applied
+        scores = score(dg, target_groups(dg, cfg), method=method, calibration=batches,
+                       aggregation=cfg.aggregation, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                       dtype=dtype, checkpoint=checkpoint, gradients=gradients, ratio=cfg.ratio)
     return make_plan(dg, cfg, scores)
 
 
@@ -59,6 +70,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
           reconstruct: bool = True) -> torch.fx.GraphModule:
     """Emit the pruned GraphModule of `model` for `plan`; `model` itself is left unchanged.
 
+    `dg`: the analysis of `model` the plan was made on (analysed again when missing or of another model).
     When the plan asks for reconstruction, the projections reading pruned dimensions are refitted on
     `calibration` (or the packaged sample, drawn as `plan` draws it); `reconstruct=False` skips it
     (fxprune.load does, since the saved weights are already refitted).
@@ -89,11 +101,11 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
     return gm
 
 
-def compile(model, ratio: float | None = None, *, config: PruneConfig | None = None, calibration=None, tokenizer=None,
-            example_inputs=None, **options) -> torch.fx.GraphModule:
-    """Prune `model` by `ratio` of its parameters: `apply(model, plan(model, ratio, ...))`, analysing once."""
+def compile(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig | None = None, calibration=None,
+            tokenizer=None, dg=None, example_inputs=None, **options) -> torch.fx.GraphModule:
+    """Prune `model` by `ratio` of its parameters: one analysis and one calibration draw, handed to both
+    `plan` and `apply`."""
     cfg = _config(ratio, config, options)
     cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=False)
-    dg = analyze(model, example_inputs)
-    p = plan(model, config=cfg, calibration=batches, dg=dg)
-    return apply(model, p, calibration=batches, dg=dg)
+    dg = dg or analyze(model, example_inputs)
+    return apply(model, plan(model, cfg, calibration=batches, dg=dg), calibration=batches, dg=dg)

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
+
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
 ALLOCATIONS = ("uniform", "global", "flap")  # same fraction per group (LLM-Pruner), one global ranking, or
                                              # FLAP's standardised scores against one global threshold
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
+RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     ratio: float = 0.2
-    importance: str = "flap"
+    importance: str | Method = "flap"   # settings (Taylor(order=1), HyWIA(steps=30), ...) or a shorthand name
     targets: tuple = ("heads", "mlp")
     protect_layers: tuple | None | str = AUTO   # auto: the first tenth and last fifteenth of the layers
     round_to: int | None | str = AUTO           # auto: MLP widths of 512+ channels in multiples of 64
@@ -26,6 +29,8 @@ class PruneConfig:
     ridge: float = 0.05                          # lstsq: strength of the pull towards the sliced weights
     calibration_samples: int = 128               # size of the packaged calibration drawn when none is given
     calibration_len: int = 128
+    batch_size: int = 1  # calibration rows per forward pass of the gradient methods
+    renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -52,14 +57,26 @@ class PruneConfig:
         if self.calibration_samples < 1 or self.calibration_len < 2:
             raise ValueError(f"calibration_samples >= 1 and calibration_len >= 2 needed, got "
                              f"{self.calibration_samples} and {self.calibration_len}")
+        if not isinstance(self.importance, (str, Method)):
+            raise ValueError(f"importance must be a name or a Method (Taylor(order=1), Magnitude(p=2), HyWIA(), ...), "
+                             f"got {type(self.importance).__name__}")
+        if self.renormalising not in RENORMALISING:
+            raise ValueError(f"renormalising must be one of {RENORMALISING}, got {self.renormalising!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["importance"] = method_to_dict(self.importance)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if "importance" in d:
+            d["importance"] = method_from_dict(d["importance"])
+        return cls(**d)
 
 
 def protected_layers(spec, n_layers: int) -> set[int]:

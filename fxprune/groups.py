@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
+from fxprune.fx_util import flat_dims
+from fxprune.pieces import unit_parameters
 from fxprune.passes.propagate_dimensions import DIMS, Labels
 
 KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "experts", "head_dim", "other")
@@ -22,8 +24,8 @@ class Member:
     @property
     def width(self) -> int:
         """Positions per unit along this dimension (head_dim for q rows, 1 for a channel)."""
-        used = int((self.unit_of >= 0).sum())
-        return used // (int(self.unit_of.max()) + 1)
+        units = self.unit_of[self.unit_of >= 0]
+        return units.numel() // max(1, int(units.unique().numel()))
 
 
 @dataclass
@@ -37,6 +39,14 @@ class Group:
     params_per_unit: int
     min_units: int = 1  # a top-k over the units needs k of them
     nodes: list = field(default_factory=list, repr=False)  # fx nodes whose dims contain the atom
+    # Ops that take statistics over the units (a norm over all heads of a projection, RMSNorm over the
+    # hidden channels): removing units changes what the kept ones see, so the pruned model is not the
+    # original with those units zeroed; its proof is a smaller-config twin.
+    renormalised_by: tuple = ()
+
+    @property
+    def renormalising(self) -> bool:
+        return bool(self.renormalised_by)
 
     @property
     def unit_size(self) -> int:
@@ -57,24 +67,32 @@ class Group:
     def describe(self) -> str:
         layer = "-" if self.layer is None else str(self.layer)
         return (f"g{self.id:<4} {self.kind:<11} layer {layer:>3}  units {self.n_units:>5} x {self.unit_size:<4} "
-                f"params/unit {self.params_per_unit:>7}  members {len(self.members)}")
-
-
-def tensor_of(gm, target):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+                f"params/unit {self.params_per_unit:>7}  members {len(self.members)}"
+                + (f"  renormalising ({', '.join(self.renormalised_by[:3])})" if self.renormalising else ""))
 
 
 class DependencyGraph:
-    """Groups of dimensions that must be pruned together, found on a captured graph."""
+    """Groups of dimensions that must be pruned together, found on a captured graph.
 
-    def __init__(self, gm: torch.fx.GraphModule, labels: Labels):
+    Every attribute is set here: `gm` (the captured GraphModule), `labels`/`table` (the dimension
+    propagation's result), `frozen_ops`, `parameters`/`buffers`/`aliases` (canonical tensors by name,
+    tied names -> canonical), `order` (node -> position), `attention_ops` ((op, query dims, key dims)
+    per attention, in graph order: one per layer), `groups`, and what the capture came from:
+    `exported` (the ExportedProgram, or None), `model` (the analysed module, or None) and
+    `model_config` (its Hugging Face config, or None).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, labels: Labels, *, exported=None, model=None):
         self.gm, self.labels, self.table = gm, labels, labels.table
+        self.exported, self.model = exported, model
+        self.model_config = getattr(model, "config", None)
         self.frozen_ops = list(labels.frozen_ops)
         self.parameters, self.buffers, self.aliases = self._tensors()
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.attention_ops = self._attention_ops()
+        # leaf id -> the parameter names of each unit, for dims split into single units (fxprune.pieces)
+        self.unit_parameters = unit_parameters(labels, self.aliases, self.parameters)
+        self._unit_owned = {n for units in self.unit_parameters.values() for names in units for n in names}
         self.groups = self._build_groups()
 
     # -- tensors ---------------------------------------------------------------
@@ -100,13 +118,18 @@ class DependencyGraph:
     def count_parameters(self, kept_counts: dict[int, int]) -> int:
         """Unique parameters after keeping `kept_counts[atom_id]` units of each listed atom."""
         total = 0
+        for leaf_id, units in self.unit_parameters.items():  # units alike: each kept unit keeps its own
+            kept = kept_counts.get(leaf_id, len(units))
+            total += kept * sum(self._count(n, kept_counts) for n in units[0])
         for name, t in self.parameters.items():
-            dims = self.dims_of(name)
-            if dims is None:
-                total += t.numel()
-                continue
-            total += math.prod(self.table.kept_int(a, kept_counts) for a in dims)
+            if name not in self._unit_owned:
+                total += self._count(name, kept_counts)
         return total
+
+    def _count(self, name: str, kept_counts: dict[int, int]) -> int:
+        t = self.parameters[name]
+        dims = self.dims_of(name)
+        return t.numel() if dims is None else math.prod(self.table.kept_int(a, kept_counts) for a in dims)
 
     # -- groups ----------------------------------------------------------------
     def _build_groups(self):
@@ -123,6 +146,8 @@ class DependencyGraph:
         for atom_id, occ in sorted(occurrences.items(), key=lambda kv: self._first_use(kv[1])):
             leaf = T.atoms[atom_id]
             members = [Member(name, d, T.digit_map(atom, leaf)) for name, d, atom in occ]
+            for unit, names in enumerate(self.unit_parameters.get(atom_id, [])):  # all of it is unit's
+                members += [Member(n, 0, torch.full((self.parameters[n].shape[0],), unit)) for n in names]
             if not any(m.name in self.parameters for m in members):
                 continue
             before = self.num_parameters()
@@ -131,8 +156,13 @@ class DependencyGraph:
             layer = None if kind == "hidden" else layers.get(atom_id, self._layer_of(occ))
             groups.append(Group(len(groups), kind, int(leaf.size), layer, members, atom_id, before - after,
                                 min(T.find(leaf).min_keep, int(leaf.size))))
+        renormalised_by = {}
+        for atom, node_name in self.labels.renormalising:
+            for leaf in T.leaves(atom):
+                renormalised_by.setdefault(leaf.id, []).append(node_name)
         for g in groups:
             g.nodes = self._nodes_with(g.atom_id)
+            g.renormalised_by = tuple(dict.fromkeys(renormalised_by.get(g.atom_id, ())))
         return groups
 
     def _uses(self, occ):
@@ -171,7 +201,6 @@ class DependencyGraph:
     def _classify(self):
         T = self.table
         kinds, layers = {}, {}
-        self.attention_ops = self._attention_ops()
         for layer, (_, dq, _) in enumerate(self.attention_ops):
             for atom in dq[:-2]:
                 leaves = [l for l in T.leaves(atom) if l.static and int(l.size) > 1]
@@ -215,9 +244,7 @@ class DependencyGraph:
         T = self.table
         out = []
         for node in self.gm.graph.nodes:
-            dims = node.meta.get(DIMS)
-            flat = dims if dims and not isinstance(dims[0], list) else [a for d in (dims or []) if d for a in d]
-            if any(leaf.id == atom_id for a in flat if a is not None for leaf in T.leaves(a)):
+            if any(leaf.id == atom_id for a in flat_dims(node.meta.get(DIMS)) for leaf in T.leaves(a)):
                 out.append(node)
         return out
 

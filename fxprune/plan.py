@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,9 @@ class PrunePlan:
     params_after: int
     fingerprint: str
     groups: dict[int, str] = field(default_factory=dict)  # group id -> kind, for readers
+    # Renormalising groups of the targeted kinds (Group.renormalising): pruned when config.renormalising
+    # is "allow" (the pruned model is then not the zero-masked original), left whole when "exclude".
+    renormalising: list[int] = field(default_factory=list)
 
     @property
     def removed_fraction(self) -> float:
@@ -48,6 +52,7 @@ class PrunePlan:
             "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in self.kept.items()},
             "params_before": self.params_before, "params_after": self.params_after,
             "fingerprint": self.fingerprint, "groups": {str(k): v for k, v in self.groups.items()},
+            "renormalising": self.renormalising,
         }, indent=1)
 
     @classmethod
@@ -56,19 +61,24 @@ class PrunePlan:
         return cls(PruneConfig.from_dict(d["config"]), {int(k): v for k, v in d["units"].items()},
                    {n: {int(k): v for k, v in dims.items()} for n, dims in d["kept"].items()},
                    d["params_before"], d["params_after"], d["fingerprint"],
-                   {int(k): v for k, v in d.get("groups", {}).items()})
+                   {int(k): v for k, v in d.get("groups", {}).items()}, list(d.get("renormalising", [])))
 
 
-def target_groups(dg: DependencyGraph, cfg: PruneConfig):
+def target_groups(dg: DependencyGraph, cfg: PruneConfig, renormalising: bool | None = None):
+    """The groups `cfg` may prune; `renormalising=True` gives those of them that renormalise
+    (whatever cfg.renormalising says), False those that do not, None what cfg allows."""
     kinds = set()
     for t in cfg.targets:
         if t == "heads":
             kinds |= {"heads", "kv_groups" if cfg.gqa == "groups" else "group_heads"}
         else:
             kinds |= set(KINDS_FOR_TARGET[t])
-    n_layers = len(getattr(dg, "attention_ops", []))
+    n_layers = len(dg.attention_ops)
     protect = protected_layers(cfg.protect_layers, n_layers)
-    return [g for g in dg.groups if g.kind in kinds and not (g.kind != "hidden" and g.layer in protect)]
+    groups = [g for g in dg.groups if g.kind in kinds and not (g.kind != "hidden" and g.layer in protect)]
+    if renormalising is None:
+        renormalising = None if cfg.renormalising == "allow" else False
+    return groups if renormalising is None else [g for g in groups if g.renormalising == renormalising]
 
 
 def kept_count(n: int, fraction: float, round_to: int | None, minimum: int = 1) -> int:
@@ -157,6 +167,19 @@ def make_room(counts, skipped, taken, removed, target, slack, minimum):
             return trial
     return counts
 
+def renormalising_note(dg: DependencyGraph, cfg: PruneConfig) -> list[int]:
+    """Ids of the targeted groups that renormalise; warns the user what that means for this plan."""
+    found = target_groups(dg, cfg, renormalising=True)
+    if found:
+        names = ", ".join(f"g{g.id} ({g.kind}, layer {g.layer}, by {g.renormalised_by[0]})" for g in found[:6])
+        more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+        what = ("are pruned: the pruned model is not the original with those units zeroed (its proof is a "
+                "smaller-config twin); PruneConfig(renormalising='exclude') leaves them whole"
+                if cfg.renormalising == "allow" else "are left whole (renormalising='exclude')")
+        warnings.warn(f"renormalising groups {names}{more} {what}", stacklevel=3)
+    return [g.id for g in found]
+
+
 def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Tensor]) -> PrunePlan:
     from fxprune.rewrite import kept_positions
     groups = target_groups(dg, cfg)
@@ -180,7 +203,7 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
             f"ratio {cfg.ratio} cannot be met: the prunable structure for targets {cfg.targets} allows "
             f"{achieved:.4f} (tolerance {TOLERANCE}). Frozen ops: {frozen_summary(dg)}")
     return PrunePlan(cfg, {gid: u for gid, u in units.items() if len(u) < dg.groups[gid].n_units}, kept,
-                     before, after, fingerprint(dg), {g.id: g.kind for g in groups})
+                     before, after, fingerprint(dg), {g.id: g.kind for g in groups}, renormalising_note(dg, cfg))
 
 
 def added_biases(dg: DependencyGraph, kept: dict) -> int:

@@ -5,6 +5,8 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxprune.groups import DependencyGraph
+from fxprune.passes.drop_pieces import DropPiecesPass
+from fxprune.passes.contracts import check_graph
 from fxprune.passes.insert_gathers import InsertGathersPass
 from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
@@ -53,11 +55,13 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> torch.fx.Grap
     passes = [
         SliceParametersPass(dg.gm, dg.parameters, dg.buffers, dg.aliases, kept_positions(dg, kept)),
         RewriteShapeLiteralsPass(dg.table, counts, kept),
+        DropPiecesPass(dg.table, kept, dg.unit_parameters),
         InsertGathersPass(dg.table, kept),
         LiftLinearModulesPass(),
         NormalizeSignaturePass(),
     ]
-    gm = PassManager(passes=passes, run_checks_after_each_pass=True)(gm).graph_module
-    gm.graph.lint()
+    manager = PassManager(passes=passes, run_checks_after_each_pass=True)
+    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
+    gm = manager(gm).graph_module
     gm.recompile()
     return gm

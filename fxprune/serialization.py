@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fxprune.analyze import analyze
 from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
+from fxprune.fx_util import owner_and_leaf
 from fxprune.plan import PrunePlan
 
 FORMAT = 1
@@ -112,16 +113,14 @@ def load(directory) -> torch.fx.GraphModule:
         tied.setdefault(id(t), []).append(pname)
     for key in list(state):  # non-persistent buffers are not in the state dict: assign them directly
         if key in expected and key not in gm.state_dict():
-            parent, _, leaf = key.rpartition(".")
-            owner = gm.get_submodule(parent) if parent else gm
+            owner, leaf = owner_and_leaf(gm, key)
             owner.register_buffer(leaf, state.pop(key), persistent=False)
     gm.load_state_dict(state, strict=False, assign=True)
     for names in tied.values():  # assign=True replaced one name of a tied weight: point the others at it
         owner = next(n for n in names if n in state)
         for alias in names:
             if alias != owner:
-                parent, _, leaf = alias.rpartition(".")
-                setattr(gm.get_submodule(parent) if parent else gm, leaf, gm.get_parameter(owner))
+                setattr(*owner_and_leaf(gm, alias), gm.get_parameter(owner))
     for pname, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.is_meta:
             raise ValueError(f"{directory}: {pname} was not loaded")

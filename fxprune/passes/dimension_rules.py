@@ -14,6 +14,7 @@ import sympy
 import torch
 
 from fxprune.atoms import PROD, SUM, as_expr
+from fxprune.fx_util import owner_and_leaf, schema_arg
 from fxprune.passes.value_rules import COUNTS, INDEX, OFFSETS, VALUES
 
 aten = torch.ops.aten
@@ -48,16 +49,6 @@ def shape(node) -> list:
 
 def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
-
-
-def schema_arg(node, name, default=None):
-    """An op argument by its schema name, passed positionally or by keyword, else its default."""
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name == name:
-            if not a.kwarg_only and i < len(node.args):
-                return node.args[i]
-            return node.kwargs.get(name, a.default_value if a.has_default_value() else default)
-    return default
 
 
 # -- broadcasting ------------------------------------------------------------
@@ -401,8 +392,7 @@ def constant_value(node):
         node = node.args[0]
     if node.op != "get_attr":
         return None
-    owner, _, leaf = node.target.rpartition(".")
-    module = node.graph.owning_module.get_submodule(owner)
+    module, leaf = owner_and_leaf(node.graph.owning_module, node.target)
     value = getattr(module, leaf, None)
     if not isinstance(value, torch.Tensor) or leaf in module._parameters or leaf in module._buffers or value.is_meta:
         return None
@@ -501,13 +491,22 @@ def sort_rule(node, L):
     return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
 
 
+PIECES = "fxprune.pieces"  # node.meta of a split into single positions and of the cat that puts them back
+
+
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split_rule(node, L):
+    """Segments of one dim. Into single positions (one head each, processed apart, e.g. by a per-head
+    norm): the pieces are position i of the dim, and a cat that puts them back in order gives the dim
+    back whole (cat_rule), the ops in between belonging to position i; otherwise a concatenation."""
     x = node.args[0]
     dims = L.dims(x)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    d = norm_dim(dim, len(dims))
+    d = norm_dim(schema_arg(node, "dim", 0), len(dims))
     sizes = [as_expr(t.shape[d]) for t in node.meta["val"]]
+    if len(sizes) > 1 and all(s == 1 for s in sizes):
+        parts = [L.table.new(1, node.name) for _ in sizes]
+        L.pending_pieces[node] = (dims[d], parts)
+        return [[part if i == d else a for i, a in enumerate(dims)] for part in parts]
     parts = L.table.split_sum(dims[d], [s for s in sizes if s != 0]) if len(sizes) > 1 else [dims[d]]
     parts = iter(parts)
     outs = []
@@ -527,17 +526,32 @@ def unbind_rule(node, L):
     return [dims[:d] + dims[d + 1:] for _ in node.meta["val"]]
 
 
+def reassembled(L, tensors, d):
+    """The split whose single-position pieces `tensors` are, in order, along `d`; else None."""
+    got = [L.table.find(L.dims(t)[d]) for t in tensors]
+    for split, (atom, parts) in L.pending_pieces.items():
+        if [L.table.find(p) for p in parts] == got:
+            return split
+    return None
+
+
 @rule(aten.cat)
 def cat_rule(node, L):
     tensors = [t for t in node.args[0] if shape(t) != [0]]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out_shape = shape(node)
-    d = norm_dim(dim, len(out_shape))
+    d = norm_dim(schema_arg(node, "dim", 0), len(out_shape))
     out = L.fresh(node)
     for t in tensors:
         for i, a in enumerate(L.dims(t)):
             if i != d:
                 L.unify(a, out[i])
+    split = reassembled(L, tensors, d)
+    if split is not None:  # the pieces back in order: the dim the split took apart
+        atom, _ = L.pending_pieces.pop(split)
+        L.unify(out[d], atom)
+        split.meta[PIECES] = node.meta[PIECES] = atom
+        L.pieces.append((split, node, atom))
+        return out
     L.unify(out[d], L.table.make(SUM, [L.dims(t)[d] for t in tensors], node.name))
     return out
 
@@ -571,6 +585,7 @@ def norm_rule(node, L):
     x = node.args[0]
     dims = L.dims(x)
     n = len(node.args[1])
+    L.renormalises(node, dims[-n:])
     for w in node.args[2:4]:
         if isinstance(w, torch.fx.Node):
             for a, b in zip(L.dims(w), dims[-n:]):
@@ -595,6 +610,7 @@ def reduction_rule(node, L):
         reduced = set(range(len(dims)))
     else:
         reduced = {norm_dim(d, len(dims)) for d in ([which] if isinstance(which, int) else which)}
+    L.renormalises(node, [dims[i] for i in sorted(reduced)])
     vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
     outs = []
     for v in vals:

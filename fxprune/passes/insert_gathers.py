@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.propagate_dimensions import DIMS
+from fxprune.fx_util import flat_dims, is_multi
+from fxprune.passes.contracts import DIMS, require_dims
+from fxprune.passes.dimension_rules import PIECES
 from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
 from fxprune.passes.value_rules import VALUES
 
@@ -25,23 +27,26 @@ class InsertGathersPass(PassBase):
     def leaves(self, dims):
         return {l.id for a in dims for l in self.T.leaves(a) if l.id in self.kept}
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        require_dims(gm, type(self).__name__)
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
         count = 0
         for node in list(gm.graph.nodes):
             dims = node.meta.get(DIMS)
-            if node.op != "call_function" or not dims or isinstance(dims[0], list):
+            if node.op != "call_function" or not dims or is_multi(dims):
                 continue
             if getattr(node.target, "overloadpacket", None) in SIZE_LIST_AT:
                 continue
             inherited = set()
             for arg in node.all_input_nodes:
-                a = arg.meta.get(DIMS) or []
-                flat = [x for d in a if d for x in d] if a and isinstance(a[0], list) else a
-                inherited |= self.leaves([x for x in flat if x is not None])
+                inherited |= self.leaves(flat_dims(arg.meta.get(DIMS)))
                 label = arg.meta.get(VALUES)  # counted from values that are already pruned positions
                 if isinstance(label, tuple):
                     inherited |= self.leaves([label[1]])
+            if node.meta.get(PIECES) is not None:  # a cat of the kept pieces: the dim is whole again
+                inherited |= self.leaves([node.meta[PIECES]])
             born = self.leaves(dims) - inherited
             if not born:
                 continue

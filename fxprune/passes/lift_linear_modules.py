@@ -14,19 +14,13 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.slice_parameters import set_attr_path
+from fxprune.fx_util import get_attr_path, owner_and_leaf, set_attr_path
+from fxprune.passes.contracts import ContractError
 
 aten = torch.ops.aten
 READ_AS = "fxprune.read_as"
 WEIGHT_OF = "fxprune.weight_of"  # on a lifted call: the name the original graph read its weight under
 TRANSPOSES = (aten.numpy_T.default, aten.t.default)
-
-
-def get_attr_path(gm, path):
-    value = gm
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def is_attr(gm, node, rank=None) -> bool:
@@ -61,6 +55,12 @@ class LiftLinearModulesPass(PassBase):
         gm.graph.eliminate_dead_code()
         gm.recompile()
         return PassResult(gm, changed)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Nothing the pass recognises as a projection on parameters is left unlifted."""
+        for node in gm.graph.nodes:
+            if self.match(gm, node) is not None:
+                raise ContractError(f"{node.name} ({node.target}) is a projection on parameters left unlifted")
 
     def match(self, gm, node):
         """(x, weight node, bias node or None, weight stored [in, out], node computing y) or None."""
@@ -116,8 +116,7 @@ class LiftLinearModulesPass(PassBase):
         lin.weight = weight
         if b is not None:
             lin.bias = get_attr_path(gm, b.target)
-        parent, _, leaf = path.rpartition(".")
-        owner = get_attr_path(gm, parent) if parent else gm
+        owner, leaf = owner_and_leaf(gm, path)
         existing = getattr(owner, leaf, None)
         if existing is not None:
             members = dict(existing.named_parameters(recurse=False))
@@ -128,7 +127,6 @@ class LiftLinearModulesPass(PassBase):
             else:
                 path, leaf = f"{path}_linear", f"{leaf}_linear"
                 if transposed:  # the [in, out] tensor is read nowhere else: the module's copy replaces it
-                    w_parent, _, w_leaf = w.target.rpartition(".")
-                    delattr(get_attr_path(gm, w_parent) if w_parent else gm, w_leaf)
+                    delattr(*owner_and_leaf(gm, w.target))
         set_attr_path(gm, path, lin)
         return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxprune.passes.contracts import ContractError, graphs_of
 from fxprune.runtime import CausalLMOutput, DefaultAttentionMask, device_of
 
 aten = torch.ops.aten
@@ -35,11 +36,10 @@ class NormalizeSignaturePass(PassBase):
             if user is not full:
                 user.replace_input_with(mask, full)
         follow_input_device(graph, ids)
-        for sub in gm.modules():
-            if isinstance(sub, torch.fx.GraphModule) and sub is not gm:  # higher-order op bodies
-                first = next(n for n in sub.graph.nodes if n.op == "placeholder")
-                follow_input_device(sub.graph, first)
-                sub.recompile()
+        for sub in graphs_of(gm)[1:]:  # higher-order op bodies
+            first = next(n for n in sub.graph.nodes if n.op == "placeholder")
+            follow_input_device(sub.graph, first)
+            sub.recompile()
         output = next(n for n in graph.nodes if n.op == "output")
         logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
         with graph.inserting_before(output):
@@ -48,6 +48,16 @@ class NormalizeSignaturePass(PassBase):
         graph._codegen = torch.fx.graph.CodeGen()
         gm.recompile()
         return PassResult(gm, True)
+
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """The promise: the signature `gm(input_ids, attention_mask=None)` and an output with `.logits`."""
+        inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        wrapped = output.args[0]
+        if inputs != ["input_ids", "attention_mask"] or not (
+                isinstance(wrapped, torch.fx.Node) and wrapped.op == "call_module" and wrapped.target == "_fxprune_output"):
+            raise ContractError(f"NormalizeSignaturePass left inputs {inputs} and output {wrapped}")
 
 
 def follow_input_device(graph: torch.fx.Graph, source: torch.fx.Node) -> None:

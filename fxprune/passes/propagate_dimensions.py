@@ -16,10 +16,11 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.atoms import AtomTable
+from fxprune.fx_util import get_attr_path, is_multi
+from fxprune.passes.contracts import DIMS, ContractError, graphs_of
 from fxprune.passes.dimension_rules import find_rule
 from fxprune.passes.value_rules import VALUES, track_values
 
-DIMS = "fxprune.dims"
 NO_TENSOR_OPS = {"_assert_tensor_metadata", "sym_size", "_set_grad_enabled", "sym_numel", "sym_stride"}
 
 
@@ -33,6 +34,16 @@ class Labels:
     tensor_atoms: dict = field(default_factory=dict)
     experts: list = field(default_factory=list)     # dims whose positions a router's top-k picks (experts)
     read: set = field(default_factory=set)          # (reader, tensor) pairs whose value label a rule claimed
+    renormalising: list = field(default_factory=list)  # (atom, node name): dims an op reduces or normalises over
+    # Splits of a dim into single positions (one head each), until a cat puts them back in order:
+    # split node -> (the dim's atom, the atom of each piece's size-1 dim). See dimension_rules.split_rule.
+    pending_pieces: dict = field(default_factory=dict)
+    pieces: list = field(default_factory=list)  # (split node, cat node, atom): pieces put back together
+
+    def renormalises(self, node, dims) -> None:
+        """`node` computes statistics over `dims` (a norm, a mean, a sum): the pruned model's statistics
+        over those dims are taken over the kept positions only, so it is not the zero-masked original."""
+        self.renormalising += [(atom, node.name) for atom in dims]
 
     def dims(self, node):
         return node.meta[DIMS]
@@ -54,12 +65,24 @@ class Labels:
     def freeze_all(self, dims, why):
         if dims is None:
             return
-        if isinstance(dims, list) and dims and isinstance(dims[0], list):
+        if is_multi(dims):
             for d in dims:
                 self.freeze_all(d, why)
             return
         for atom in dims:
             self.table.freeze(atom, why)
+
+
+def settle_pieces(L: Labels) -> None:
+    """A split into single positions that no cat put back is a concatenation of size-1 segments: the
+    positions become unprunable, as for any other split into pieces."""
+    for node, (atom, parts) in L.pending_pieces.items():
+        try:
+            for part, piece in zip(L.table.split_sum(atom, [1] * len(parts)), parts):
+                L.unify(part, piece)
+        except Exception as exc:  # an irreconcilable structure: freeze, never guess
+            L.table.freeze(atom, f"{node.name} splits into pieces: {exc}")
+    L.pending_pieces.clear()
 
 
 def fresh_like(L: Labels, val, origin: str):
@@ -83,8 +106,16 @@ class PropagateDimensionsPass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.propagate(gm, gm.graph, top=True)
+        settle_pieces(self.labels)
         self.labels.table.settle_frozen()
         return PassResult(gm, False)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Every node that holds a value (all but the outputs), in every sub-graph, has its labels."""
+        for sub in graphs_of(gm):
+            for node in sub.graph.nodes:
+                if node.op != "output" and DIMS not in node.meta:
+                    raise ContractError(f"PropagateDimensionsPass left node {node.name} ({node.op}) without labels")
 
     def propagate(self, gm, graph, top: bool, bound=None):
         L = self.labels
@@ -114,9 +145,7 @@ class PropagateDimensionsPass(PassBase):
         return None
 
     def attr_dims(self, gm, node):
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
+        value = get_attr_path(gm, node.target)
         if not isinstance(value, torch.Tensor):
             return None
         key = id(value)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.propagate_dimensions import DIMS
+from fxprune.fx_util import get_attr_path, is_multi
+from fxprune.passes.contracts import DIMS, require_dims
 
 
 def parameter_dependent(gm: torch.fx.GraphModule) -> set:
@@ -18,10 +19,7 @@ def parameter_dependent(gm: torch.fx.GraphModule) -> set:
     dependent = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            if id(value) in params:
+            if id(get_attr_path(gm, node.target)) in params:
                 dependent.add(node)
         elif any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
@@ -35,9 +33,12 @@ class RecomputeSharedConstantsPass(PassBase):
 
     def carries(self, node) -> bool:
         dims = node.meta.get(DIMS)
-        if not dims or isinstance(dims[0], list):
+        if not dims or is_multi(dims):
             return False
         return any(l.id in self.atom_ids for a in dims for l in self.T.leaves(a))
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        require_dims(gm, type(self).__name__)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         dependent = parameter_dependent(gm)

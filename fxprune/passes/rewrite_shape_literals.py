@@ -14,7 +14,7 @@ import sympy
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.propagate_dimensions import DIMS
+from fxprune.passes.contracts import DIMS, ContractError, graphs_of, require_dims
 
 aten = torch.ops.aten
 SIZE_LIST_AT = {  # op packet -> index of the argument holding one size per output dimension
@@ -35,9 +35,25 @@ class RewriteShapeLiteralsPass(PassBase):
     def changed(self, atom) -> bool:
         return any(l.id in self.counts for l in self.T.leaves(atom))
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        require_dims(gm, type(self).__name__)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """The promise: every integer size that names a pruned dimension is that dimension's kept size."""
+        for sub in graphs_of(gm):
+            for node in sub.graph.nodes:
+                i = SIZE_LIST_AT.get(getattr(node.target, "overloadpacket", None))
+                dims = node.meta.get(DIMS)
+                if node.op != "call_function" or i is None or not dims:
+                    continue
+                for value, atom in zip(node.args[i], dims):
+                    if isinstance(value, int) and value != -1 and self.changed(atom) and value != self.new_size(atom):
+                        raise ContractError(f"{node.name}: size {value} of a pruned dimension, expected "
+                                            f"{self.new_size(atom)} after the rewrite")
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
-        for g in [gm] + [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]:
+        for g in graphs_of(gm):
             for node in list(g.graph.nodes):
                 if node.op == "call_function" and node.meta.get(DIMS) is not None:
                     changed |= self.rewrite(g.graph, node)

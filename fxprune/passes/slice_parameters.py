@@ -8,20 +8,8 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-
-def set_attr_path(root: torch.nn.Module, path: str, value, persistent: bool = True) -> None:
-    *parents, leaf = path.split(".")
-    mod = root
-    for p in parents:
-        if not hasattr(mod, p):
-            mod.add_module(p, torch.nn.Module())
-        mod = getattr(mod, p)
-    if isinstance(value, torch.nn.Parameter):
-        mod.register_parameter(leaf, value)
-    elif isinstance(value, torch.nn.Module):
-        mod.add_module(leaf, value)
-    else:
-        mod.register_buffer(leaf, value, persistent=persistent)
+from fxprune.fx_util import get_attr_path, set_attr_path
+from fxprune.passes.contracts import ContractError
 
 
 def slice_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -43,3 +31,15 @@ class SliceParametersPass(PassBase):
         for name, t in self.buffers.items():
             set_attr_path(gm, name, slice_tensor(t, self.keep.get(name, {})), persistent=name in persistent)
         return PassResult(gm, True)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """The promise: every tensor has its kept shape and its own storage (none aliases the source)."""
+        for name, t in list(self.params.items()) + list(self.buffers.items()):
+            new = get_attr_path(gm, name)
+            shape = list(t.shape)
+            for dim, index in self.keep.get(name, {}).items():
+                shape[dim] = len(index)
+            if list(new.shape) != shape:
+                raise ContractError(f"{name} has shape {list(new.shape)} after slicing, expected {shape}")
+            if new.numel() and t.device.type != "meta" and new.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise ContractError(f"{name} still shares storage with the input model")

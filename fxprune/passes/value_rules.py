@@ -22,6 +22,8 @@ import operator
 
 import torch
 
+from fxprune.fx_util import schema_arg
+
 aten = torch.ops.aten
 VALUES = "fxprune.values"
 INDEX, COUNTS, OFFSETS = "index", "counts", "offsets"
@@ -45,17 +47,10 @@ def selection_labels(node, dims):
     """topk/kthvalue/sort return (values, indices): values keep the input's label, indices are
     positions along the selected dim; argsort returns the indices alone."""
     x = node.args[0]
-    index = (INDEX, dims[_dim_arg(node, -1) % len(dims)])
+    index = (INDEX, dims[schema_arg(node, "dim", -1) % len(dims)])
     if node.target.overloadpacket is aten.argsort:
         return index
     return [label_of(x), index]
-
-
-def _dim_arg(node, default):
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name == "dim":
-            return node.args[i] if i < len(node.args) else node.kwargs.get("dim", default)
-    return default
 
 
 def cumsum_label(node):

@@ -46,7 +46,7 @@ def batches(calibration, vocab_size=None) -> list[tuple[torch.Tensor, torch.Tens
 
 def vocab_size(dg) -> int | None:
     """The model config's vocab_size, else the rows of the weight read by the first embedding op."""
-    vocab = getattr(getattr(dg, "model_config", None), "vocab_size", None)
+    vocab = getattr(dg.model_config, "vocab_size", None)
     if vocab is not None:
         return int(vocab)
     for node in dg.gm.graph.nodes:

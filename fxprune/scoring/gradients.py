@@ -74,7 +74,7 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
 
 
 def gradients_for(dg, groups, needs, method, calibration, gradients, batch_size, device, dtype, checkpoint):
-    if not needs:
+    if not {"grad", "sq_grad"} & set(needs):
         return None
     names = member_names(dg, groups)
     second = "sq_grad" in needs

@@ -1,4 +1,33 @@
-"""`hywia`: hybrid-grained weight importance (Liu et al., arXiv 2403.10799), small and deterministic."""
+"""`hywia`: hybrid-grained weight importance (HyWIA, Liu et al., arXiv 2403.10799), small and deterministic.
+
+Per group g and granularity k in (fine, coarse):
+  fine   = element1 (per-weight Taylor |W*G|, summed per unit, aggregated over members)
+  coarse = vector   (structure-level Taylor |sum W*G| per member, aggregated)
+  n_k    = s_k / mean(s_k)      normalised per group: mean 1, ranks and non-negativity kept
+Attention over the two granularities, per group:
+  phi_k  = log1p([std, max, min, f_g-quantile] of n_k)          (per-group statistics, fixed)
+  key_k  = A phi_k + b + e_k                                     (A, b, e_k learned, shared)
+  a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
+  s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
+Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
+removes for the current scores when `ratio` of the parameters go (`planned_fractions`, recomputed
+every step; protected layers and embeddings make f_g larger than `ratio`; `fractions` fixes it):
+  soft   m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the f_g-quantile of s, T_g = temperature * std(s)
+  hard   (default) forward: m_u = 1 for the (1 - f_g) n_g best units by s, else 0 (the pruned model
+         itself); backward: the gradient of the soft m_u (straight-through)
+m scales the output-projection columns (o_proj / down_proj) of each unit of groups of kind heads /
+kv_groups / group_heads / mlp; the parameters (q, A, b, e) minimise the LM loss of the masked
+model by Adam(lr) for `steps` steps, one calibration chunk per step in order. q starts at 0
+(equal weights); A is drawn from a generator seeded by `seed`, so the result is deterministic for
+a seed. Groups of other kinds have no output projection to mask: their scores are blended with
+the attention of their (layer, kind) query, which keeps its initial equal weights unless a
+maskable group shares it.
+Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
+i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
+on the held-out calibration rows is returned (`validation` holds both losses). The last `holdout`
+fraction of the calibration rows is kept out of the attention's training for that (the gradients of
+element1 and vector still use every row), so the choice is not made on the rows the blend was fitted to.
+"""
 from __future__ import annotations
 
 import math
@@ -79,36 +108,11 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
           batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False,
           gradients: GradientStats | None = None, relaxation: str = "hard", fractions: dict | None = None,
           validate: bool = True, settings: HyWIA | None = None) -> HyWIAResult:
-    """Hybrid-grained weight importance (HyWIA, Liu et al., arXiv 2403.10799), small and deterministic.
+    """Hybrid-grained weight importance of `groups` (default: all) learned on `calibration`, for a plan
+    that removes `ratio` of the parameters; the method is in this module's docstring.
 
-    Per group g and granularity k in (fine, coarse):
-      fine   = element1 (per-weight Taylor |W*G|, summed per unit, aggregated over members)
-      coarse = vector   (structure-level Taylor |sum W*G| per member, aggregated)
-      n_k    = s_k / mean(s_k)      normalised per group: mean 1, ranks and non-negativity kept
-    Attention over the two granularities, per group:
-      phi_k  = log1p([std, max, min, f_g-quantile] of n_k)          (per-group statistics, fixed)
-      key_k  = A phi_k + b + e_k                                     (A, b, e_k learned, shared)
-      a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
-      s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
-    Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
-    removes for the current scores when `ratio` of the parameters go (`planned_fractions`, recomputed
-    every step; protected layers and embeddings make f_g larger than `ratio`; `fractions` fixes it):
-      soft   m_u = sigmoid((s_u - tau_g) / T_g), tau_g = the f_g-quantile of s, T_g = temperature * std(s)
-      hard   (default) forward: m_u = 1 for the (1 - f_g) n_g best units by s, else 0 (the pruned model
-             itself); backward: the gradient of the soft m_u (straight-through)
-    m scales the output-projection columns (o_proj / down_proj) of each unit of groups of kind heads /
-    kv_groups / group_heads / mlp; the parameters (q, A, b, e) minimise the LM loss of the masked
-    model by Adam(lr) for `steps` steps, one calibration chunk per step in order. q starts at 0
-    (equal weights); A is drawn from a generator seeded by `seed`, so the result is deterministic for
-    a seed. Groups of other kinds have no output projection to mask: their scores are blended with
-    the attention of their (layer, kind) query, which keeps its initial equal weights unless a
-    maskable group shares it.
-    Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
-    i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
-    on the held-out calibration rows is returned (`validation` holds both losses). The last `holdout`
-    fraction of the calibration rows is held out of the attention's training for that (the gradients of
-    element1 and vector still use every row), so the choice is not made on the rows the blend was fitted to.
-    `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate.
+    `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate; `fractions`
+    fixes the per-group fractions f_g; `gradients` reuses a `compute_gradients` result.
     See docs/hywia.md for the reasons behind these choices.
     """
     if not 0.0 < ratio < 1.0:

@@ -171,3 +171,31 @@ def as_method(method, known=(), seed: int = 0, **hywia) -> Method:
     if method in known:
         return Registered(method)
     raise ValueError(f"unknown scoring method {method!r}; choose one of {sorted(set(known) | set(SHORTHANDS))}")
+
+
+def _subclasses(cls) -> dict[str, type]:
+    out = {}
+    for sub in cls.__subclasses__():
+        out[sub.__name__] = sub
+        out.update(_subclasses(sub))
+    return out
+
+
+def method_to_dict(method):
+    """JSON form of an importance: a name stays a name; settings become {"method": class, "estimator", fields}."""
+    if isinstance(method, str):
+        return method
+    return {"method": type(method).__name__, "estimator": method.estimator,
+            **{f.name: getattr(method, f.name) for f in fields(method)}}
+
+
+def method_from_dict(d):
+    """Inverse of `method_to_dict`. Settings of a class not defined in this process (a user's own,
+    not imported) come back as `Registered(estimator)`, which selects the same registry entry."""
+    if isinstance(d, str):
+        return d
+    d = dict(d)
+    cls, estimator = _subclasses(Method).get(d.pop("method")), d.pop("estimator")
+    if cls is None:
+        return Registered(estimator)
+    return cls(**d)

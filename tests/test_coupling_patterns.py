@@ -1,0 +1,127 @@
+"""Two coupling patterns, each on a tiny model of its own:
+
+1. a norm over all heads of a projection (RMSNorm over the whole `heads * head_dim` query/key output,
+   before the split into heads): pruning heads changes the statistics the kept heads are normalised
+   by, so the group is renormalising: proven by a smaller-config twin, not by zero-masking;
+2. per-head parameters applied by splitting the heads dimension (one norm per head, applied to the
+   single heads of a split, concatenated back).
+"""
+import warnings
+
+import pytest
+import torch
+
+import fxprune
+from coupling_models import HEAD_DIM, VOCAB, AllHeadsNorm, PerHeadNorm, all_heads_twin
+from fxprune.config import PruneConfig
+from fxprune.rewrite import rewrite
+from oracles import prune_random, random_scores, rel_err, zero_masked
+
+@pytest.fixture(scope="module")
+def all_heads():
+    model = AllHeadsNorm().eval()
+    return model, fxprune.analyze(model)
+
+
+def kinds(dg):
+    return {g.kind: g for g in dg.groups if g.kind in ("heads", "mlp", "hidden")}
+
+
+def test_a_norm_over_all_heads_marks_the_heads_renormalising(all_heads):
+    _, dg = all_heads
+    groups = kinds(dg)
+    assert groups["heads"].renormalising and groups["heads"].n_units == 4
+    assert len(groups["heads"].renormalised_by) == 2  # the query's and the key's mean over heads * head_dim
+    assert groups["hidden"].renormalising  # the final RMSNorm: the same situation for hidden channels
+    assert not groups["mlp"].renormalising  # nothing takes statistics over the MLP channels
+    line = next(l for l in dg.summary().splitlines() if l.startswith(f"g{groups['heads'].id} "))
+    assert "renormalising (mean" in line
+
+
+@pytest.mark.parametrize("kept", [[0, 2], [3]])
+def test_the_pruned_model_is_the_smaller_config_twin(all_heads, kept):
+    model, dg = all_heads
+    gm = rewrite(dg, {kinds(dg)["heads"].atom_id: kept})
+    twin = all_heads_twin(model, kept)
+    assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in twin.parameters())
+    for batch, seq in ((1, 7), (3, 5)):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids).logits, twin(ids).logits)
+
+
+def test_zero_masking_does_not_hold_there(all_heads):
+    # Why the twin is the proof: zeroing the removed heads at o leaves them in the norm's mean, which
+    # pruning takes over the kept heads only. The kept heads are normalised differently.
+    model, dg = all_heads
+    kept, removed = [0, 2], [1, 3]
+    gm = rewrite(dg, {kinds(dg)["heads"].atom_id: kept})
+    masked = AllHeadsNorm().eval()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for h in removed:
+            masked.o.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0
+        ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+        assert rel_err(gm(ids).logits, masked(ids).logits) > 0.01
+
+
+def test_the_planner_tells_and_can_exclude_renormalising_groups(all_heads):
+    model, dg = all_heads
+    heads = kinds(dg)["heads"]
+    scores = {g.id: torch.arange(g.n_units, dtype=torch.float) for g in dg.groups}
+    with pytest.warns(UserWarning, match=rf"renormalising groups g{heads.id} \(heads, layer 0, by mean.*are pruned"):
+        allowed = fxprune.plan(model, 0.2, targets=("heads", "mlp"), scores=scores, dg=dg)
+    assert allowed.renormalising == [heads.id] and heads.id in allowed.units
+    cfg = PruneConfig(ratio=0.1, targets=("heads", "mlp"), renormalising="exclude")
+    with pytest.warns(UserWarning, match=rf"g{heads.id} .*are left whole"):
+        excluded = fxprune.plan(model, cfg, scores=scores, dg=dg)
+    assert excluded.renormalising == [heads.id] and heads.id not in excluded.units and excluded.units
+    assert fxprune.PrunePlan.from_json(excluded.to_json()).renormalising == [heads.id]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to tell when no targeted group renormalises
+        assert fxprune.plan(model, 0.1, targets=("mlp",), scores=scores, dg=dg).renormalising == []
+    with pytest.raises(ValueError, match="renormalising must be one of"):
+        PruneConfig(renormalising="ignore")
+
+
+# -- 2. per-head parameters applied by splitting the heads ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def per_head():
+    model = PerHeadNorm().eval()
+    return model, fxprune.analyze(model)
+
+
+def test_each_heads_norm_belongs_to_its_head(per_head):
+    model, dg = per_head
+    heads = kinds(dg)["heads"]
+    assert heads.n_units == 4 and not heads.renormalising  # each norm sees its own head only
+    owned = [(m.name, m.unit_of.unique().tolist()) for m in heads.members if m.name.startswith("q_norms")]
+    assert owned == [(f"q_norms.{i}.{p}", [i]) for i in range(4) for p in ("bias", "weight")]
+    hidden = model.embed.weight.shape[1]
+    assert heads.params_per_unit == 3 * HEAD_DIM * hidden + hidden * HEAD_DIM + 2 * HEAD_DIM  # q, k, v, o, its norm
+    assert dg.count_parameters({heads.atom_id: 1}) == dg.num_parameters() - 3 * heads.params_per_unit
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_zero_mask_and_exact_counts_when_heads_go(per_head, seed):
+    model, dg = per_head
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = fxprune.plan(model, 0.25, targets=("heads",), scores=random_scores(dg, seed), dg=dg)
+    heads = kinds(dg)["heads"]
+    kept = plan.units[heads.id]
+    assert 0 < len(kept) < 4
+    gm = fxprune.apply(model, plan, dg=dg)
+    removed = [i for i in range(4) if i not in kept]
+    assert sum(p.numel() for p in gm.parameters()) == plan.params_after == \
+        dg.num_parameters() - len(removed) * heads.params_per_unit
+    names = {n for n, _ in gm.named_parameters()}
+    assert {f"q_norms.{i}.weight" for i in kept} <= names and not {f"q_norms.{i}.weight" for i in removed} & names
+    cats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(cats) == 1 and len(cats[0].args[0]) == len(kept)  # one cat input per kept head
+    reference = zero_masked(model, dg, plan)
+    for batch, seq in ((1, 7), (3, 5)):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            assert rel_err(gm(ids).logits, reference(ids).logits) < 1e-5
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input model unchanged
