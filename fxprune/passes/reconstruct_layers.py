@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.lift_linear_modules import READ_AS, WEIGHT_OF, LiftLinearModulesPass, get_attr_path
+from fxprune.fx_util import get_attr_path
+from fxprune.passes.lift_linear_modules import READ_AS, WEIGHT_OF, LiftLinearModulesPass
 
 MODES = ("none", "bias", "lstsq")
 
