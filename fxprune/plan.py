@@ -176,7 +176,7 @@ def renormalising_note(dg: DependencyGraph, cfg: PruneConfig) -> list[int]:
         what = ("are pruned: the pruned model is not the original with those units zeroed (its proof is a "
                 "smaller-config twin); PruneConfig(renormalising='exclude') leaves them whole"
                 if cfg.renormalising == "allow" else "are left whole (renormalising='exclude')")
-        warnings.warn(f"renormalising groups {names}{more} {what}", stacklevel=3)
+        warnings.warn(f"renormalising groups {names}{more} {what}", stacklevel=4)  # at the caller of plan()
     return [g.id for g in found]
 
 

@@ -83,7 +83,8 @@ def test_settings_survive_the_plan_json(analysed):
 def test_the_plan_holds_no_analysis(analysed):
     model, dg = analysed
     plan = fxprune.plan(model, 0.2, scores=random_scores(dg), dg=dg)
-    assert set(vars(plan)) == {"config", "units", "kept", "params_before", "params_after", "fingerprint", "groups"}
+    assert set(vars(plan)) == {"config", "units", "kept", "params_before", "params_after", "fingerprint", "groups",
+                               "renormalising"}
     for again in (copy.deepcopy(plan), pickle.loads(pickle.dumps(plan))):
         assert again.to_json() == plan.to_json()
 
