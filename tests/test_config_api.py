@@ -21,15 +21,16 @@ def analysed():
 
 def test_a_config_and_its_keywords_make_the_same_plan(analysed):
     model, dg = analysed
-    cfg = PruneConfig(ratio=0.25, importance=Magnitude(p=1), targets=("mlp",), allocation="global")
+    cfg = PruneConfig(ratio=0.25, importance=Magnitude(p=1), targets=("mlp",), allocation="global", reconstruct="none")
     by_config = fxprune.plan(model, cfg, dg=dg)
     by_keyword = fxprune.plan(model, config=cfg, dg=dg)
-    by_name = fxprune.plan(model, 0.25, importance="l1", targets=("mlp",), allocation="global", dg=dg)
+    by_name = fxprune.plan(model, 0.25, importance="l1", targets=("mlp",), allocation="global", reconstruct="none",
+                           dg=dg)
     assert by_config.to_json() == by_keyword.to_json()
     assert by_config.units == by_name.units and by_config.kept == by_name.kept
     overridden = fxprune.plan(model, config=cfg, ratio=0.3, dg=dg)  # keywords beside a config override its fields
     assert overridden.config == PruneConfig(ratio=0.3, importance=Magnitude(p=1), targets=("mlp",),
-                                            allocation="global")
+                                            allocation="global", reconstruct="none")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['importanse'\]"):
         fxprune.plan(model, 0.2, importanse="l2", dg=dg)
     with pytest.raises(ValueError, match="once"):
