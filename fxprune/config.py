@@ -19,6 +19,7 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
+    uniform_widths: bool = False  # same kept count per kind in every layer, so one HF config can hold the model
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -34,6 +35,9 @@ class PruneConfig:
             raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.uniform_widths and self.protect_layers:
+            raise ValueError(f"uniform_widths keeps the same widths in every layer, so it cannot leave layers "
+                             f"{self.protect_layers} unpruned: pass protect_layers=None (CLI: --protect with no value)")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be a positive int, got {self.round_to!r}")
 
