@@ -139,7 +139,7 @@ def exported_config(gm, base: dict, family: Family, shapes: dict) -> dict:
             raise ExportError(
                 f"the plan keeps different widths in different layers, which a {cls.__name__} config cannot hold:\n"
                 f"{differences}\ntransformers {transformers.__version__}'s per_layer_config is not honoured by "
-                f"{cls.__name__} ({type(exc).__name__}: {str(exc).split(". ")[0]}).\nTo export to hf, {UNIFORM_HINT}."
+                f"{cls.__name__} ({type(exc).__name__}: {str(exc).split('. ')[0]}).\nTo export to hf, {UNIFORM_HINT}."
             ) from None
     return config
 
