@@ -184,7 +184,7 @@ def hf_state(gm, cls, config: dict) -> tuple[dict, dict]:
     if extra:
         raise ExportError(f"{cls.__name__} has no place for the pruned model's parameters {extra[:6]}"
                           f"{' ...' if len(extra) > 6 else ''} (no config switch adds them); export to pt2 keeps them")
-    modules = dict(meta_model(cls, config).named_modules())
+    modules, lifted = dict(meta_model(cls, config).named_modules()), dict(gm.named_modules())
     state = {}
     for key, shape in shapes.items():
         if key not in pruned:
@@ -192,7 +192,8 @@ def hf_state(gm, cls, config: dict) -> tuple[dict, dict]:
                 state[key] = torch.zeros(shape, dtype=next(gm.parameters()).dtype)
             continue  # tied to another tensor, or a buffer the class computes itself
         value = pruned[key].detach().cpu()
-        if tuple(value.shape) != shape and value.dim() == 2 and isinstance(modules.get(key.rpartition(".")[0]), Conv1D):
+        owner = key.rpartition(".")[0]
+        if value.dim() == 2 and isinstance(modules.get(owner), Conv1D) and isinstance(lifted.get(owner), torch.nn.Linear):
             value = value.t()  # the lifted nn.Linear is [out, in]; GPT-2's Conv1D stores [in, out]
         if tuple(value.shape) != shape:
             raise ExportError(
