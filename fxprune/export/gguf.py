@@ -85,6 +85,16 @@ def check_supported(config: dict) -> None:
         raise ExportError(f"export to gguf writes plain RoPE; this model uses rope_type {rope.get('rope_type')!r}")
 
 
+def check_gguf_expressible(config: dict, shapes: dict, tokenizer_gguf=None):
+    """(per-layer widths, tokenizer fields) or ExportError, from the config and tensor shapes alone."""
+    check_supported(config)
+    if "model.embed_tokens.weight" not in shapes:
+        raise ExportError("the pruned model has no parameter model.embed_tokens.weight")
+    vocab = shapes["model.embed_tokens.weight"][0]
+    widths = per_layer_widths(config, LLAMA, shapes)
+    return widths, (tokenizer_fields(tokenizer_gguf, vocab) if tokenizer_gguf is not None else {})
+
+
 def export_gguf(gm: torch.fx.GraphModule, path, dtype: str = "f16", tokenizer_gguf=None) -> Path:
     """Write a pruned LLaMA-family model as a GGUF file for llama.cpp (`llama` when every layer keeps
     the same widths, `deci` with per-layer head/KV-head/feed-forward arrays otherwise). `dtype` is
@@ -94,13 +104,11 @@ def export_gguf(gm: torch.fx.GraphModule, path, dtype: str = "f16", tokenizer_gg
     if dtype not in FILE_TYPES:
         raise ExportError(f"gguf dtype must be one of {sorted(FILE_TYPES)}, got {dtype!r}")
     config = base_of(gm)["config"]
-    check_supported(config)
     path = check_free(path)
     shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
-    widths = per_layer_widths(config, LLAMA, shapes)
+    widths, tok = check_gguf_expressible(config, shapes, tokenizer_gguf)
     uniform = all(w == widths[0] for w in widths)
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    tok = tokenizer_fields(tokenizer_gguf, vocab) if tokenizer_gguf is not None else {}
     tensors = gguf_tensors(gm, widths, dtype)
     d = head_size(config, LLAMA)
     theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))

@@ -117,10 +117,12 @@ def describe_differences(widths: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def exported_config(gm, base: dict, family: Family, shapes: dict) -> dict:
+def exported_config(base: dict, family: Family, shapes: dict) -> dict:
     """The base config with the pruned widths; per-layer widths go to `per_layer_config` when the
     class honours it (checked by building it on the meta device), else ExportError."""
     config = {k: v for k, v in base["config"].items() if not k.startswith("_")}
+    if family.embed not in shapes:
+        raise ExportError(f"the pruned model has no parameter {family.embed}; cannot read its hidden size")
     hidden = shapes[family.embed][1]
     if hidden != config[family.hidden_keys[0]] and family.scaled_by_hidden:
         raise ExportError(f"cannot export hidden-channel pruning of {config['model_type']} to hf: {family.scaled_by_hidden}")
@@ -213,7 +215,7 @@ def export_hf(gm: torch.fx.GraphModule, directory, tokenizer=None) -> Path:
     cls = model_class(base)
     check_free(directory)
     shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
-    config = exported_config(gm, base, family, shapes)
+    config = exported_config(base, family, shapes)
     config, state = hf_state(gm, cls, config)
     dtype = next(gm.parameters()).dtype
     with staged_directory(directory) as tmp:
@@ -239,3 +241,9 @@ def check_reloaded(gm, directory: Path, dtype) -> None:
     if not err < tolerance:
         raise ExportError(f"{type(model).__name__} loaded from the exported config does not reproduce the pruned "
                           f"model (relative logit error {err:.2e} > {tolerance}): its config cannot express this plan")
+
+
+def check_hf_expressible(base: dict, shapes: dict) -> None:
+    """The width checks of export_hf from the base description and tensor shapes alone (no model
+    needed: the CLI runs them on a saved directory's safetensors header before loading it)."""
+    exported_config(base, family_of(base["config"]), shapes)
