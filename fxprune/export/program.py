@@ -30,16 +30,19 @@ def max_positions(gm) -> int:
 
 def export_logits_program(gm: torch.fx.GraphModule, example_inputs=None) -> torch.export.ExportedProgram:
     """ExportedProgram of the pruned model with dynamic batch (1-1024) and sequence (2-max positions)."""
-    if example_inputs is None:
-        example_inputs = probe_inputs(gm)
+    return logits_program(LogitsOnly(gm), example_inputs or probe_inputs(gm), max_positions(gm))
+
+
+def logits_program(module: torch.nn.Module, example_inputs, max_seq: int) -> torch.export.ExportedProgram:
+    """Export any `module(input_ids, attention_mask) -> logits` with dynamic batch and sequence."""
     ids, mask = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs, torch.ones_like(example_inputs))
     if ids.dim() != 2 or ids.shape[0] < 2:
         raise ValueError(f"example input_ids must be [batch >= 2, seq], got shape {tuple(ids.shape)}")
     batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=max(max_positions(gm), ids.shape[1]))
+    seq = torch.export.Dim("seq", min=2, max=max(max_seq, ids.shape[1]))
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     with torch.no_grad():
-        return torch.export.export(LogitsOnly(gm).eval(), (ids, mask), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(module.eval(), (ids, mask), dynamic_shapes=shapes, strict=False)
 
 
 def export_program(gm: torch.fx.GraphModule, path, example_inputs=None, aoti: bool = False) -> Path:
