@@ -22,7 +22,8 @@ from benchmarks.common import RESULTS, data_dir, finish, header, log, md_table, 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pruned", required=True, help="fxprune directory saved by `fxprune prune`")
+    p.add_argument("--pruned", default=None, help="fxprune directory saved by `fxprune prune` (not needed for "
+                                                   "--formats uniform alone)")
     p.add_argument("--work", required=True, help="scratch folder for the exported files (emptied first)")
     p.add_argument("--formats", nargs="+", default=["hf", "pt2", "gguf", "uniform"])
     p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"])
@@ -107,7 +108,8 @@ def run_uniform(tok, args, work, rows):
     import fxprune
     from fxprune.models import load_model
     from transformers import AutoModelForCausalLM
-    model, _ = load_model()
+    model, own_tok = load_model()
+    tok = tok or own_tok
     gm = fxprune.compile(model, args.ratio, importance=args.uniform_importance, uniform_widths=True)
     plan = gm.meta[fxprune.PLAN_KEY]
     note = f"ratio {args.ratio}, {args.uniform_importance}, removed {plan.removed_fraction:.4f}"
@@ -128,14 +130,17 @@ def main(argv=None):
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    tok = AutoTokenizer.from_pretrained(args.pruned)
-    gm = fxprune.load(args.pruned)
-    plan = gm.meta[fxprune.PLAN_KEY]
     rows = []
-    with torch.no_grad():
-        reference = measure("default plan (GraphModule, fxprune.load)", gm, tok, args, rows,
-                            note=f"{plan.config.importance}, removed {plan.removed_fraction:.4f}")
-    run_formats(gm, tok, args, work, reference, rows)
+    if args.pruned:
+        tok = AutoTokenizer.from_pretrained(args.pruned)
+        gm = fxprune.load(args.pruned)
+        plan = gm.meta[fxprune.PLAN_KEY]
+        with torch.no_grad():
+            reference = measure("default plan (GraphModule, fxprune.load)", gm, tok, args, rows,
+                                note=f"{plan.config.importance}, removed {plan.removed_fraction:.4f}")
+        run_formats(gm, tok, args, work, reference, rows)
+    else:
+        tok = None  # the uniform run loads the model with its tokenizer
     if "uniform" in args.formats:
         run_uniform(tok, args, work, rows)
     report.update(rows=rows, eval_tokens=args.eval_tokens, window=args.window, pruned=args.pruned)

@@ -60,21 +60,18 @@ def variant_name(round_to: int) -> str:
     return "unrounded" if round_to <= 1 else f"round_to {round_to}"
 
 
-class DenseLogits:
-    """The Hugging Face model as `(input_ids, attention_mask) -> logits`, for torch.export."""
+def dense_logits_module(model):
+    """The Hugging Face model as a module `(input_ids, attention_mask) -> logits`, for torch.export."""
+    import torch
 
-    @staticmethod
-    def of(model):
-        import torch
+    class DenseLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask):
-                return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return Wrapped()
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return DenseLogits()
 
 
 def aoti_runners(model, pruned: dict, max_seq: int, scratch: Path) -> dict:
@@ -84,7 +81,7 @@ def aoti_runners(model, pruned: dict, max_seq: int, scratch: Path) -> dict:
     import torch
     from fxprune.export.program import LogitsOnly, logits_program
     example = (torch.randint(1, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
-    modules = {"dense": DenseLogits.of(model), **{rt: LogitsOnly(gm) for rt, gm in pruned.items()}}
+    modules = {"dense": dense_logits_module(model), **{rt: LogitsOnly(gm) for rt, gm in pruned.items()}}
     runners = {}
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         for name, module in modules.items():
