@@ -131,3 +131,26 @@ def test_non_empty_output_refused(tmp_path):
     with pytest.raises(fxprune.ExportError, match="not empty"):
         fxprune.export_hf(gm, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("ratio,targets", [(0.2, ("heads", "mlp")), (0.35, ("heads", "mlp")),
+                                           (0.35, ("heads", "mlp", "hidden"))])
+def test_uniform_widths_plan_same_counts_by_importance(ratio, targets):
+    model = llama()
+    dg = fxprune.analyze(model)
+    scores = random_scores(dg, 7)
+    plan = fxprune.plan(model, ratio, targets=targets, scores=scores, dg=dg, uniform_widths=True)
+    assert abs(plan.removed_fraction - ratio) <= 0.01
+    per_kind = {}
+    for group in dg.groups:
+        kept = plan.units.get(group.id, list(range(group.n_units)))
+        per_kind.setdefault(group.kind, set()).add(len(kept))
+        top = torch.argsort(scores[group.id], descending=True, stable=True)[: len(kept)]
+        if group.id in plan.units:
+            assert kept == sorted(top.tolist())  # which units: the most important of each layer
+    assert all(len(counts) == 1 for counts in per_kind.values()), per_kind
+
+
+def test_uniform_widths_refuses_protected_layers():
+    with pytest.raises(ValueError, match=r"uniform_widths .* cannot leave layers \(0,\) unpruned"):
+        fxprune.PruneConfig(uniform_widths=True, protect_layers=(0,))
