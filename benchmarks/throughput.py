@@ -34,7 +34,8 @@ def parse(argv):
     p.add_argument("--protect", type=int, nargs="*", default=[0, 1, 2, -2, -1])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--seqs", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "aoti"],
+                   help="aoti: AOTInductor packages (torch.export with dynamic batch/sequence, compiled ahead of time)")
     p.add_argument("--dynamic", action="store_true",
                    help="torch.compile(dynamic=True): one graph for all shapes (faster to run, kernels less specialised)")
     p.add_argument("--warmup", type=int, default=2)
@@ -59,6 +60,38 @@ def variant_name(round_to: int) -> str:
     return "unrounded" if round_to <= 1 else f"round_to {round_to}"
 
 
+def dense_logits_module(model):
+    """The Hugging Face model as a module `(input_ids, attention_mask) -> logits`, for torch.export."""
+    import torch
+
+    class DenseLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return DenseLogits()
+
+
+def aoti_runners(model, pruned: dict, max_seq: int, scratch: Path) -> dict:
+    """AOTInductor packages of the dense model and every pruned variant (dynamic batch and sequence),
+    loaded back as callables `(ids, mask) -> logits`; compiled C++ runs them, not the Python model."""
+    import tempfile
+    import torch
+    from fxprune.export.program import LogitsOnly, logits_program
+    example = (torch.randint(1, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
+    modules = {"dense": dense_logits_module(model), **{rt: LogitsOnly(gm) for rt, gm in pruned.items()}}
+    runners = {}
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        for name, module in modules.items():
+            path = str(Path(tmp) / f"{name}.pt2")
+            torch._inductor.aoti_compile_and_package(logits_program(module, example, max_seq), package_path=path)
+            runners[name] = torch._inductor.aoti_load_package(path)
+            log(f"aoti package for {name} compiled")
+    return runners
+
+
 def plot(report: dict, path: Path) -> None:
     """Left: tokens/s of dense and pruned models; right: speedup against the ideal and the 1.15x bar."""
     import matplotlib
@@ -68,7 +101,7 @@ def plot(report: dict, path: Path) -> None:
     shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in rows))
     series = list(dict.fromkeys((r["mode"], r["variant"]) for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    label = {"eager": "eager", "compile": "torch.compile"}
+    label = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor"}
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.6))
     xs = range(len(shapes))
     ticks = [f"{b} x {s}" for b, s in shapes]
@@ -185,9 +218,14 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(0)
     for mode in args.modes:
-        wrap = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, dynamic=args.dynamic))
         torch._dynamo.reset()
-        fns = {"dense": dense_fn(wrap(model)), **{rt: pruned_fn(wrap(gm)) for rt, gm in pruned.items()}}
+        if mode == "aoti":
+            with Phase() as p:
+                fns = aoti_runners(model, pruned, max(args.seqs), out.parent)
+            report["compile_s"]["aoti (ahead of time, all variants)"] = p.wall_s
+        else:
+            wrap = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, dynamic=args.dynamic))
+            fns = {"dense": dense_fn(wrap(model)), **{rt: pruned_fn(wrap(gm)) for rt, gm in pruned.items()}}
         for b in args.batches:
             for s in args.seqs:
                 ids = torch.randint(0, model.config.vocab_size, (b, s), generator=gen)

@@ -6,6 +6,8 @@ from fxprune.config import PruneConfig
 from fxprune.groups import DependencyGraph, Group, Member
 from fxprune.plan import PlanError, PrunePlan
 from fxprune.serialization import load, save
+from fxprune.export import ExportError, export_gguf, export_hf, export_program
 
 __all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
-           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load"]
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load",
+           "ExportError", "export_gguf", "export_hf", "export_program"]

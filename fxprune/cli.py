@@ -1,4 +1,4 @@
-"""Command line: `fxprune inspect`, `fxprune prune`, `fxprune eval`."""
+"""Command line: `fxprune inspect`, `fxprune prune`, `fxprune eval`, `fxprune tune`, `fxprune export`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from fxprune.config import TARGETS
+
+DEFAULT_PROTECT = [0, 1, 2, -2, -1]
 
 
 def peak_gb() -> float:
@@ -40,6 +42,8 @@ def cmd_prune(args) -> int:
     from fxprune.data import calibration_samples, data_dir
     from fxprune.models import load_model
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    protect = args.protect if args.protect is not None else ([] if args.uniform_widths else DEFAULT_PROTECT)
+    fxprune.PruneConfig(ratio=args.ratio, protect_layers=tuple(protect) or None, uniform_widths=args.uniform_widths)
     t0 = time.time()
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     root = data_dir(args.data_dir)
@@ -49,8 +53,8 @@ def cmd_prune(args) -> int:
     ppl_before = evaluate_ppl(model, tok, wiki, args) if args.eval_tokens else None
     t1 = time.time()
     gm = fxprune.compile(model, args.ratio, importance=args.importance, calibration=calib.split(args.batch),
-                         protect_layers=tuple(args.protect) if args.protect else None, round_to=args.round_to,
-                         targets=tuple(args.targets))
+                         protect_layers=tuple(protect) if protect else None, round_to=args.round_to,
+                         targets=tuple(args.targets), uniform_widths=args.uniform_widths)
     prune_s = time.time() - t1
     ppl_after = evaluate_ppl(gm, tok, wiki, args) if args.eval_tokens else None
     plan = gm.meta[fxprune.PLAN_KEY]
@@ -138,7 +142,10 @@ def main(argv=None) -> int:
     r.add_argument("--importance", default="hywia")
     r.add_argument("--targets", nargs="+", default=["heads", "mlp"], choices=list(TARGETS),
                    help="structures to prune (experts: whole experts of a routed MoE layer)")
-    r.add_argument("--protect", type=int, nargs="*", default=[0, 1, 2, -2, -1])
+    r.add_argument("--protect", type=int, nargs="*", default=None,
+                   help=f"layers left unpruned (default {DEFAULT_PROTECT}; none with --uniform-widths)")
+    r.add_argument("--uniform-widths", action="store_true",
+                   help="keep the same widths in every layer (a Hugging Face config can hold the result)")
     r.add_argument("--round-to", type=int, default=None)
     r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")
     r.add_argument("--calib-samples", type=int, default=32)
@@ -166,6 +173,8 @@ def main(argv=None) -> int:
     t.add_argument("model")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_tune)
+    from fxprune.export.cli import add_parser as add_export_parser
+    add_export_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

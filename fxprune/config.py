@@ -31,6 +31,7 @@ class PruneConfig:
     calibration_len: int = 128
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
     renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)
+    uniform_widths: bool = False  # same kept count per kind in every layer, so one HF config can hold the model
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -48,6 +49,11 @@ class PruneConfig:
             raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.uniform_widths and self.protect_layers == AUTO:
+            object.__setattr__(self, "protect_layers", None)  # the same widths everywhere: no layer is left whole
+        if self.uniform_widths and self.protect_layers:
+            raise ValueError(f"uniform_widths keeps the same widths in every layer, so it cannot leave layers "
+                             f"{self.protect_layers} unpruned: pass protect_layers=None (CLI: --protect with no value)")
         if self.round_to not in (None, AUTO) and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be a positive int, None or 'auto', got {self.round_to!r}")
         if self.reconstruct not in RECONSTRUCTIONS:

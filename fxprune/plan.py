@@ -96,6 +96,8 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
     def removed(counts):
         return total - dg.count_parameters({g.atom_id: c for g, c in zip(groups, counts)})
 
+    if cfg.uniform_widths:
+        return dict(zip((g.id for g in groups), same_width_counts(groups, removed, target, TOLERANCE * total / 2, cfg)))
     if cfg.allocation == "uniform":
         def counts_at(f):
             return [kept_count(g.n_units, f, mlp_rounding(cfg.round_to, g.n_units) if g.kind == "mlp" else None,
