@@ -64,20 +64,12 @@ def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
     return directory
 
 
-def load(directory) -> torch.fx.GraphModule:
-    directory = Path(directory)
-    missing = [f for f in FILES if not (directory / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{directory} is not an fxprune directory: missing {', '.join(missing)}")
-    meta = json.loads((directory / "fxprune.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory}/fxprune.json has format {meta.get('format')!r}, expected {FORMAT}")
-    module, _, name = meta["architecture"].rpartition(".")
+def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The base architecture built from its config, with uninitialised CPU storage (never read for values)."""
+    module, _, name = architecture.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    config_dict = json.loads((directory / "config.json").read_text())
     config = cls.config_class.from_dict(config_dict)
     config._attn_implementation = config_dict.get("_attn_implementation_internal") or config_dict.get("_attn_implementation") or "sdpa"
-    dtype = getattr(torch, meta["dtype"])
     with torch.device("meta"):
         base = cls(config).to(dtype).eval()
     # Uninitialised CPU storage, never written (the capture reads shapes and dtypes only; the saved
@@ -86,6 +78,19 @@ def load(directory) -> torch.fx.GraphModule:
     base = base.to_empty(device="cpu")
     if hasattr(base, "tie_weights"):  # to_empty gives every parameter its own storage: tie them again
         base.tie_weights()
+    return base
+
+
+def load(directory) -> torch.fx.GraphModule:
+    directory = Path(directory)
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not an fxprune directory: missing {', '.join(missing)}")
+    meta = json.loads((directory / "fxprune.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory}/fxprune.json has format {meta.get('format')!r}, expected {FORMAT}")
+    base = rebuild_base(meta["architecture"], json.loads((directory / "config.json").read_text()),
+                        getattr(torch, meta["dtype"]))
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = load_file(directory / "model.safetensors")
     gm = apply(base, plan, dg=analyze(base, constants=state))  # constants: values the meta capture lacks
