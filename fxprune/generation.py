@@ -1,10 +1,9 @@
 """KV-cache generation of a pruned model: `Generator` and `generate`.
 
 The pruned GraphModule (or a saved directory) carries its plan and the base model's description;
-the base is rebuilt without weights, a prefill and a one-token decode program with a static KV
-cache are captured from it (`kv_capture`), the plan is replayed on them (`replay`) and rewritten, and
-the pruned weights are copied in. Both programs share weights and cache. Programs are built per
-(batch, cache length) and kept. Families whose attention does not use transformers' Cache raise a
+the base is rebuilt without weights, a program with a static KV cache that runs the prompt and then
+one token per step is captured from it (`kv_capture`), the plan is replayed on it (`replay`) and
+rewritten, and the pruned weights are copied in. Programs are built per (batch, cache length) and kept. Families whose attention does not use transformers' Cache raise a
 CaptureError naming the family; `fxprune.evaluate.generate` (recompute, no cache) still serves them.
 """
 from __future__ import annotations
@@ -24,12 +23,15 @@ WRAPPED = "model."  # CachedLM holds the model as `model`: the prefix of every m
 
 
 @dataclass
-class Programs:
-    prefill: torch.fx.GraphModule  # prompt of 2..max_len tokens
-    decode: torch.fx.GraphModule   # one token
+class Program:
+    """The pruned KV-cache step: `step(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)`
+    -> logits [B, S, V], for S = the prompt length (prefill) or 1 (decode)."""
+    step: torch.fx.GraphModule
+    batch: int
+    max_len: int
 
     def cache_buffers(self) -> dict[str, torch.Tensor]:
-        return {n: t for n, t in self.prefill.named_buffers() if n.startswith(CACHE_PREFIXES[:2])}
+        return {n: t for n, t in self.step.named_buffers() if n.startswith(CACHE_PREFIXES[:2])}
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache_buffers().values())
@@ -58,30 +60,16 @@ def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor]) 
             t.copy_(state[source])
 
 
-def share_tensors(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Point every parameter and buffer of `target` at the tensor of the same name in `source`."""
-    for name, t in model_tensors(source).items():
-        parent, _, leaf = name.rpartition(".")
-        owner = target.get_submodule(parent) if parent else target
-        if hasattr(owner, leaf):
-            setattr(owner, leaf, t)
-
-
-def build_programs(base, plan, state, batch: int, max_len: int, device) -> Programs:
+def build_program(base, plan, state, batch: int, max_len: int, device) -> Program:
     from fxprune.kv_capture import family_of
-    built = []
-    for phase in ("prefill", "decode"):
-        dg = analyze_captured(capture_cached(base, batch, max_len, phase), base)
-        kept = replay_kept(dg, plan, original_name, f"the KV-cache {phase} capture of {family_of(base)}")
-        built.append(rewrite(dg, kept, finish=CacheSignaturePass()).eval())
-    programs = Programs(*built)
-    copy_weights(programs.prefill, state)
-    share_tensors(programs.prefill, programs.decode)
-    for t in programs.cache_buffers().values():
+    dg = analyze_captured(capture_cached(base, batch, max_len), base)
+    kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(base)}")
+    program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, max_len)
+    copy_weights(program.step, state)
+    for t in program.cache_buffers().values():
         t.zero_()
-    programs.prefill.to(device)
-    share_tensors(programs.prefill, programs.decode)  # .to() may have made new tensors
-    return programs
+    program.step.to(device)
+    return program
 
 
 def pick_next(logits, do_sample, temperature, top_k, top_p, rng) -> torch.Tensor:
@@ -118,7 +106,7 @@ def check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperat
 class Generator:
     """KV-cache generation for a pruned GraphModule (from `fxprune.compile/apply/load`) or a saved directory."""
 
-    def __init__(self, source, device=None):
+    def __init__(self, source, device=None, cache_block: int = 64):
         if isinstance(source, (str, Path)):
             from fxprune.serialization import load
             source = load(source)
@@ -129,15 +117,16 @@ class Generator:
         self.state = {k: t.detach() for k, t in model_tensors(source).items()}
         first = next(source.parameters())
         self.dtype, self.device = first.dtype, torch.device(device) if device else first.device
-        self._programs: dict[tuple[int, int], Programs] = {}
+        self.cache_block = cache_block  # cache lengths are rounded up to it, so prompts of similar length share a program
+        self._programs: dict[tuple[int, int], Program] = {}
 
-    def programs(self, batch: int, max_len: int) -> Programs:
-        """The prefill and decode programs for `batch` rows and a cache of `max_len` positions."""
+    def program(self, batch: int, max_len: int) -> Program:
+        """The KV-cache program for `batch` rows and a cache of `max_len` positions (built once)."""
         key = (batch, max_len)
         if key not in self._programs:
             from fxprune.serialization import rebuild_base
             base = rebuild_base(self.base["architecture"], self.base["config"], self.dtype)
-            self._programs[key] = build_programs(base, self.plan, self.state, batch, max_len, self.device)
+            self._programs[key] = build_program(base, self.plan, self.state, batch, max_len, self.device)
         return self._programs[key]
 
     @torch.inference_mode()
@@ -152,12 +141,12 @@ class Generator:
         ids = input_ids.to(self.device)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
         batch, prompt = ids.shape
-        programs = self.programs(batch, prompt + max_new_tokens)
-        cache_mask = torch.zeros(batch, prompt + max_new_tokens, dtype=torch.long, device=self.device)
+        length = -(-(prompt + max_new_tokens) // self.cache_block) * self.cache_block
+        step = self.program(batch, length).step
+        cache_mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        first = programs.prefill if prompt >= 2 else programs.decode
-        logits = first(ids, cache_mask, positions, torch.tensor(0, device=self.device))[:, -1]
+        logits = step(ids, cache_mask, positions, torch.tensor(0, device=self.device))[:, -1]
         position = positions[:, -1:] + 1
         rng = torch.Generator().manual_seed(seed)
         pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -173,7 +162,7 @@ class Generator:
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             cache_mask[:, prompt + t] = 1
-            logits = programs.decode(token[:, None], cache_mask, position,
+            logits = step(token[:, None], cache_mask, position,
                                      torch.tensor(prompt + t, device=self.device))[:, -1]
             position = position + 1
         out = torch.cat([ids, torch.stack(new, 1)], 1)

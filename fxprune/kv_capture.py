@@ -1,4 +1,4 @@
-"""Capture decode-capable programs of a causal LM: a prefill and a one-token step over a static KV cache.
+"""Capture a decode-capable program of a causal LM: prefill and one-token steps over a static KV cache.
 
 `CachedLM` wraps the model with a transformers `StaticCache` whose key/value tensors are registered
 as buffers and handed to the cache layers at every call, so torch.export sees them as buffers that
@@ -70,22 +70,19 @@ def example_step(batch: int, max_len: int, seq: int, device):
     return ids, mask, pos, torch.tensor(0, device=device)
 
 
-def capture_cached(model: torch.nn.Module, batch: int, max_len: int, phase: str) -> Captured:
-    """Export `CachedLM(model)`: `phase="prefill"` with a dynamic prompt length (2..max_len),
-    `"decode"` with one token."""
+def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured:
+    """Export `CachedLM(model)` with a dynamic step length (1..max_len): the same program runs the
+    prompt (prefill) and every one-token decode step."""
     wrapper = CachedLM(model, batch, max_len)
     device = next(model.parameters()).device
-    if phase == "prefill":
-        seq = torch.export.Dim("seq", min=2, max=max_len)
-        example, dynamic = example_step(batch, max_len, min(4, max_len), device), ({1: seq}, None, {1: seq}, None)
-    else:
-        example, dynamic = example_step(batch, max_len, 1, device), None
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    example, dynamic = example_step(batch, max_len, min(4, max_len), device), ({1: seq}, None, {1: seq}, None)
     was_training = model.training
     model.eval()
     try:
         ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
-        raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache {phase} step "
+        raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache step "
                            f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluate.generate") from exc
     finally:
         model.train(was_training)
