@@ -176,3 +176,48 @@ def test_smollm2_dense_equals_hf_generate_and_pruned_equals_recompute():
     program = gen.program(1, 64)
     assert len(rows) == 30 and sum(rows) < 30 * 3 * 64
     assert program.cache_bytes() == sum(rows) * 64 * 1 * 2 * 4
+
+
+def test_decode_report_renders_measured_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.decode import plot, render
+    timing = {"ttft_s": 0.5, "total_s": 10.0, "gen_tok_s": 12.8, "decode_tok_s": 13.3}
+    fast = {"ttft_s": 0.4, "total_s": 8.0, "gen_tok_s": 16.0, "decode_tok_s": 16.6}
+    report = {"machine": {"machine": "x86_64", "cpu": "Test CPU", "cores": 2, "torch_threads": 1, "python": "3.11",
+                          "torch": "2.13.0", "transformers": "5.24"}, "date": "2026-12-02 07:00 UTC",
+              "command": "python -m benchmarks.decode", "load_average_start": [9.0], "load_average_end": [9.0],
+              "other_processes_start": ["python (30% cpu)"], "other_processes_end": [],
+              "settings": {"dtype": "float32", "device": "cpu", "prompt": 128, "new": 128, "runs": 2,
+                           "importance": "l2", "protect": [0, -1]}, "params_dense": 100,
+              "variants": {"20% round_to 64": {"params": 80, "removed_fraction": 0.2}},
+              "rows": [{"mode": "eager", "batch": 1, "variant": "20% round_to 64", "dense": timing, "pruned": fast,
+                        "decode_speedup": 1.25, "ttft_speedup": 1.25}], "setup_s": {"eager batch 1": 30.0}}
+    png = tmp_path / "d.png"
+    plot(report, png)
+    md = render(report, png)
+    assert png.stat().st_size > 10_000
+    row = next(l for l in md.splitlines() if l.startswith("| eager | 1 | 20% round_to 64"))
+    assert "| 13.3 | 16.6 | **1.25** |" in row
+    assert "Test CPU" in md and "machine was shared" in md and "2026-12-02" in md
+
+
+@pytest.mark.slow
+def test_cli_generate_prints_the_kv_cache_text_and_the_recompute_text_matches(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = llama("sdpa", vocab_size=len(tok))
+    fxprune.save(fxprune.compile(model, 0.2, importance="l2"), tmp_path / "p")
+    tok.save_pretrained(tmp_path / "p")
+    repo = Path(__file__).resolve().parent.parent
+    texts = []
+    for extra in ([], ["--recompute"]):
+        out = subprocess.run([sys.executable, "-m", "fxprune.cli", "generate", str(tmp_path / "p"), "--prompt",
+                              "the cat", "--max-new-tokens", "12", *extra], capture_output=True, text=True,
+                             timeout=600, cwd=repo)
+        assert out.returncode == 0, out.stderr
+        texts.append(out.stdout)
+    assert texts[0] == texts[1] and len(texts[0].strip()) > 0
