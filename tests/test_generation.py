@@ -136,6 +136,16 @@ def test_bad_options_fail_before_any_capture(dense):
 
 
 
+def test_a_plan_the_cache_capture_cannot_express_is_a_clear_error(dense):
+    import copy
+    _, gm, _ = dense
+    gen = Generator(gm)
+    gen.plan = copy.deepcopy(gen.plan)
+    gen.plan.kept = {"model.layers.0.self_attn.q_proj.weight": {0: [0, 1, 2]}}  # 3 rows: not whole heads
+    with pytest.raises(fxprune.PlanError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight keeps positions"):
+        gen.generate(prompt(1, 4), max_new_tokens=2)
+
+
 def test_family_without_cache_support_names_itself_and_the_fallback():
     from replicas import REPLICAS
     model = REPLICAS["chatglm"](attn_implementation="sdpa")
