@@ -3,9 +3,11 @@ from fxprune.analyze import analyze
 from fxprune.api import PLAN_KEY, apply, compile, plan
 from fxprune.capture import CaptureError, capture
 from fxprune.config import PruneConfig
+from fxprune.generation import Generator, generate
 from fxprune.groups import DependencyGraph, Group, Member
 from fxprune.plan import PlanError, PrunePlan
 from fxprune.serialization import load, save
 
 __all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
-           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load"]
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load",
+           "Generator", "generate"]

@@ -6,7 +6,7 @@ import torch
 import fxprune
 from fxprune.analyze import analyze
 from fxprune.config import PruneConfig
-from fxprune.generation import Generator
+from fxprune.generation import Generator  # also fxprune.Generator
 from fxprune.plan import PrunePlan, fingerprint
 from models import llama
 from oracles import prune_random, rel_err
