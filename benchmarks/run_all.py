@@ -55,6 +55,7 @@ SECTIONS = [
     ("torch_pruning_quick", "fxprune vs Torch-Pruning, ratios 0.1-0.5 (quick)"),
     ("meta_scale", "Meta-device capture and analysis at scale"),
     ("decode", "Generation speed with a KV cache (issue 14)"),
+    ("decode_compile", "Generation speed with a KV cache, torch.compile, batch 1 (issue 14, run on its own)"),
 ]
 
 

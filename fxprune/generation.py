@@ -129,7 +129,6 @@ class Generator:
             self._programs[key] = build_program(base, self.plan, self.state, batch, max_len, self.device)
         return self._programs[key]
 
-    @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
                  pad_token_id=None, seed: int = 0, return_logits: bool = False):
@@ -138,11 +137,20 @@ class Generator:
         (`attention_mask` zeros at the start of a row) gives each row the tokens it would get alone.
         `return_logits=True` also returns the logits of every step, [batch, n, vocab]."""
         check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p)
+        batch, prompt = input_ids.shape
+        length = -(-(prompt + max_new_tokens) // self.cache_block) * self.cache_block
+        with torch.inference_mode(False):  # the program's tensors must be ordinary ones (torch.compile, training)
+            step = self.program(batch, length).step
+        with torch.inference_mode():
+            return self._decode(step, input_ids, attention_mask, length, max_new_tokens, do_sample, temperature,
+                                top_k, top_p, eos_token_id, pad_token_id, seed, return_logits)
+
+    def _decode(self, step, input_ids, attention_mask, length, max_new_tokens, do_sample, temperature, top_k,
+                top_p, eos_token_id, pad_token_id, seed, return_logits):
+        """The prefill, then one step per token (see `generate`)."""
         ids = input_ids.to(self.device)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
         batch, prompt = ids.shape
-        length = -(-(prompt + max_new_tokens) // self.cache_block) * self.cache_block
-        step = self.program(batch, length).step
         cache_mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -162,8 +170,7 @@ class Generator:
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             cache_mask[:, prompt + t] = 1
-            logits = step(token[:, None], cache_mask, position,
-                                     torch.tensor(prompt + t, device=self.device))[:, -1]
+            logits = step(token[:, None], cache_mask, position, torch.tensor(prompt + t, device=self.device))[:, -1]
             position = position + 1
         out = torch.cat([ids, torch.stack(new, 1)], 1)
         return (out, torch.stack(steps, 1)) if return_logits else out
