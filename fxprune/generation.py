@@ -8,6 +8,7 @@ CaptureError naming the family; `fxprune.evaluate.generate` (recompute, no cache
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,26 @@ def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor]) 
             t.copy_(state[source])
 
 
-def build_program(base, plan, state, batch: int, max_len: int, device) -> Program:
+_CAPTURES: dict = {}  # analysed KV-cache captures, shared by the Generators of one base model (a few kept)
+KEEP_CAPTURES = 4
+
+
+def analysed_capture(base: dict, dtype, batch: int, max_len: int):
+    """The dependency analysis of the KV-cache capture of the base model `base` describes. Captured once per
+    (model, dtype, batch, cache length): plans of the same model (20% and 50%, rounded or not) replay on it."""
+    from fxprune.serialization import rebuild_base
+    key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch, max_len)
+    if key not in _CAPTURES:
+        model = rebuild_base(base["architecture"], base["config"], dtype)
+        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, max_len), model)
+        while len(_CAPTURES) > KEEP_CAPTURES:
+            _CAPTURES.pop(next(iter(_CAPTURES)))
+    return _CAPTURES[key]
+
+
+def build_program(dg, plan, state, batch: int, max_len: int, device) -> Program:
     from fxprune.kv_capture import family_of
-    dg = analyze_captured(capture_cached(base, batch, max_len), base)
-    kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(base)}")
+    kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(dg.model)}")
     program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, max_len)
     copy_weights(program.step, state)
     for t in program.cache_buffers().values():
@@ -124,9 +141,8 @@ class Generator:
         """The KV-cache program for `batch` rows and a cache of `max_len` positions (built once)."""
         key = (batch, max_len)
         if key not in self._programs:
-            from fxprune.serialization import rebuild_base
-            base = rebuild_base(self.base["architecture"], self.base["config"], self.dtype)
-            self._programs[key] = build_program(base, self.plan, self.state, batch, max_len, self.device)
+            dg = analysed_capture(self.base, self.dtype, batch, max_len)
+            self._programs[key] = build_program(dg, self.plan, self.state, batch, max_len, self.device)
         return self._programs[key]
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
