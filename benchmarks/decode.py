@@ -117,8 +117,10 @@ def prune_variants(model, args, report):
                 gm = fxprune.apply(model, plan, dg=dg)
             name = variant_name(ratio, rt)
             out[name] = gm
+            widths = sorted({t.shape[0] for n, t in gm.named_parameters() if n.endswith("up_proj.weight")})
             report["variants"][name] = {"ratio": ratio, "round_to": rt, "params": plan.params_after,
-                                        "removed_fraction": plan.removed_fraction, "prune_s": p.wall_s}
+                                        "removed_fraction": plan.removed_fraction, "prune_s": p.wall_s,
+                                        "mlp_widths": widths}
             log(f"{name}: {plan.params_after:,} parameters ({plan.removed_fraction:.2%} removed), {p.wall_s:.0f} s")
     return out
 
@@ -192,7 +194,8 @@ def render(report: dict, png: Path) -> str:
         "`torch.compile`d forward). Pruned: `fxprune.generation.Generator` (static KV cache holding the kept KV "
         "heads only; compile: its program `torch.compile(dynamic=True)`). Goals (issue 14, batch-1 decode on "
         "this CPU): 1.2x at 20%, 1.8x at 50%.", "",
-        "Variants: " + "; ".join(f"{n}: {v['params']:,} parameters ({v['removed_fraction']:.2%} removed)"
+        "Variants: " + "; ".join(f"{n}: {v['params']:,} parameters ({v['removed_fraction']:.2%} removed"
+                                 + (f", MLP widths {v['mlp_widths']}" if v.get("mlp_widths") else "") + ")"
                                  for n, v in report["variants"].items()), ""]
     heads = ["mode", "batch", "variant", "dense decode tok/s", "pruned decode tok/s", "decode speedup",
              "dense TTFT s", "pruned TTFT s", "TTFT speedup", "dense gen tok/s", "pruned gen tok/s"]
