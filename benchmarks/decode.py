@@ -193,7 +193,10 @@ def render(report: dict, png: Path) -> str:
         "medians. Dense: Hugging Face `generate` with its cache (eager: DynamicCache; compile: static cache and "
         "`torch.compile`d forward). Pruned: `fxprune.generation.Generator` (static KV cache holding the kept KV "
         "heads only; compile: its program `torch.compile(dynamic=True)`). Goals (issue 14, batch-1 decode on "
-        "this CPU): 1.2x at 20%, 1.8x at 50%.", "",
+        "this CPU): 1.2x at 20%, 1.8x at 50%. The dense side includes Hugging Face's generation loop (logits "
+        "processors, stopping criteria, a DynamicCache that grows by concatenation) while the pruned side runs one "
+        "captured program per step over a preallocated cache: part of a speedup can come from that difference, "
+        "not from the pruning; no run here measures the dense model through the same program.", "",
         "Variants: " + "; ".join(f"{n}: {v['params']:,} parameters ({v['removed_fraction']:.2%} removed"
                                  + (f", MLP widths {v['mlp_widths']}" if v.get("mlp_widths") else "") + ")"
                                  for n, v in report["variants"].items()), ""]
