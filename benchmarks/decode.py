@@ -42,6 +42,7 @@ def parse(argv):
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=str(RESULTS / "decode"), help="output path without extension")
     p.add_argument("--render-only", action="store_true", help="rewrite .md and .png from the .json (a partial run too)")
+    p.add_argument("--note", action="append", default=[], help="with --render-only: a sentence to add under the table")
     return p.parse_args(argv)
 
 
@@ -206,7 +207,12 @@ def render(report: dict, png: Path) -> str:
              f"{r['pruned']['decode_tok_s']:.1f}", f"**{r['decode_speedup']:.2f}**", f"{r['dense']['ttft_s']:.3f}",
              f"{r['pruned']['ttft_s']:.3f}", f"{r['ttft_speedup']:.2f}", f"{r['dense']['gen_tok_s']:.1f}",
              f"{r['pruned']['gen_tok_s']:.1f}"] for r in report["rows"]]
-    lines += [md_table(heads, rows), "",
+    done = {(r["mode"], r["batch"]) for r in report["rows"]}
+    missing = [f"{m} batch {b}" for m in s.get("modes", []) for b in s.get("batches", []) if (m, b) not in done]
+    lines += [md_table(heads, rows), ""]
+    if missing:
+        lines += ["Not measured in this run: " + ", ".join(missing) + ".", ""]
+    lines += [*[f"{n}" for n in report.get("notes", [])], "",
               "Setup (program capture, warm-up, compilation) per mode and batch: "
               + "; ".join(f"{k}: {v:.0f} s" for k, v in report["setup_s"].items()), "",
               f"![decode speedup and time to first token]({png.name})", ""]
@@ -222,7 +228,9 @@ def main(argv=None):
 
     out = Path(args.out)
     if args.render_only:
-        return write_outputs(json.loads(out.with_suffix(".json").read_text()), out)
+        report = json.loads(out.with_suffix(".json").read_text())
+        report["notes"] = report.get("notes", []) + args.note
+        return write_outputs(report, out)
     report = header(args.threads)
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report.update(variants={}, rows=[], setup_s={})
