@@ -7,6 +7,8 @@ Default (quick) steps, each in its own process:
      with its pruning time and memory                                        -> results/torch_pruning_quick.*
   3. throughput at 4 x 512, eager and torch.compile                          -> results/throughput_quick.*
   4. meta-device capture and analysis of Llama-2-7B/13B and Llama-3-70B       -> results/meta_scale.*
+  5. generation (KV cache) tokens/s and time to first token, prompt 128, 128 new, batch 1 and 8, 20% and 50%,
+     round_to 64 and unrounded, eager and compiled, against Hugging Face generate -> results/decode.*
 then results/quality_vs_ratio.png (every method and Torch-Pruning on one plot) and report.md.
 `--full` runs the full protocols instead (issue 4 table on 20,480 tokens, the throughput grid, Torch-Pruning at
 20% and 50% on 20,480 tokens; about two hours on 2 cores) into their default outputs. `--report-only` rebuilds
@@ -36,6 +38,7 @@ QUICK = [
     ("throughput at 4 x 512, eager and compiled", ["benchmarks.throughput", "--batches", "4", "--seqs", "512",
                                                    "--runs", "5", "--out", str(RESULTS / "throughput_quick")]),
     ("meta-device scale", ["benchmarks.meta_scale"]),
+    ("decode speed with a KV cache, batch 1 and 8, eager and compiled", ["benchmarks.decode", "--runs", "2"]),
 ]
 FULL = [
     ("importance table (issue 4)", ["benchmarks.importance_table"]),
@@ -51,6 +54,8 @@ SECTIONS = [
     ("torch_pruning_compare", "fxprune vs Torch-Pruning"),
     ("torch_pruning_quick", "fxprune vs Torch-Pruning, ratios 0.1-0.5 (quick)"),
     ("meta_scale", "Meta-device capture and analysis at scale"),
+    ("decode", "Generation speed with a KV cache (issue 14)"),
+    ("decode_compile", "Generation speed with a KV cache, torch.compile, batch 1 (issue 14, run on its own)"),
 ]
 
 

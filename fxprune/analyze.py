@@ -47,7 +47,11 @@ def analyze(model: torch.nn.Module, example_inputs=None, dynamic: bool = True, c
     structure of a 70B model without its weights. The values of constants the graph creates
     are then unknown (what they index freezes) unless `constants` supplies them.
     """
-    captured = capture(model, example_inputs, dynamic=dynamic)
+    return analyze_captured(capture(model, example_inputs, dynamic=dynamic), model, constants)
+
+
+def analyze_captured(captured, model, constants=None) -> DependencyGraph:
+    """Dependency groups of an already captured program of `model` (the plain or the KV-cache capture)."""
     fill_constants(captured.gm, constants or {})
     dg = label(captured.gm, captured.exported, model)
     shared = heads_shared_across_layers(dg)

@@ -21,6 +21,9 @@ def base_description(model) -> dict:
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else {}  # save() needs a transformers config
     config.pop("quantization_config", None)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn:  # to_dict() leaves it out; a rebuild must run the same attention code (Bloom has no sdpa)
+        config["_attn_implementation"] = attn
     return {"architecture": f"{cls.__module__}.{cls.__qualname__}", "config": config}
 
 

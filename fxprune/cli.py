@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fxprune.capture import CaptureError
 from fxprune.config import TARGETS
 
 DEFAULT_PROTECT = [0, 1, 2, -2, -1]
@@ -127,6 +128,44 @@ def cmd_tune(args) -> int:
     return tune_script.main(["--gm", args.model, *rest]) or 0
 
 
+def cmd_generate(args) -> int:
+    """Text after `--prompt` from a pruned directory: KV-cache generation, or the recompute path."""
+    model, tok = load_any(args.model, args.tokenizer)
+    t0 = time.time()
+    if args.recompute:
+        from fxprune.evaluate import generate
+        text = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    else:
+        from fxprune.generation import Generator
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+        out = Generator(model).generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                        eos_token_id=tok.eos_token_id, seed=args.seed)
+        new = out[0, ids.shape[1]:]
+        text = tok.decode(new[new != tok.eos_token_id] if tok.eos_token_id is not None else new,
+                          skip_special_tokens=True)
+    print(text)
+    print(f"[{time.time() - t0:.1f} s, {'recompute' if args.recompute else 'KV cache'}]", file=sys.stderr)
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a pruned directory (KV cache)")
+    g.add_argument("model", help="a directory written by fxprune prune / fxprune.save")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    g.add_argument("--recompute", action="store_true",
+                   help="re-run the whole sequence per token (no cache): for families the cache capture refuses")
+    g.set_defaults(fn=cmd_generate)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,10 +214,11 @@ def main(argv=None) -> int:
     t.set_defaults(fn=cmd_tune)
     from fxprune.export.cli import add_parser as add_export_parser
     add_export_parser(sub)
+    add_generate_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, CaptureError) as exc:
         print(f"fxprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

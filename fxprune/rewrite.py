@@ -47,8 +47,9 @@ def copy_graph_module(dg: DependencyGraph) -> torch.fx.GraphModule:
     return gm
 
 
-def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> torch.fx.GraphModule:
-    """`kept` maps a group's atom id to the sorted unit indices that survive."""
+def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> torch.fx.GraphModule:
+    """`kept` maps a group's atom id to the sorted unit indices that survive. `finish` replaces the last
+    pass (the causal-LM signature), for programs with another signature (the KV-cache capture)."""
     kept = {a: torch.as_tensor(k, dtype=torch.long).sort().values for a, k in kept.items()}
     counts = {a: len(k) for a, k in kept.items()}
     gm = copy_graph_module(dg)
@@ -58,7 +59,7 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> torch.fx.Grap
         DropPiecesPass(dg.table, kept, dg.unit_parameters),
         InsertGathersPass(dg.table, kept),
         LiftLinearModulesPass(),
-        NormalizeSignaturePass(),
+        finish or NormalizeSignaturePass(),
     ]
     manager = PassManager(passes=passes, run_checks_after_each_pass=True)
     manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass

@@ -69,10 +69,30 @@ def add_reconstruction_biases(gm: torch.fx.GraphModule, state: dict) -> None:
     """Give each nn.Linear the bias the reconstruction added to it before saving (values follow)."""
     for key, value in state.items():
         parent, _, leaf = key.rpartition(".")
-        module = gm.get_submodule(parent) if leaf == "bias" and parent else None
+        try:
+            module = gm.get_submodule(parent) if leaf == "bias" and parent else None
+        except AttributeError:
+            continue
         if isinstance(module, torch.nn.Linear) and module.bias is None and value.shape == (module.out_features,):
             module.bias = torch.nn.Parameter(torch.empty_like(value, dtype=module.weight.dtype),
                                              module.weight.requires_grad)
+
+
+def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The base architecture built from its config, with uninitialised CPU storage (never read for values)."""
+    module, _, name = architecture.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    config = cls.config_class.from_dict(config_dict)
+    config._attn_implementation = config_dict.get("_attn_implementation_internal") or config_dict.get("_attn_implementation") or "sdpa"
+    with torch.device("meta"):
+        base = cls(config).to(dtype).eval()
+    # Uninitialised CPU storage, never written (the capture reads shapes and dtypes only; the saved
+    # tensors replace it below): model code that branches on the device type (Mixtral's expert
+    # histogram is int on non-CPU devices, float on CPU) then traces the CPU path the saved graph came from.
+    base = base.to_empty(device="cpu")
+    if hasattr(base, "tie_weights"):  # to_empty gives every parameter its own storage: tie them again
+        base.tie_weights()
+    return base
 
 
 def load(directory) -> torch.fx.GraphModule:
@@ -83,20 +103,8 @@ def load(directory) -> torch.fx.GraphModule:
     meta = json.loads((directory / "fxprune.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}/fxprune.json has format {meta.get('format')!r}, expected {FORMAT}")
-    module, _, name = meta["architecture"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    config_dict = json.loads((directory / "config.json").read_text())
-    config = cls.config_class.from_dict(config_dict)
-    config._attn_implementation = config_dict.get("_attn_implementation_internal") or config_dict.get("_attn_implementation") or "sdpa"
-    dtype = getattr(torch, meta["dtype"])
-    with torch.device("meta"):
-        base = cls(config).to(dtype).eval()
-    # Uninitialised CPU storage, never written (the capture reads shapes and dtypes only; the saved
-    # tensors replace it below): model code that branches on the device type (Mixtral's expert
-    # histogram is int on non-CPU devices, float on CPU) then traces the CPU path the saved graph came from.
-    base = base.to_empty(device="cpu")
-    if hasattr(base, "tie_weights"):  # to_empty gives every parameter its own storage: tie them again
-        base.tie_weights()
+    base = rebuild_base(meta["architecture"], json.loads((directory / "config.json").read_text()),
+                        getattr(torch, meta["dtype"]))
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = load_file(directory / "model.safetensors")
     gm = apply(base, plan, dg=analyze(base, constants=state), reconstruct=False)  # constants: values the meta capture lacks

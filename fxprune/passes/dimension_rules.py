@@ -83,7 +83,7 @@ IDENTITY_OPS = [
     aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
     aten._to_copy, aten.dropout, aten.masked_fill, aten.where, aten.clamp,
     aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum,
-    aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.copy,
+    aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.copy, aten.copy_,
     aten.triu, aten.tril, aten.__and__, aten.__or__, aten.bitwise_and, aten.bitwise_or,
     aten.bitwise_not, aten.logical_and, aten.logical_or, aten.logical_not, aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid,
     aten.floor_divide, aten.remainder, aten.fmod,
@@ -464,6 +464,24 @@ def index_put_rule(node, L):
     dims, view = indexed(L, node, x, list(indices))
     broadcast_into(L, dims, view, values)
     return list(L.dims(x))
+
+
+@rule(aten.index_copy, aten.index_copy_)
+def index_copy_rule(node, L):
+    """`x.index_copy_(dim, index, source)` (a static KV cache's update): `source` is written into `x`
+    at the positions `index` holds along `dim`, so every other dim of `source` is the same index space
+    as that of `x` (a cache buffer shrinks with the heads written into it); `dim` itself is addressed
+    by values, so it is frozen on `x`, and the written length of `source` stays its own."""
+    x, dim, _, source = node.args[:4]
+    dims, src = list(L.dims(x)), L.dims(source)
+    d = norm_dim(dim, len(dims))
+    if len(src) != len(dims):
+        raise ValueError(f"index_copy of a rank-{len(src)} source into a rank-{len(dims)} tensor")
+    for i, (a, b) in enumerate(zip(dims, src)):
+        if i != d:
+            L.unify(a, b)
+    L.table.freeze(dims[d], f"{node.name} writes dim {d} of {x.name} at the positions its index holds")
+    return dims
 
 
 @rule(aten.topk, aten.kthvalue)

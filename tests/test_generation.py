@@ -1,0 +1,233 @@
+"""KV-cache generation of pruned models (fxprune.generation): oracles against Hugging Face's own cached
+`generate` and against the recompute path (the pruned GraphModule re-run on the whole sequence)."""
+import pytest
+import torch
+
+import fxprune
+from fxprune.analyze import analyze
+from fxprune.config import PruneConfig
+from fxprune.generation import Generator  # also fxprune.Generator
+from fxprune.plan import PrunePlan, fingerprint
+from models import llama
+from oracles import prune_random, rel_err
+
+
+def keep_everything(model):
+    """A plan that removes nothing: the KV-cache program is then the dense model's."""
+    dg = analyze(model)
+    n = dg.num_parameters()
+    return fxprune.apply(model, PrunePlan(PruneConfig(), {}, {}, n, n, fingerprint(dg)), dg=dg)
+
+
+def prompt(batch, seq, seed=0, vocab=128):
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def recompute(gm, ids, n):
+    """Greedy tokens and per-step logits re-running the whole sequence (fxprune.evaluate.generate's method)."""
+    logits = []
+    for _ in range(n):
+        step = gm(ids).logits[:, -1].detach()
+        logits.append(step)
+        ids = torch.cat([ids, step.argmax(-1, keepdim=True)], 1)
+    return ids, torch.stack(logits, 1)
+
+
+def kv_heads_times_head_dim(gm):
+    """Rows of every layer's key projection in the pruned model: kept KV heads x head_dim, per layer."""
+    return [p.shape[0] for n, p in gm.named_parameters() if n.endswith("k_proj.weight")]
+
+
+def assert_kv_matches_recompute(gm, generator, ids, n):
+    out, logits = generator.generate(ids, max_new_tokens=n, return_logits=True)
+    ref_ids, ref_logits = recompute(gm, ids, n)
+    assert torch.equal(out, ref_ids)
+    assert rel_err(logits, ref_logits) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def dense():
+    model = llama("sdpa", seed=3)
+    gm = keep_everything(model)
+    return model, gm, Generator(gm)
+
+
+def test_saved_pruned_model_generates_with_a_cache_of_only_the_kept_heads(tmp_path):
+    """KV-cache tokens and logits equal the recompute path's; the cache holds the kept KV heads only.
+    Generation runs from the saved directory, so save/load keep what it needs."""
+    model = llama("sdpa", seed=1)
+    _, plan, gm = prune_random(model, 0.5, seed=2)
+    fxprune.save(gm, tmp_path / "p")
+    gen = Generator(tmp_path / "p")
+    ids = prompt(2, 9)
+    assert_kv_matches_recompute(gm, gen, ids, 12)
+    program = gen.program(2, 64)
+    rows = kv_heads_times_head_dim(gm)
+    assert sum(rows) < 2 * 16 * 2  # this plan removed KV groups: the cache must be smaller than dense
+    # bytes = kept KV heads x head_dim, summed over layers, x length x batch x 2 (K and V) x dtype size
+    assert program.cache_bytes() == sum(rows) * 64 * 2 * 2 * 4
+    assert sorted(tuple(t.shape) for t in program.cache_buffers().values()) == \
+        sorted((2, r // 16, 64, 16) for r in rows for _ in "kv")
+
+
+def test_no_removal_equals_hugging_face_generate_with_its_cache(dense):
+    model, _, gen = dense
+    ids = prompt(1, 7, seed=4)
+    model.generation_config.eos_token_id = None  # 64 tokens whatever comes; EOS is left to the model's logits
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                          pad_token_id=0)
+    assert want.shape[1] == 7 + 64
+    got = gen.generate(ids, max_new_tokens=64)
+    assert torch.equal(got, want)
+
+
+def test_left_padding_gives_each_row_its_tokens_alone(dense):
+    _, _, gen = dense
+    rows = [prompt(1, n, seed=10 + n)[0] for n in (5, 9, 2)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    batch = gen.generate(ids, mask, max_new_tokens=10)
+    for i, r in enumerate(rows):
+        alone = gen.generate(r[None], max_new_tokens=10)
+        assert torch.equal(batch[i, width:], alone[0, len(r):]), i
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(dense):
+    _, _, gen = dense
+    ids = prompt(3, 6, seed=5)  # batch 3, as the padding test: the same program
+    a = gen.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    b = gen.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    c = gen.generate(ids, max_new_tokens=8, do_sample=True, temperature=5.0, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = gen.generate(ids, max_new_tokens=8)
+    assert torch.equal(gen.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, seed=9), greedy)
+
+
+def test_stops_at_eos_and_pads_finished_rows(dense):
+    _, _, gen = dense
+    ids = prompt(3, 6, seed=6)
+    greedy = gen.generate(ids, max_new_tokens=8)
+    eos = int(greedy[0, 6 + 2])  # row 0's third new token
+    out = gen.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    first = (greedy[0, 6:] == eos).nonzero()[0, 0]
+    assert torch.equal(out[0, 6:6 + first + 1], greedy[0, 6:6 + first + 1])
+    assert (out[0, 6 + first + 1:] == 0).all()
+    hits = [(greedy[i, 6:] == eos).nonzero() for i in range(3)]
+    assert out.shape[1] == 6 + max(int(h[0, 0]) + 1 if len(h) else 8 for h in hits)
+
+
+def test_bad_options_fail_before_any_capture(dense):
+    _, gm, _ = dense
+    gen = Generator(gm)
+    with pytest.raises(ValueError, match="left padded"):
+        gen.generate(prompt(2, 4), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate(prompt(1, 4), do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        gen.generate(torch.ones(4, dtype=torch.long))
+    assert gen._programs == {}
+    with pytest.raises(ValueError, match="plan"):
+        Generator(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
+
+
+
+
+def test_a_plan_the_cache_capture_cannot_express_is_a_clear_error(dense):
+    import copy
+    _, gm, _ = dense
+    gen = Generator(gm)
+    gen.plan = copy.deepcopy(gen.plan)
+    gen.plan.kept = {"model.layers.0.self_attn.q_proj.weight": {0: [0, 1, 2]}}  # 3 rows: not whole heads
+    with pytest.raises(fxprune.PlanError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight keeps positions"):
+        gen.generate(prompt(1, 4), max_new_tokens=2)
+
+
+def test_family_without_cache_support_names_itself_and_the_fallback():
+    from replicas import REPLICAS
+    model = REPLICAS["chatglm"](attn_implementation="sdpa")
+    _, _, gm = prune_random(model, 0.2)
+    with pytest.raises(fxprune.CaptureError, match=r"fxprune_chatglm.*Cache\.update.*fxprune\.evaluate\.generate"):
+        Generator(gm).generate(prompt(1, 4), max_new_tokens=2)
+
+
+CACHED_FAMILIES = ["llama_mha", "llama_gqa", "glm", "glm4", "bloom", "mistral", "qwen2", "phi3", "gpt2", "gpt_neox",
+                   "opt", "gemma2", "falcon", "falcon_mqa", "mixtral"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("family", CACHED_FAMILIES)
+def test_every_cached_family_equals_recompute(family, ratio):
+    import families
+    import models
+    build = {**models.FAMILIES, **families.FAMILIES}[family]
+    model = build("eager" if family in ("bloom", "gemma2") else "sdpa")
+    _, plan, gm = prune_random(model, ratio, seed=4)
+    assert_kv_matches_recompute(gm, Generator(gm), prompt(2, 7, seed=1), 10)
+
+
+@pytest.mark.slow
+def test_smollm2_dense_equals_hf_generate_and_pruned_equals_recompute():
+    from fxprune.models import load_model
+    model, tok = load_model()
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    model.generation_config.eos_token_id = None
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                          pad_token_id=tok.pad_token_id or 0)
+    assert torch.equal(Generator(keep_everything(model)).generate(ids, max_new_tokens=64), want)
+    gm = fxprune.compile(model, 0.5, importance="l2", round_to=64)
+    gen = Generator(gm)
+    assert_kv_matches_recompute(gm, gen, ids, 32)
+    rows = kv_heads_times_head_dim(gm)  # SmolLM2: head_dim 64, 30 layers
+    program = gen.program(1, 64)
+    assert len(rows) == 30 and sum(rows) < 30 * 3 * 64
+    assert program.cache_bytes() == sum(rows) * 64 * 1 * 2 * 4
+
+
+def test_decode_report_renders_measured_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.decode import plot, render
+    timing = {"ttft_s": 0.5, "total_s": 10.0, "gen_tok_s": 12.8, "decode_tok_s": 13.3}
+    fast = {"ttft_s": 0.4, "total_s": 8.0, "gen_tok_s": 16.0, "decode_tok_s": 16.6}
+    report = {"machine": {"machine": "x86_64", "cpu": "Test CPU", "cores": 2, "torch_threads": 1, "python": "3.11",
+                          "torch": "2.13.0", "transformers": "5.24"}, "date": "2026-12-02 07:00 UTC",
+              "command": "python -m benchmarks.decode", "load_average_start": [9.0], "load_average_end": [9.0],
+              "other_processes_start": ["python (30% cpu)"], "other_processes_end": [],
+              "settings": {"dtype": "float32", "device": "cpu", "prompt": 128, "new": 128, "runs": 2,
+                           "importance": "l2", "protect": [0, -1]}, "params_dense": 100,
+              "variants": {"20% round_to 64": {"params": 80, "removed_fraction": 0.2}},
+              "rows": [{"mode": "eager", "batch": 1, "variant": "20% round_to 64", "dense": timing, "pruned": fast,
+                        "decode_speedup": 1.25, "ttft_speedup": 1.25}], "setup_s": {"eager batch 1": 30.0}}
+    png = tmp_path / "d.png"
+    plot(report, png)
+    md = render(report, png)
+    assert png.stat().st_size > 10_000
+    row = next(l for l in md.splitlines() if l.startswith("| eager | 1 | 20% round_to 64"))
+    assert "| 13.3 | 16.6 | **1.25** |" in row
+    assert "Test CPU" in md and "machine was shared" in md and "2026-12-02" in md
+
+
+@pytest.mark.slow
+def test_cli_generate_prints_the_kv_cache_text_and_the_recompute_text_matches(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = llama("sdpa", vocab_size=len(tok))
+    fxprune.save(fxprune.compile(model, 0.2, importance="l2"), tmp_path / "p")
+    tok.save_pretrained(tmp_path / "p")
+    repo = Path(__file__).resolve().parent.parent
+    texts = []
+    for extra in ([], ["--recompute"]):
+        out = subprocess.run([sys.executable, "-m", "fxprune.cli", "generate", str(tmp_path / "p"), "--prompt",
+                              "the cat", "--max-new-tokens", "12", *extra], capture_output=True, text=True,
+                             timeout=600, cwd=repo)
+        assert out.returncode == 0, out.stderr
+        texts.append(out.stdout)
+    assert texts[0] == texts[1] and len(texts[0].strip()) > 0
