@@ -159,3 +159,14 @@ def test_a_plan_asking_for_reconstruction_needs_calibration(setup):
     plan, _ = pruned(setup, "lstsq")
     with pytest.raises(fxprune.PlanError, match="calibration"):
         fxprune.apply(model, plan, dg=dg)
+
+
+def test_kv_cache_generation_uses_the_refitted_weights_and_biases(setup):
+    _, gm = pruned(setup, "lstsq", ridge=0.05, targets=("heads", "mlp"))
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    cached = fxprune.generate(gm, ids, max_new_tokens=6)
+    recomputed = ids
+    with torch.no_grad():
+        for _ in range(6):
+            recomputed = torch.cat([recomputed, gm(recomputed).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(cached, recomputed)
