@@ -94,10 +94,11 @@ def hellaswag_preprocess(text: str) -> str:
 
 def split_hellaswag_context(context: str) -> tuple[str, str]:
     """(ctx_a, ctx_b) of a joined HellaSwag context: ctx_b is the unfinished last sentence (after the last
-    ". "), which the text file no longer separates; "" when the context ends a sentence."""
+    ". ") when it starts in lower case, as ctx_b does once the file has lost the split; else ("context", "").
+    lm-eval capitalises ctx_b, so this restores its query wherever ctx_b is an unfinished lower-case clause."""
     cut = context.rfind(". ")
-    if cut < 0:
-        return "", context
+    if cut < 0 or not context[cut + 2:cut + 3].islower():
+        return context, ""
     return context[:cut + 1], context[cut + 2:]
 
 

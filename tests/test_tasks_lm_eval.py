@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 import lm_eval  # noqa: E402  (the `eval` extra: a missing install fails here, it does not skip)
+import lm_eval.tasks  # noqa: E402
 from lm_eval.evaluator import evaluate as lm_eval_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
@@ -26,6 +27,10 @@ from fxprune import evaluate  # noqa: E402
 from fxprune.tasks import TASKS, _hellaswag_docs  # noqa: E402
 
 N_DOCS = 24
+# lm-eval's own config of each task (under lm_eval/tasks/), read directly: indexing every task is slow.
+LM_EVAL_YAML = {"boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+                "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
+                "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
 WORDS = ("the cat dog sun runs jumps over a red blue tree water hot cold big small he she went home "
          "stone is in on put pan cut bread").split()
 
@@ -97,9 +102,9 @@ def hf_schema(task: str, root: Path) -> list[dict]:
 def lm_eval_task(task: str, data_file: Path):
     """lm-eval's registered task config (its YAML, with its !function hooks), reading `data_file` instead of the hub."""
     from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
-    config = load_yaml(TaskManager().task_index[task].yaml_path, resolve_func=True)
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / LM_EVAL_YAML[task], resolve_func=True)
+    assert config["task"] == task
     config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"validation": str(data_file)}},
                   training_split=None, validation_split="validation", test_split=None, fewshot_split=None)
     return ConfigurableTask(config=config)
@@ -116,7 +121,8 @@ def peaked_model(vocab_size):
 
 
 def run_lm_eval(lm, tasks: dict) -> dict:
-    out = lm_eval_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, verbosity="ERROR")["results"]
+    # bootstrap_iters > 0 turns standard errors on; for "mean" metrics lm-eval uses its closed-form mean_stderr
+    out = lm_eval_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=1, verbosity="ERROR")["results"]
     return {t: {k.split(",")[0]: v for k, v in r.items() if "," in k} for t, r in out.items()}
 
 
