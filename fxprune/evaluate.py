@@ -113,17 +113,23 @@ def _prefix_token(tokenizer) -> int:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) exactly as lm-evaluation-harness splits them: trailing spaces of
-    the context move to the continuation, the pair is encoded whole (no special tokens) and cut at the
-    context's length, so merges across the boundary are tokenised as the model would see them."""
+    """Token ids of (context, continuation) exactly as lm-evaluation-harness (0.4.13, HFLM) splits them: trailing
+    spaces of the context move to the continuation; the pair is encoded whole with the tokenizer's own special
+    tokens (a BOS where the tokenizer adds one, unless the text already starts with it) and cut at the
+    context's length, so merges across the boundary are tokenised as the model would see them. An empty
+    context becomes the BOS (or EOS) token, unless the continuation already starts with it."""
     if not continuation:
         raise ValueError(f"empty continuation for context {context[-60:]!r}")
 
-    def enc(s):
-        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+    def enc(s, special=True):
+        bos = tokenizer.bos_token
+        if special and bos and s.startswith(bos):
+            special = False
+        return tokenizer(s, add_special_tokens=special, verbose=False)["input_ids"]
 
     if context == "":
-        return [_prefix_token(tokenizer)], enc(continuation)
+        prefix, cont = _prefix_token(tokenizer), enc(continuation, special=False)
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation

@@ -217,7 +217,8 @@ def test_emitted_graph_module_evaluates_like_the_model(tok, llama):
 def test_encode_pair_moves_trailing_space_and_keeps_merges(tok):
     assert evaluate.encode_pair(tok, "Answer: ", "the") == evaluate.encode_pair(tok, "Answer:", " the")
     ctx, cont = evaluate.encode_pair(tok, "Answer:", " the")
-    assert cont == [tid(tok, "Ġthe")] and tok.bos_token_id not in ctx
+    # lm-eval 0.4.13 encodes with the tokenizer's special tokens: the tiny tokenizer's BOS opens the context
+    assert cont == [tid(tok, "Ġthe")] and ctx[0] == tok.bos_token_id and ctx.count(tok.bos_token_id) == 1
     assert evaluate.encode_pair(tok, "", "ab") == ([tok.bos_token_id], [tid(tok, "a"), tid(tok, "b")])
 
 
