@@ -22,10 +22,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS as OUT, finish, header, load_average, md_table, report_head
 
-TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-# The metric the seeds (LLM-Pruner) report per task: acc_norm where lm-eval's length normalisation matters.
-METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
-          "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+from fxprune.tasks import REPORTED as METRIC, TASKS  # noqa: E402  (the metric the seeds report per task)
+
 RECOVERIES = {  # name -> (label, extra `fxprune tune` options)
     "lora": ("LoRA", []),
     "kd_lora": ("distil + LoRA", ["--teacher"]),
