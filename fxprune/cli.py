@@ -187,8 +187,8 @@ def main(argv=None) -> int:
     r.add_argument("--round-to", type=int, default=None)
     r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")
     r.add_argument("--calib-data", default=None,
-                   help="calibration texts: a JSON/JSONL {\"text\"} or plain text file, or 'packaged' (the C4 sample "
-                        "inside fxprune); default: <data dir>/c4/c4_sample.json, or the packaged sample without a data dir")
+                   help="calibration texts: a JSON/JSONL {\"text\"} or plain text file, 'packaged' (the C4 sample inside "
+                        "fxprune), or hf:NAME[:CONFIG[:SPLIT[:FIELD]]] (Hugging Face datasets); default: <data dir>/c4/c4_sample.json, or the packaged sample without a data dir")
     r.add_argument("--eval-data", default=None,
                    help="WikiText-2 test file; default: <data dir>/wikitext-2-raw/wiki.test.raw, else Hugging Face "
                         "datasets when installed and reachable, else perplexity is skipped")

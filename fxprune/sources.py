@@ -50,6 +50,8 @@ def calibration_source(calib_data=None, data_dir_flag=None) -> Source:
     """Calibration texts: --calib-data FILE, else <data dir>/c4/c4_sample.json, else the packaged C4 sample."""
     if calib_data == "packaged":
         return Source(packaged_calibration_texts(), f"packaged C4 sample ({PACKAGED_C4.name})")
+    if calib_data is not None and calib_data.startswith("hf:"):
+        return hub_texts(calib_data, "--calib-data")
     if calib_data is not None:
         return _named_file(calib_data, "--calib-data")
     root, flag = _data_root(data_dir_flag)
@@ -73,6 +75,19 @@ def wikitext_source(eval_data=None, data_dir_flag=None, hub_timeout: float = 3.0
     if rows is not None:
         return Source(rows, f"Hugging Face datasets {HF_WIKITEXT[0]} {HF_WIKITEXT[1]} {HF_WIKITEXT[2]}")
     return Source(skip=f"no WikiText-2 data: no --eval-data, --data-dir or {DATA_ENV}, and {why}")
+
+
+def hub_texts(spec: str, flag: str) -> Source:
+    """Texts of a Hugging Face dataset named "hf:NAME[:CONFIG[:SPLIT[:FIELD]]]" (split "train", field "text" by
+    default); FileNotFoundError naming the flag when `datasets` or the data cannot be had."""
+    parts = spec[3:].split(":")
+    if not parts[0]:
+        raise ValueError(f"{flag} {spec!r}: expected hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
+    name, config, split, field = (parts + [None, "train", "text"][len(parts) - 1:])[:4]
+    rows, why = hf_rows(name, config or None, split, field)
+    if rows is None:
+        raise FileNotFoundError(f"{spec} (set by {flag}) cannot be read: {why}")
+    return Source([r for r in rows if r.strip()], f"Hugging Face datasets {name} {config or ''} {split}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -89,3 +89,12 @@ def test_hub_fallback_fails_fast_when_unreachable(monkeypatch):
     src = sources.wikitext_source()
     assert src.skip and src.value is None and "unreachable" in src.skip
     assert time.time() - t < 10
+
+
+def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, capsys, no_model_loading, monkeypatch):
+    from fxprune import sources
+    monkeypatch.setattr(sources, "HUB_HOST", "hub.invalid")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached either
+    assert cli.main(["prune", str(model_dir), "--calib-data", "hf:allenai/c4:en:validation"]) == 2
+    err = capsys.readouterr().err
+    assert "hf:allenai/c4:en:validation" in err and "--calib-data" in err and "unreachable" in err
