@@ -111,10 +111,13 @@ def _floating_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 class Teacher:
-    """The frozen teacher: moved to the student's device and dtype, in eval mode, without gradients."""
+    """The frozen teacher: moved to the student's device and dtype (in place: no second copy in memory), in
+    eval mode, without gradients. `close()` gives back its requires_grad flags and training mode."""
 
     def __init__(self, model: torch.nn.Module, student: torch.nn.Module, device, match_hidden: bool):
         check_teacher(student, model, match_hidden)
+        self._flags = {p: p.requires_grad for p in model.parameters()}
+        self._training = model.training
         self.model = model.to(device=device, dtype=_floating_dtype(student)).eval()
         self.model.requires_grad_(False)
         self.hidden = HeadInput(self.model) if match_hidden else None
@@ -128,6 +131,9 @@ class Teacher:
     def close(self):
         if self.hidden is not None:
             self.hidden.remove()
+        for p, flag in self._flags.items():
+            p.requires_grad_(flag)
+        self.model.train(self._training)
 
 
 def recovery_loss(student_logits, batch, ce_loss, teacher_out, kd_alpha: float, temperature: float,

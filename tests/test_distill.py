@@ -90,8 +90,8 @@ def test_distillation_lowers_the_kl_to_the_dense_model(dense, pruned, examples, 
     assert before > 0.01 and after < 0.7 * before, (before, after)
     first, last = sum(h["kd"] for h in history[:3]) / 3, sum(h["kd"] for h in history[-3:]) / 3
     assert last < first, (first, last)
-    assert all(p.requires_grad is False for p in dense.parameters())  # the teacher was frozen...
-    dense.requires_grad_(True)  # ...restore the shared fixture for the other tests
+    # the teacher's flags and mode are given back after training
+    assert all(p.requires_grad for p in dense.parameters()) and not dense.training
 
 
 def weights(gm):
@@ -132,6 +132,7 @@ def test_teacher_runs_without_gradients_in_the_students_dtype(pruned):
     logits, hidden = runner(ids, torch.ones_like(ids))
     assert logits.dtype == torch.float32 and not logits.requires_grad and hidden.shape == (2, 6, 64)
     runner.close()
+    assert all(p.requires_grad for p in teacher_model.parameters())
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(pruned, examples):
