@@ -43,6 +43,8 @@ def parse(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--importance", default="hywia")
+    p.add_argument("--name", default="e2e_smollm2", help="results file name under benchmarks/results (no extension)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--limit", type=int, default=100, help="first N examples of each zero-shot task")
@@ -89,7 +91,8 @@ class Run:
         pruned = self.work / f"r{int(ratio * 100)}" / "pruned"
         if not (pruned / "fxprune.json").exists():
             self.model(f"r{int(ratio * 100)}/pruned")["prune"] = run(
-                "prune", "--ratio", str(ratio), "--output", str(pruned), "--eval-tokens", "0")
+                "prune", "--ratio", str(ratio), "--importance", self.a.importance, "--output", str(pruned),
+                "--eval-tokens", "0")
             self.save()
         return pruned
 
@@ -167,7 +170,7 @@ def write_report(a, report, state):
     report.update(settings={"steps": a.steps, "micro_batch": a.batch_size, "cutoff": 256, "lr": a.lr,
                             "lora": {"r": 8, "alpha": 16, "dropout": 0.05}, "zero_shot_limit": a.limit,
                             "ppl_tokens": a.eval_tokens, "window": 128}, models=models)
-    (OUT / "e2e_smollm2.json").write_text(json.dumps(report, indent=1, default=str))
+    (OUT / f"{a.name}.json").write_text(json.dumps(report, indent=1, default=str))
     ppl_cols = [f"ppl {n:,} tok" for n in a.eval_tokens]
     rows = []
     for key, m in models.items():
@@ -184,7 +187,8 @@ def write_report(a, report, state):
                     + cells + [f"{mean['value']:.3f} ± {mean['stderr']:.3f}" if mean else "-"])
     lines = report_head("End to end on SmolLM2-135M-Instruct: prune -> recover -> evaluate (issues 5, 16)", report) + [
         f"WikiText-2 test perplexity on 128-token windows over the first {' and '.join(f'{n:,}' for n in a.eval_tokens)} "
-        f"tokens. Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256, "
+        f"tokens. Pruning: `fxprune prune --importance {a.importance}` (heads + MLP, layers 0-2 and the last 2 "
+        f"protected, 32 x 128 calibration tokens). Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256, "
         f"lr {a.lr:g}, AdamW, fp32); LoRA r 8, alpha 16, dropout 0.05 on every projection; distillation: KL to the "
         "dense model's logits at temperature 1 over every real token (kd_alpha 1: no cross-entropy term), the "
         "teacher running without gradients. Tune time: wall minutes of `fxprune tune` (loading, training, merging) "
@@ -193,7 +197,7 @@ def write_report(a, report, state):
         "HellaSwag, ARC-c, OBQA (as the seeds report them), ± the sample standard error of the mean; the mean "
         "column averages the seven with the standard error of that average.", "",
         md_table(["model", "parameters", *ppl_cols, "tune min", *TASKS, "mean"], rows), ""]
-    (OUT / "e2e_smollm2.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{a.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

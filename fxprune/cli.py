@@ -101,7 +101,7 @@ def eval_sources(args) -> tuple[dict, list[str]]:
     """{task: data path or rows} for `fxprune eval`, and a skip line per task without data. Found before any
     model is loaded: tasks named by --tasks must have their file (FileNotFoundError names the path and the
     flag); those of the default list are skipped when it is missing."""
-    from fxprune.sources import _data_root, wikitext_source
+    from fxprune.sources import data_root, wikitext_source
     from fxprune.tasks import task_file
     explicit = args.tasks is not None
     tasks = args.tasks if explicit else DEFAULT_EVAL_TASKS
@@ -110,7 +110,7 @@ def eval_sources(args) -> tuple[dict, list[str]]:
         wiki = wikitext_source(args.eval_data, args.data_dir)
         found["ppl"] = wiki.value if not wiki.skip else None
         skipped += [f"perplexity skipped: {wiki.skip}"] if wiki.skip else []
-    root, flag = _data_root(args.data_dir)
+    root, flag = data_root(args.data_dir)
     for task in [t for t in tasks if t != "ppl"]:
         if root is None:
             if explicit:

@@ -31,7 +31,7 @@ class Source:
     skip: str = ""
 
 
-def _data_root(flag_value):
+def data_root(flag_value):
     """(root or None, the flag that names it). A given directory must exist (FileNotFoundError names it)."""
     if flag_value is None and not os.environ.get(DATA_ENV):
         return None, ""
@@ -54,7 +54,7 @@ def calibration_source(calib_data=None, data_dir_flag=None) -> Source:
         return hub_texts(calib_data, "--calib-data")
     if calib_data is not None:
         return _named_file(calib_data, "--calib-data")
-    root, flag = _data_root(data_dir_flag)
+    root, flag = data_root(data_dir_flag)
     if root is None:
         return Source(packaged_calibration_texts(), f"packaged C4 sample ({PACKAGED_C4.name}; no --data-dir or {DATA_ENV})")
     return _named_file(root / C4_FILE, f"{flag}, which holds c4/c4_sample.json")
@@ -65,7 +65,7 @@ def wikitext_source(eval_data=None, data_dir_flag=None, hub_timeout: float = 3.0
     `datasets`, else a skip with the reason."""
     if eval_data is not None:
         return _named_file(eval_data, "--eval-data")
-    root, flag = _data_root(data_dir_flag)
+    root, flag = data_root(data_dir_flag)
     if root is not None:
         path = root / WIKITEXT_FILE
         if path.is_file():
