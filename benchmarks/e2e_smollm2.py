@@ -125,8 +125,11 @@ class Run:
             args = ["--tasks", "ppl", "--eval-tokens", *map(str, self.a.eval_tokens)]
         else:
             args = ["--tasks", *TASKS, "--limit", str(self.a.limit)]
-        times = run("eval", *where, *args, "--json", str(js))
-        entry[stage] = {**json.loads(js.read_text()), "eval": times}
+        if self.a.resume and js.exists():  # written by an earlier (or separately started) run of the same command
+            entry[stage] = json.loads(js.read_text())
+        else:
+            times = run("eval", *where, *args, "--json", str(js))
+            entry[stage] = {**json.loads(js.read_text()), "eval": times}
         self.save()
 
 
