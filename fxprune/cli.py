@@ -12,6 +12,9 @@ import torch
 
 from fxprune.capture import CaptureError
 from fxprune.config import TARGETS
+from fxprune.tasks import TASKS
+
+DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
 
 DEFAULT_PROTECT = [0, 1, 2, -2, -1]
 
@@ -40,24 +43,29 @@ def cmd_inspect(args) -> int:
 
 def cmd_prune(args) -> int:
     import fxprune
-    from fxprune.data import calibration_samples, data_dir
+    from fxprune.data import calibration_samples
     from fxprune.models import load_model
+    from fxprune.sources import calibration_source, wikitext_source
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     protect = args.protect if args.protect is not None else ([] if args.uniform_widths else DEFAULT_PROTECT)
     fxprune.PruneConfig(ratio=args.ratio, protect_layers=tuple(protect) or None, uniform_widths=args.uniform_widths)
     t0 = time.time()
+    # Every data file is found (or refused, naming its flag) before the model is loaded.
+    calib_src = calibration_source(args.calib_data, args.data_dir)
+    wiki = wikitext_source(args.eval_data, args.data_dir) if args.eval_tokens else None
+    if wiki is not None and wiki.skip:
+        print(f"fxprune prune: perplexity skipped: {wiki.skip}", file=sys.stderr)
+    wiki = wiki.value if wiki is not None and not wiki.skip else None
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    root = data_dir(args.data_dir)
-    calib = calibration_samples(root / "c4" / "c4_sample.json", tok, n_samples=args.calib_samples, seq_len=args.calib_len)
-    wiki = root / "wikitext-2-raw" / "wiki.test.raw"
-    rows = []
-    ppl_before = evaluate_ppl(model, tok, wiki, args) if args.eval_tokens else None
+    calib = calibration_samples(calib_src.value, tok, n_samples=args.calib_samples, seq_len=args.calib_len)
+    rows = [("calibration", calib_src.origin)]
+    ppl_before = evaluate_ppl(model, tok, wiki, args) if wiki is not None else None
     t1 = time.time()
     gm = fxprune.compile(model, args.ratio, importance=args.importance, calibration=calib.split(args.batch),
                          protect_layers=tuple(protect) if protect else None, round_to=args.round_to,
                          targets=tuple(args.targets), uniform_widths=args.uniform_widths)
     prune_s = time.time() - t1
-    ppl_after = evaluate_ppl(gm, tok, wiki, args) if args.eval_tokens else None
+    ppl_after = evaluate_ppl(gm, tok, wiki, args) if wiki is not None else None
     plan = gm.meta[fxprune.PLAN_KEY]
     if args.output:
         fxprune.save(gm, args.output, base_model=model)
@@ -94,22 +102,59 @@ def load_any(name, tokenizer=None):
     return load_model(name)
 
 
+def eval_sources(args) -> tuple[dict, list[str]]:
+    """{task: data path or rows} for `fxprune eval`, and a skip line per task without data. Found before any
+    model is loaded: tasks named by --tasks must have their file (FileNotFoundError names the path and the
+    flag); those of the default list are skipped when it is missing."""
+    from fxprune.sources import data_root, wikitext_source
+    from fxprune.tasks import task_file
+    explicit = args.tasks is not None
+    tasks = args.tasks if explicit else DEFAULT_EVAL_TASKS
+    found, skipped = {}, []
+    if "ppl" in tasks:
+        wiki = wikitext_source(args.eval_data, args.data_dir)
+        found["ppl"] = wiki.value if not wiki.skip else None
+        skipped += [f"perplexity skipped: {wiki.skip}"] if wiki.skip else []
+    root, flag = data_root(args.data_dir)
+    for task in [t for t in tasks if t != "ppl"]:
+        if root is None:
+            if explicit:
+                raise FileNotFoundError(f"{task} needs a data directory holding {task}/: pass --data-dir or set "
+                                        "FXPRUNE_DATA_DIR")
+            skipped.append(f"{task} skipped: no --data-dir or FXPRUNE_DATA_DIR")
+            continue
+        try:
+            found[task] = task_file(task, root)
+        except FileNotFoundError as exc:
+            if explicit:
+                raise FileNotFoundError(f"{exc} (looked for in the data directory set by {flag})") from None
+            skipped.append(f"{task} skipped: {exc}")
+    return found, skipped
+
+
 def cmd_eval(args) -> int:
-    from fxprune.data import data_dir
-    from fxprune.evaluate import perplexity, zero_shot
+    from fxprune.evaluate import perplexities, zero_shot
+    from fxprune.tasks import mean_over_tasks
+    sources, skipped = eval_sources(args)
+    for line in skipped:
+        print(f"fxprune eval: {line}", file=sys.stderr)
     model, tok = load_any(args.model, args.tokenizer)
-    root = data_dir(args.data_dir)
-    rows, report = [], {"model": args.model or "SmolLM2-135M-Instruct (embedded GGUF)"}
+    rows, report = [], {"model": args.model or "SmolLM2-135M-Instruct (embedded GGUF)", "skipped": skipped}
     t0 = time.time()
-    if "ppl" in args.tasks:
-        ppl = perplexity(model, tok, root / "wikitext-2-raw" / "wiki.test.raw", window=args.window,
-                         max_tokens=args.eval_tokens, progress=True)
-        report["wikitext2_ppl"] = ppl
-        rows.append((f"wikitext-2 ppl ({args.eval_tokens} tok, w{args.window})", f"{ppl:.2f}"))
-    for task in [t for t in args.tasks if t != "ppl"]:
-        r = zero_shot(model, tok, task, root, limit=args.limit, progress=True)
+    if sources.get("ppl") is not None:
+        ppls = perplexities(model, tok, sources["ppl"], args.eval_tokens, window=args.window, progress=True)
+        report["wikitext2_ppl"] = ppls[max(ppls)]
+        report["wikitext2_ppl_by_tokens"] = ppls
+        rows += [(f"wikitext-2 ppl ({n} tok, w{args.window})", f"{v:.2f}") for n, v in ppls.items()]
+    tasks = [t for t in sources if t != "ppl"]
+    for task in tasks:
+        r = zero_shot(model, tok, task, sources[task], limit=args.limit, progress=True)
         report[task] = r
-        rows.append((f"{task} acc / acc_norm (n={r['n']})", f"{r['acc']:.4f} / {r['acc_norm']:.4f}"))
+        rows.append((f"{task} acc / acc_norm (n={r['n']})",
+                     f"{r['acc']:.4f} ± {r['acc_stderr']:.4f} / {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"))
+    if tasks:
+        report["mean"] = mean_over_tasks(report)
+        rows.append((f"mean of {len(tasks)} tasks", f"{report['mean']['value']:.4f} ± {report['mean']['stderr']:.4f}"))
     report.update(parameters=sum(p.numel() for p in set(model.parameters())), time_s=time.time() - t0,
                   peak_gb=peak_gb())
     rows += [("parameters", f"{report['parameters']:,}"),
@@ -187,6 +232,12 @@ def main(argv=None) -> int:
                    help="keep the same widths in every layer (a Hugging Face config can hold the result)")
     r.add_argument("--round-to", type=int, default=None)
     r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")
+    r.add_argument("--calib-data", default=None,
+                   help="calibration texts: a JSON/JSONL {\"text\"} or plain text file, 'packaged' (the C4 sample inside "
+                        "fxprune), or hf:NAME[:CONFIG[:SPLIT[:FIELD]]] (Hugging Face datasets); default: <data dir>/c4/c4_sample.json, or the packaged sample without a data dir")
+    r.add_argument("--eval-data", default=None,
+                   help="WikiText-2 test file; default: <data dir>/wikitext-2-raw/wiki.test.raw, else Hugging Face "
+                        "datasets when installed and reachable, else perplexity is skipped")
     r.add_argument("--calib-samples", type=int, default=32)
     r.add_argument("--calib-len", type=int, default=128)
     r.add_argument("--batch", type=int, default=4)
@@ -200,9 +251,12 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned directory")
     e.add_argument("model", nargs="?", default=None)
     e.add_argument("--tokenizer", default=None)
-    e.add_argument("--tasks", nargs="+", default=["ppl", "piqa", "arc_easy", "boolq", "winogrande"])
+    e.add_argument("--tasks", nargs="+", default=None, choices=list(DEFAULT_EVAL_TASKS),
+                   help="default: all; those without data are then skipped (named ones must have their file)")
+    e.add_argument("--eval-data", default=None, help="WikiText-2 test file (default: <data dir>/wikitext-2-raw/...)")
     e.add_argument("--limit", type=int, default=None, help="first N examples of each zero-shot task")
-    e.add_argument("--eval-tokens", type=int, default=20480)
+    e.add_argument("--eval-tokens", type=int, nargs="+", default=[20480],
+                   help="perplexity over the first N tokens; several values come from one pass")
     e.add_argument("--window", type=int, default=128)
     e.add_argument("--data-dir", default=None)
     e.add_argument("--json", default=None)

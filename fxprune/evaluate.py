@@ -5,20 +5,15 @@ causal LM or the torch.fx GraphModule fxprune emits (which has no KV cache, so n
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fxprune.data import data_dir
 from fxprune.lm import model_logits as _logits
-
-TASKS = ("piqa", "arc_easy", "boolq", "winogrande")
+from fxprune.tasks import TASKS, Doc, load_task, score_docs, task_file  # noqa: F401 (re-exported)
 
 
 def _progress(items, enabled: bool, desc: str, total=None):
@@ -81,19 +76,38 @@ def eval_windows(tokenizer, text_or_path, window: int = 128, max_tokens=None) ->
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, text_or_path, window: int = 128, max_tokens=None, batch_size: int = 8,
-               device="cpu", progress: bool = False) -> float:
-    """exp(mean NLL) over every predicted token (window - 1 per window) of `eval_windows(...)`."""
-    windows = eval_windows(tokenizer, text_or_path, window, max_tokens)
-    total, count = 0.0, 0
+def window_nlls(model, windows: torch.LongTensor, batch_size: int = 8, device="cpu", progress: bool = False) -> list[float]:
+    """Summed next-token NLL of each window (window - 1 predictions each), in fp64."""
+    out = []
     batches = windows.split(batch_size)
     for batch in _progress(batches, progress, "perplexity", len(batches)):
         batch = batch.to(device)
         logits = _logits(model, batch, torch.ones_like(batch))
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += nll.double().item()
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+        out += nll.double().sum(-1).tolist()
+    return out
+
+
+def perplexity(model, tokenizer, text_or_path, window: int = 128, max_tokens=None, batch_size: int = 8,
+               device="cpu", progress: bool = False) -> float:
+    """exp(mean NLL) over every predicted token (window - 1 per window) of `eval_windows(...)`."""
+    nlls = window_nlls(model, eval_windows(tokenizer, text_or_path, window, max_tokens), batch_size, device, progress)
+    return math.exp(sum(nlls) / (len(nlls) * (window - 1)))
+
+
+def perplexities(model, tokenizer, text_or_path, token_counts: Sequence[int], window: int = 128,
+                 batch_size: int = 8, device="cpu", progress: bool = False) -> dict[int, float]:
+    """{n: perplexity over the first n tokens} for each n, from one pass over the largest: the windows of a
+    shorter prefix are the leading windows of a longer one, so each value equals `perplexity(max_tokens=n)`."""
+    counts = sorted(set(int(n) for n in token_counts))
+    if not counts or counts[0] < window:
+        raise ValueError(f"token counts {list(token_counts)} must each hold at least one window of {window}")
+    nlls = window_nlls(model, eval_windows(tokenizer, text_or_path, window, counts[-1]), batch_size, device, progress)
+    result = {}
+    for n in counts:
+        k = min(n // window, len(nlls))
+        result[n] = math.exp(sum(nlls[:k]) / (k * (window - 1)))
+    return result
 
 
 # --- log-likelihood of continuations --------------------------------------------------------------------
@@ -106,17 +120,23 @@ def _prefix_token(tokenizer) -> int:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) exactly as lm-evaluation-harness splits them: trailing spaces of
-    the context move to the continuation, the pair is encoded whole (no special tokens) and cut at the
-    context's length, so merges across the boundary are tokenised as the model would see them."""
+    """Token ids of (context, continuation) exactly as lm-evaluation-harness (0.4.13, HFLM) splits them: trailing
+    spaces of the context move to the continuation; the pair is encoded whole with the tokenizer's own special
+    tokens (a BOS where the tokenizer adds one, unless the text already starts with it) and cut at the
+    context's length, so merges across the boundary are tokenised as the model would see them. An empty
+    context becomes the BOS (or EOS) token, unless the continuation already starts with it."""
     if not continuation:
         raise ValueError(f"empty continuation for context {context[-60:]!r}")
 
-    def enc(s):
-        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+    def enc(s, special=True):
+        bos = tokenizer.bos_token
+        if special and bos and s.startswith(bos):
+            special = False
+        return tokenizer(s, add_special_tokens=special, verbose=False)["input_ids"]
 
     if context == "":
-        return [_prefix_token(tokenizer)], enc(continuation)
+        prefix, cont = _prefix_token(tokenizer), enc(continuation, special=False)
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -179,111 +199,18 @@ def loglikelihood_rolling(model, tokenizer, text: str, batch_size: int = 8, devi
     return sum(ll for ll, _ in _score_pairs(model, pairs, batch_size, device, L, pad, False))
 
 
-# --- zero-shot tasks ------------------------------------------------------------------------------------
-
-@dataclass
-class Doc:
-    requests: list[tuple[str, str]]   # (context, continuation) per choice
-    gold: int
-    lengths: list[int]                # characters of each choice, for acc_norm
-
-
-def _piqa(r, label):
-    ctx = f"Question: {r['goal']}\nAnswer:"
-    sols = [r["sol1"], r["sol2"]]
-    gold = int(label if label is not None else r["label"])
-    return Doc([(ctx, " " + s) for s in sols], gold, [len(s) for s in sols])
-
-
-def _arc(r, label):
-    q = r["question"]
-    texts = [c["text"] for c in q["choices"]]
-    gold = [c["label"] for c in q["choices"]].index(r["answerKey"])
-    ctx = f"Question: {q['stem']}\nAnswer:"
-    return Doc([(ctx, " " + t) for t in texts], gold, [len(t) for t in texts])
-
-
-def _boolq(r, label):
-    if not isinstance(r["answer"], bool):
-        raise TypeError(f"answer must be true/false, got {r['answer']!r}")
-    ctx = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
-    return Doc([(ctx, " no"), (ctx, " yes")], int(r["answer"]), [2, 3])
-
-
-def _winogrande(r, label):
-    # Partial evaluation: the option fills the blank in the context; only the shared rest is scored.
-    s = r["sentence"]
-    cut = s.index("_")
-    rest = " " + s[cut + 1:].strip()
-    gold = {"1": 0, "2": 1}[str(label if label is not None else r["answer"]).strip()]
-    return Doc([(s[:cut] + r["option1"], rest), (s[:cut] + r["option2"], rest)], gold, [len(rest)] * 2)
-
-
-# task -> (records file, labels file or None, record parser, the expected record, for error messages)
-_TASK_SPECS = {
-    "piqa": ("valid.jsonl", "valid-labels.lst", _piqa,
-             '{"goal": str, "sol1": str, "sol2": str} with a label 0/1 (labels file, or "label")'),
-    "arc_easy": ("ARC-Easy-Test.jsonl", None, _arc,
-                 '{"question": {"stem": str, "choices": [{"text", "label"}]}, "answerKey": one of the labels}'),
-    "boolq": ("dev.jsonl", None, _boolq, '{"question": str, "passage": str, "answer": true/false}'),
-    "winogrande": ("dev.jsonl", "dev-labels.lst", _winogrande,
-                   '{"sentence": str with "_", "option1": str, "option2": str} with answer "1"/"2" '
-                   '(labels file, or "answer")'),
-}
-
-
-def task_file(task: str, path_or_dir=None) -> Path:
-    """The records file of `task`: `path_or_dir` itself if a file, else <dir>/<file> or <dir>/<task>/<file>;
-    with no path, <FXPRUNE_DATA_DIR>/<task>/<file>."""
-    if task not in _TASK_SPECS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    p = data_dir() / task if path_or_dir is None else Path(path_or_dir)
-    if p.is_dir():
-        p = (p / task if (p / task).is_dir() else p) / _TASK_SPECS[task][0]
-    if not p.is_file():
-        raise FileNotFoundError(f"{task}: records file {p} not found")
-    return p
-
-
-def load_task(task: str, path_or_dir=None, limit=None) -> list[Doc]:
-    """Parse and validate the first `limit` records of a task. Labels come from a `*-labels.lst` file beside
-    the records when there is one (line i labels record i), else from the record itself."""
-    path = task_file(task, path_or_dir)
-    _, labels_name, parse, schema = _TASK_SPECS[task]
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    labels = None
-    label_path = path.with_name(path.stem + "-labels.lst") if labels_name else None
-    if label_path is not None and label_path.is_file():
-        labels = [x.strip() for x in label_path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        if len(labels) != len(lines):
-            raise ValueError(f"{label_path} has {len(labels)} labels but {path} has {len(lines)} records")
-    docs = []
-    for k, (n, line) in enumerate(lines[:limit] if limit is not None else lines):
-        try:
-            docs.append(parse(json.loads(line), labels[k] if labels else None))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ValueError(f"{path}, line {n}: expected a {task} record {schema}; "
-                             f"{type(exc).__name__}: {exc}") from None
-    if not docs:
-        raise ValueError(f"{path}: no {task} records")
-    return docs
-
+# --- zero-shot tasks (formats and parsers in fxprune.tasks) ----------------------------------------------
 
 def zero_shot(model, tokenizer, task: str, path_or_dir=None, limit=None, batch_size: int = 8, device="cpu",
               max_length=None, progress: bool = False) -> dict:
-    """Accuracy on a multiple-choice task as lm-evaluation-harness computes it. acc: the choice with the
-    highest summed continuation log-likelihood; acc_norm: the highest log-likelihood per character of the
-    choice (lm-eval's length normalisation). Ties go to the first choice. Returns {"acc", "acc_norm", "n"}."""
+    """Accuracy on a multiple-choice task as lm-evaluation-harness computes it (fxprune.tasks): acc, the
+    choice with the highest summed continuation log-likelihood; acc_norm, the highest log-likelihood per
+    character of the choice string. Ties go to the first choice. Returns {"acc", "acc_stderr", "acc_norm",
+    "acc_norm_stderr", "n"} (standard errors as lm-eval's: sample standard deviation / sqrt(n))."""
     docs = load_task(task, path_or_dir, limit)
     flat = [req for d in docs for req in d.requests]
-    lls = iter(ll for ll, _ in loglikelihood(model, tokenizer, flat, batch_size, device, max_length, progress))
-    acc = acc_norm = 0
-    for d in docs:
-        scores = [next(lls) for _ in d.requests]
-        norm = [s / n for s, n in zip(scores, d.lengths)]
-        acc += scores.index(max(scores)) == d.gold
-        acc_norm += norm.index(max(norm)) == d.gold
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+    lls = [ll for ll, _ in loglikelihood(model, tokenizer, flat, batch_size, device, max_length, progress)]
+    return score_docs(docs, lls)
 
 
 # --- generation -----------------------------------------------------------------------------------------
@@ -336,7 +263,11 @@ def _lm_eval_class():
         def __init__(self, model, tokenizer, batch_size=8, device="cpu", max_length=None):
             super().__init__()
             self.model, self.tokenizer = model, tokenizer
-            self.batch_size, self.device, self.max_length = batch_size, device, max_length
+            self.batch_size, self._run_device, self.max_length = batch_size, device, max_length
+
+        @property
+        def device(self):  # lm-eval's LM defines `device` as a read-only property
+            return self._run_device
 
         def loglikelihood(self, requests, disable_tqdm=False):
             return loglikelihood(self.model, self.tokenizer, [r.args for r in requests], self.batch_size,

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "fxprune_lora_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Settings that change the optimisation trajectory: a checkpoint made under other values is refused.
-TRAJECTORY_FIELDS = ("r", "alpha", "dropout", "lr", "batch_size", "grad_accum", "cutoff_len", "seed")
+TRAJECTORY_FIELDS = ("r", "alpha", "dropout", "lr", "batch_size", "grad_accum", "cutoff_len", "seed", "trainable",
+                     "kd_alpha", "kd_temperature", "hidden_weight")
+TRAINABLE = ("lora", "full")  # LoRA adapters on the projections, or every parameter of the pruned graph
 
 
 # ----------------------------------------------------------------------------- targets
@@ -123,6 +125,11 @@ class LoraSettings:
     "fp32" force it. Weights keep their dtype (mixed precision, fp32 master LoRA weights).
     `output_dir`: checkpoints go to `output_dir/checkpoint-<step>` every `checkpoint_every`
     optimizer steps and at the end of training.
+    `trainable`: "lora" (adapters; r/alpha/dropout/target_modules apply) or "full" (the pruned
+    weights themselves, every parameter of the GraphModule).
+    Distillation (used only when tune() gets a `teacher`; see fxprune.distill): the loss is
+    (1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher || student) at temperature `kd_temperature`,
+    plus `hidden_weight` * MSE of the final hidden states (0: no hidden-state matching).
     """
     r: int = 8
     alpha: int = 16
@@ -139,6 +146,10 @@ class LoraSettings:
     checkpoint_every: int | None = None
     output_dir: str | os.PathLike | None = None
     log_every: int = 10
+    trainable: str = "lora"
+    kd_alpha: float = 1.0
+    kd_temperature: float = 1.0
+    hidden_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("r", "batch_size", "grad_accum", "cutoff_len", "epochs", "log_every"):
@@ -150,6 +161,14 @@ class LoraSettings:
                 raise ValueError(f"LoraSettings.{name} must be None or >= 1, got {value}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"LoraSettings.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not 0 <= self.kd_alpha <= 1:
+            raise ValueError(f"LoraSettings.kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"LoraSettings.kd_temperature must be > 0, got {self.kd_temperature}")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"LoraSettings.hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.checkpoint_every is not None and self.output_dir is None:
             raise ValueError("LoraSettings.checkpoint_every needs an output_dir")
         mixed_precision(self.dtype)  # validates the name
@@ -281,13 +300,28 @@ def _launched_on_cpu() -> bool:
     return not available
 
 
+def _trainable_model(gm, settings: LoraSettings, targets):
+    """peft's LoRA model around `gm` (settings.trainable == "lora"), or `gm` itself with every parameter
+    trainable ("full": the pruned weights are fine-tuned)."""
+    if settings.trainable == "full":
+        return gm.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, bias="none")
+    return get_peft_model(gm, config)
+
+
 def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = None, resume: bool = False,
-         progress: bool = False):
-    """LoRA-train `gm` on tokenised `examples`; returns (peft_model, history).
+         progress: bool = False, teacher: torch.nn.Module | None = None):
+    """LoRA-train (or, with settings.trainable="full", fine-tune) `gm` on tokenised `examples`;
+    returns (model, history).
 
     `gm` is modified in place (peft injects its LoRA layers into it, as `get_peft_model` does).
-    history: one dict per optimizer step, {"step", "epoch", "loss", "lr"}, loss averaged over the
-    step's micro-batches and processes. The returned PeftModel is unwrapped (no DDP) and in eval
+    With a `teacher` (the dense model `gm` was pruned from) the loss distils its logits
+    (fxprune.distill); the teacher is moved to the student's device and dtype and runs without
+    gradients. history: one dict per optimizer step, {"step", "epoch", "loss", "lr"} (+ "ce", "kd"
+    and "hidden" when distilling), averaged over the step's micro-batches and processes. The
+    returned model (a PeftModel for LoRA, `gm` for "full") is unwrapped (no DDP) and in eval
     mode. With `resume=True` training continues from the newest complete checkpoint in
     `settings.output_dir` (parameters, optimizer, RNG states and data position), or starts afresh
     if there is none; the run then ends where an uninterrupted one would, with the same weights.
@@ -295,7 +329,8 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
+
+    from fxprune.distill import HeadInput, Teacher, check_teacher, recovery_loss
 
     settings = settings or LoraSettings()
     if resume and settings.output_dir is None:
@@ -307,7 +342,10 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         from fxprune.devices import check_runnable
         on_cuda = torch.cuda.is_available() and not _launched_on_cpu()
         check_runnable(precision, f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_cuda else "cpu")
-    targets = resolve_targets(gm, settings.target_modules)
+    targets = resolve_targets(gm, settings.target_modules) if settings.trainable == "lora" else []
+    match_hidden = teacher is not None and settings.hidden_weight > 0
+    if teacher is not None:
+        check_teacher(gm, teacher, match_hidden)
     accelerator = Accelerator(cpu=_launched_on_cpu(), mixed_precision=precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=settings.seed))
@@ -318,6 +356,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
                            f"ACCELERATE_USE_CPU=1 (e.g. `accelerate launch --multi_gpu --num_processes N`, or torchrun)")
     dataset = _Examples(examples, settings.cutoff_len)
     fingerprint = _fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
+    fingerprint["teacher"] = teacher is not None
     found = checkpoints(settings.output_dir) if resume else []
     state = None
     if found:  # checked before peft touches gm, so a refused resume leaves it as it was
@@ -328,18 +367,29 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
                              f"(checkpoint vs now: {diff})")
 
     set_seed(settings.seed)
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, bias="none")
-    peft_model = get_peft_model(gm, config)
+    student_hidden = HeadInput(gm) if match_hidden else None
+    peft_model = _trainable_model(gm, settings, targets)
     peft_model.train()
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(settings.seed))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)
-    logger.info("LoRA r=%d on %d modules, %d trainable parameters; %s on %d process(es), %s",
-                settings.r, len(targets), sum(p.numel() for p in params), type(model).__name__,
-                accelerator.num_processes, accelerator.distributed_type)
+    logger.info("%s, %d trainable parameters%s; %s on %d process(es), %s",
+                f"LoRA r={settings.r} on {len(targets)} modules" if targets else "all weights",
+                sum(p.numel() for p in params), ", distilling the teacher" if teacher is not None else "",
+                type(model).__name__, accelerator.num_processes, accelerator.distributed_type)
+    runner = Teacher(teacher, gm, accelerator.device, match_hidden) if teacher is not None else None
+
+    def micro_batch_loss(batch):
+        logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        ce = lm_loss(logits, batch["labels"])
+        if runner is None:
+            return ce, {}
+        with accelerator.autocast():
+            teacher_out = runner(batch["input_ids"], batch["attention_mask"])
+        return recovery_loss(logits, batch, ce, teacher_out, settings.kd_alpha, settings.kd_temperature,
+                             settings.hidden_weight, student_hidden.pop() if student_hidden else None)
     _register_lora_only_checkpointing(accelerator)
 
     batches_per_epoch = len(loader)
@@ -376,7 +426,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     while step < total_steps:
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
-        losses = []
+        losses, part_sums = [], []
         for batch in batches:
             group_start = batch_in_epoch - batch_in_epoch % settings.grad_accum
             group = min(settings.grad_accum, batches_per_epoch - group_start)
@@ -384,18 +434,21 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
             boundary = batch_in_epoch - group_start == group
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
-                loss = lm_loss(logits_of(model(input_ids=batch["input_ids"],
-                                                    attention_mask=batch["attention_mask"])), batch["labels"])
+                loss, parts = micro_batch_loss(batch)
                 accelerator.backward(loss / group)
             losses.append(loss.detach())
+            part_sums.append(parts)
             if not boundary:
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-            losses = []
-            history.append({"step": step, "epoch": epoch, "loss": mean, "lr": optimizer.param_groups[0]["lr"]})
+            record = {"step": step, "epoch": epoch, "loss": mean, "lr": optimizer.param_groups[0]["lr"]}
+            for key in part_sums[0]:
+                record[key] = accelerator.reduce(torch.stack([p[key] for p in part_sums]).mean(), reduction="mean").item()
+            losses, part_sums = [], []
+            history.append(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}")
@@ -416,6 +469,10 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         bar.close()
 
     accelerator.wait_for_everyone()
+    if runner is not None:
+        runner.close()
+    if student_hidden is not None:
+        student_hidden.remove()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     peft_model.eval()
     return peft_model, history
@@ -427,7 +484,10 @@ def merge(peft_model) -> torch.fx.GraphModule:
     trainable again as in a freshly emitted GraphModule."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    gm = peft_model.merge_and_unload()
+    if isinstance(peft_model, torch.fx.GraphModule) and not hasattr(peft_model, "peft_config"):
+        gm = peft_model  # trained with trainable="full": the weights are already the graph's own
+    else:
+        gm = peft_model.merge_and_unload()
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"merge() expects a peft model around a torch.fx.GraphModule, got {type(gm).__name__}")
     left = [name for name, mod in gm.named_modules() if isinstance(mod, BaseTunerLayer)]

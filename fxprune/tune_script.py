@@ -9,6 +9,11 @@ and calls `fxprune.lora.tune`, whose `accelerate.Accelerator` wraps the peft mod
 DistributedDataParallel; the main process writes the merged GraphModule and a JSON summary.
 `--data` is either an Alpaca JSON array ({"instruction","input","output"}; needs `--tokenizer`)
 or a JSON array of tokenised examples ({"input_ids", "labels"}).
+
+Distillation: `--teacher [MODEL]` (the dense model the GraphModule was pruned from: a local Hugging
+Face directory or .gguf file; alone, the embedded SmolLM2) adds a KL loss on its logits
+(`--kd-alpha`, `--kd-temperature`, `--hidden-weight`); `--trainable full` fine-tunes the pruned
+weights themselves instead of LoRA adapters.
 """
 from __future__ import annotations
 
@@ -51,7 +56,36 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--trainable", choices=["lora", "full"], default=d.trainable,
+                   help="LoRA adapters, or every weight of the pruned graph")
+    p.add_argument("--teacher", nargs="?", const="smollm2", default=None,
+                   help="distil this dense model's logits: a local HF directory or .gguf file "
+                        "(without a value: the embedded SmolLM2)")
+    p.add_argument("--kd-alpha", type=float, default=d.kd_alpha,
+                   help="weight of the distillation term; (1 - alpha) goes to cross-entropy on the labels")
+    p.add_argument("--kd-temperature", type=float, default=d.kd_temperature)
+    p.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
+                   help="weight of the MSE between final hidden states (0: logits only)")
     return p.parse_args(argv)
+
+
+def check_inputs(args) -> None:
+    """Every file the run reads exists, checked before any model is loaded; the error names the flag."""
+    from fxprune.models import DEFAULT_MODEL
+    needed = [("--gm", args.gm), ("--data", args.data)]
+    if args.teacher and args.teacher != DEFAULT_MODEL:
+        needed.append(("--teacher", args.teacher))
+    for flag, path in needed:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found (set by {flag})")
+
+
+def load_teacher(name) -> torch.nn.Module:
+    """The dense teacher: a saved fxprune directory / GraphModule file, or a model for fxprune.models.load_model."""
+    from fxprune.models import DEFAULT_MODEL, load_model
+    if name != DEFAULT_MODEL and ((Path(name) / "fxprune.json").is_file() or Path(name).suffix in (".pt", ".pth")):
+        return load_graph_module(name)
+    return load_model(name, tokenizer=False)[0]
 
 
 def load_examples(path, tokenizer=None, cutoff_len=256, train_on_inputs=False):
@@ -96,15 +130,21 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather
 
-    gm = load_graph_module(args.gm)
+    check_inputs(args)
     examples = load_examples(args.data, args.tokenizer, args.cutoff_len, args.train_on_inputs)
+    gm = load_graph_module(args.gm)
+    teacher = load_teacher(args.teacher) if args.teacher else None
     settings = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr, epochs=args.epochs,
                             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             cutoff_len=args.cutoff_len, target_modules=args.target_modules, seed=args.seed,
                             dtype=args.dtype, checkpoint_every=args.checkpoint_every, output_dir=args.output_dir,
-                            log_every=args.log_every)
-    targets = linear_targets(gm) if args.target_modules is None else list(args.target_modules)
-    peft_model, history = tune(gm, examples, settings, resume=args.resume, progress=args.progress)
+                            log_every=args.log_every, trainable=args.trainable, kd_alpha=args.kd_alpha,
+                            kd_temperature=args.kd_temperature, hidden_weight=args.hidden_weight)
+    if args.trainable == "full":
+        targets = []
+    else:
+        targets = linear_targets(gm) if args.target_modules is None else list(args.target_modules)
+    peft_model, history = tune(gm, examples, settings, resume=args.resume, progress=args.progress, teacher=teacher)
     state = PartialState()  # only now: tune()'s Accelerator sets it up (cpu flag, backend)
 
     # DDP keeps the replicas identical; every process trained on its own shard, so they would drift apart
@@ -124,6 +164,8 @@ def main(argv=None) -> int:
                 "num_processes": state.num_processes, "distributed_type": str(state.distributed_type),
                 "backend": backend, "targets": targets, "steps": len(history), "history": history,
                 "final_loss": history[-1]["loss"] if history else None, "replicas_in_sync": in_sync,
+                "trainable": args.trainable, "teacher": args.teacher, "kd_alpha": args.kd_alpha,
+                "kd_temperature": args.kd_temperature, "hidden_weight": args.hidden_weight,
                 "trainable_parameters": int(flat.numel()),
             }, indent=1))
     state.wait_for_everyone()

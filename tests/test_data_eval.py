@@ -217,7 +217,8 @@ def test_emitted_graph_module_evaluates_like_the_model(tok, llama):
 def test_encode_pair_moves_trailing_space_and_keeps_merges(tok):
     assert evaluate.encode_pair(tok, "Answer: ", "the") == evaluate.encode_pair(tok, "Answer:", " the")
     ctx, cont = evaluate.encode_pair(tok, "Answer:", " the")
-    assert cont == [tid(tok, "Ġthe")] and tok.bos_token_id not in ctx
+    # lm-eval 0.4.13 encodes with the tokenizer's special tokens: the tiny tokenizer's BOS opens the context
+    assert cont == [tid(tok, "Ġthe")] and ctx[0] == tok.bos_token_id and ctx.count(tok.bos_token_id) == 1
     assert evaluate.encode_pair(tok, "", "ab") == ([tok.bos_token_id], [tid(tok, "a"), tid(tok, "b")])
 
 
@@ -260,6 +261,10 @@ def test_loglikelihood_rolling_is_the_full_text_log_prob(tok):
 
 # --- zero-shot ----------------------------------------------------------------------------------------
 
+def core(result):
+    return {k: result[k] for k in ("acc", "acc_norm", "n")}
+
+
 def piqa_files(tmp_path, label, sols=("xxxx", "yyyy")):
     d = tmp_path / "piqa"
     d.mkdir(exist_ok=True)
@@ -272,7 +277,8 @@ def piqa_files(tmp_path, label, sols=("xxxx", "yyyy")):
 def test_zero_shot_piqa_forced(tok, tmp_path, label, acc):
     piqa_files(tmp_path, label)
     r = evaluate.zero_shot(prefer(tok, "x"), tok, "piqa", tmp_path)  # finds <dir>/piqa/valid.jsonl
-    assert r == {"acc": acc, "acc_norm": acc, "n": 2}
+    assert core(r) == {"acc": acc, "acc_norm": acc, "n": 2}
+    assert r["acc_stderr"] == 0.0 and r["acc_norm_stderr"] == 0.0  # every answer alike: no spread
 
 
 def test_zero_shot_acc_norm_divides_by_characters(tok, tmp_path):
@@ -280,7 +286,7 @@ def test_zero_shot_acc_norm_divides_by_characters(tok, tmp_path):
     # acc picks the first, acc_norm (per character) the second.
     d = piqa_files(tmp_path, 0, sols=("xy", "the the the the"))
     r = evaluate.zero_shot(Bigram(len(tok)), tok, "piqa", d / "valid.jsonl")
-    assert r == {"acc": 1.0, "acc_norm": 0.0, "n": 2}
+    assert core(r) == {"acc": 1.0, "acc_norm": 0.0, "n": 2}
 
 
 @pytest.mark.parametrize("key,acc", [("A", 1.0), ("C", 0.0)])
@@ -289,7 +295,7 @@ def test_zero_shot_arc_forced(tok, tmp_path, key, acc):
     path = write_jsonl(tmp_path / "ARC-Easy-Test.jsonl",
                        [{"question": {"stem": "s", "choices": choices}, "answerKey": key}] * 3)
     r = evaluate.zero_shot(prefer(tok, "x"), tok, "arc_easy", path, limit=2)
-    assert r == {"acc": acc, "acc_norm": acc, "n": 2}
+    assert core(r) == {"acc": acc, "acc_norm": acc, "n": 2}
 
 
 @pytest.mark.parametrize("answer,acc", [(True, 1.0), (False, 0.0)])
@@ -307,7 +313,7 @@ def test_zero_shot_winogrande_scores_continuation_after_option(tok, tmp_path, an
         m.table[tid(tok, "x"), tid(tok, "Ġ")] = 10.0
     path = write_jsonl(tmp_path / "dev.jsonl",
                        [{"sentence": "Then _ went home.", "option1": "xx", "option2": "qq", "answer": answer}])
-    assert evaluate.zero_shot(m, tok, "winogrande", path) == {"acc": acc, "acc_norm": acc, "n": 1}
+    assert core(evaluate.zero_shot(m, tok, "winogrande", path)) == {"acc": acc, "acc_norm": acc, "n": 1}
     (doc,) = evaluate.load_task("winogrande", path)
     assert doc.requests == [("Then xx", " went home."), ("Then qq", " went home.")]
 
@@ -327,7 +333,7 @@ def test_task_loaders_report_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"dev\.jsonl, line 1"):
         evaluate.load_task("winogrande", bq)
     with pytest.raises(ValueError, match="unknown task"):
-        evaluate.load_task("hellaswag", bq)
+        evaluate.load_task("lambada", bq)
     with pytest.raises(FileNotFoundError, match="ARC-Easy-Test.jsonl"):
         evaluate.load_task("arc_easy", tmp_path)
 
