@@ -16,7 +16,6 @@ from fxprune.tasks import TASKS
 
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
 
-DEFAULT_PROTECT = [0, 1, 2, -2, -1]
 
 
 def peak_gb() -> float:
@@ -47,8 +46,7 @@ def cmd_prune(args) -> int:
     from fxprune.models import load_model
     from fxprune.sources import calibration_source, wikitext_source
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    protect = args.protect if args.protect is not None else ([] if args.uniform_widths else DEFAULT_PROTECT)
-    fxprune.PruneConfig(ratio=args.ratio, protect_layers=tuple(protect) or None, uniform_widths=args.uniform_widths)
+    cfg = prune_config(args)  # bad settings fail here, before any data or model is read
     t0 = time.time()
     # Every data file is found (or refused, naming its flag) before the model is loaded.
     calib_src = calibration_source(args.calib_data, args.data_dir)
@@ -61,9 +59,7 @@ def cmd_prune(args) -> int:
     rows = [("calibration", calib_src.origin)]
     ppl_before = evaluate_ppl(model, tok, wiki, args) if wiki is not None else None
     t1 = time.time()
-    gm = fxprune.compile(model, args.ratio, importance=args.importance, calibration=calib.split(args.batch),
-                         protect_layers=tuple(protect) if protect else None, round_to=args.round_to,
-                         targets=tuple(args.targets), uniform_widths=args.uniform_widths)
+    gm = fxprune.compile(model, config=cfg, calibration=calib)
     prune_s = time.time() - t1
     ppl_after = evaluate_ppl(gm, tok, wiki, args) if wiki is not None else None
     plan = gm.meta[fxprune.PLAN_KEY]
@@ -71,7 +67,8 @@ def cmd_prune(args) -> int:
         fxprune.save(gm, args.output, base_model=model)
         tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
-             ("importance", args.importance), ("targets", " ".join(args.targets)), ("parameters before", f"{plan.params_before:,}"),
+             ("importance", str(plan.config.importance)), ("reconstruct", plan.config.reconstruct),
+             ("targets", " ".join(args.targets)), ("parameters before", f"{plan.params_before:,}"),
              ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
              (f"wikitext-2 ppl before ({args.eval_tokens} tok, w{args.window})", fmt(ppl_before)),
              (f"wikitext-2 ppl after", fmt(ppl_after)), ("pruning time", f"{prune_s:.1f} s"),
@@ -81,6 +78,27 @@ def cmd_prune(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows), indent=1))
     return 0
+
+
+def prune_config(args):
+    """The library's PruneConfig for the command's flags; a flag left out keeps the library default."""
+    import fxprune
+    options = {}
+    if args.importance is not None:
+        options["importance"] = args.importance
+    if args.reconstruct is not None:
+        options["reconstruct"] = args.reconstruct
+    if args.protect is not None:
+        options["protect_layers"] = tuple(args.protect) or None
+    if args.round_to is not None:
+        options["round_to"] = None if args.round_to == "none" else args.round_to
+    return fxprune.PruneConfig(ratio=args.ratio, targets=tuple(args.targets), uniform_widths=args.uniform_widths,
+                               calibration_samples=args.calib_samples, calibration_len=args.calib_len,
+                               batch_size=args.batch, **options)
+
+
+def round_to_arg(text: str):
+    return text if text in ("auto", "none") else int(text)
 
 
 def fmt(x):
@@ -223,14 +241,18 @@ def main(argv=None) -> int:
     r = sub.add_parser("prune", help="prune a model, evaluate before/after, save")
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
-    r.add_argument("--importance", default="hywia")
+    r.add_argument("--importance", default=None, help="importance estimator (default: the library's, flap)")
+    r.add_argument("--reconstruct", default=None, choices=["none", "bias", "lstsq"],
+                   help="refit the projections that lost inputs (default: lstsq)")
     r.add_argument("--targets", nargs="+", default=["heads", "mlp"], choices=list(TARGETS),
                    help="structures to prune (experts: whole experts of a routed MoE layer)")
     r.add_argument("--protect", type=int, nargs="*", default=None,
-                   help=f"layers left unpruned (default {DEFAULT_PROTECT}; none with --uniform-widths)")
+                   help="layers left unpruned (default: auto, the first tenth and last fifteenth; none with "
+                        "--uniform-widths); the flag alone protects none")
     r.add_argument("--uniform-widths", action="store_true",
                    help="keep the same widths in every layer (a Hugging Face config can hold the result)")
-    r.add_argument("--round-to", type=int, default=None)
+    r.add_argument("--round-to", type=round_to_arg, default=None,
+                   help="MLP widths in multiples of N, 'none', or 'auto' (default: 64 for layers of 512+ channels)")
     r.add_argument("--data-dir", default=None, help="folder with c4/ and wikitext-2-raw/ (or FXPRUNE_DATA_DIR)")
     r.add_argument("--calib-data", default=None,
                    help="calibration texts: a JSON/JSONL {\"text\"} or plain text file, 'packaged' (the C4 sample inside "
@@ -238,9 +260,9 @@ def main(argv=None) -> int:
     r.add_argument("--eval-data", default=None,
                    help="WikiText-2 test file; default: <data dir>/wikitext-2-raw/wiki.test.raw, else Hugging Face "
                         "datasets when installed and reachable, else perplexity is skipped")
-    r.add_argument("--calib-samples", type=int, default=32)
+    r.add_argument("--calib-samples", type=int, default=128)
     r.add_argument("--calib-len", type=int, default=128)
-    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--batch", type=int, default=1, help="calibration rows per forward pass of the gradient methods")
     r.add_argument("--eval-tokens", type=int, default=10240)
     r.add_argument("--window", type=int, default=128)
     r.add_argument("--device", default="cpu")
