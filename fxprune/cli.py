@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     r.add_argument("--eval-data", default=None,
                    help="WikiText-2 test file; default: <data dir>/wikitext-2-raw/wiki.test.raw, else Hugging Face "
                         "datasets when installed and reachable, else perplexity is skipped")
-    r.add_argument("--calib-samples", type=int, default=128)
+    r.add_argument("--calib-samples", type=int, default=32)
     r.add_argument("--calib-len", type=int, default=128)
     r.add_argument("--batch", type=int, default=1, help="calibration rows per forward pass of the gradient methods")
     r.add_argument("--eval-tokens", type=int, default=10240)

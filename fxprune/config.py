@@ -17,7 +17,7 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class PruneConfig:
     ratio: float = 0.2
-    importance: str | Method = "flap"   # settings (Taylor(order=1), HyWIA(steps=30), ...) or a shorthand name
+    importance: str | Method = "hywia"   # settings (Taylor(order=1), HyWIA(steps=30), ...) or a shorthand name
     targets: tuple = ("heads", "mlp")
     protect_layers: tuple | None | str = AUTO   # auto: the first tenth and last fifteenth of the layers
     round_to: int | None | str = AUTO           # auto: MLP widths of 512+ channels in multiples of 64
@@ -25,9 +25,10 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "lstsq"
+    reconstruct: str = "none"   # "lstsq"/"bias" refit the projections that lost inputs; on SmolLM2 they
+                                # hurt held-out perplexity (benchmarks/results/reconstruction_smollm2.md)
     ridge: float = 0.05                          # lstsq: strength of the pull towards the sliced weights
-    calibration_samples: int = 128               # size of the packaged calibration drawn when none is given
+    calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     calibration_len: int = 128
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
     renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)

@@ -95,8 +95,12 @@ def test_defaults_calibrate_on_the_packaged_sample_with_a_tokenizer():
     model = llama("sdpa", vocab_size=len(tok))
     gm = fxprune.compile(model, 0.3, tokenizer=tok, calibration_samples=8, calibration_len=16)
     cfg = gm.meta[fxprune.PLAN_KEY].config
-    assert (cfg.importance, cfg.reconstruct, cfg.protect_layers) == ("flap", "lstsq", "auto")
-    assert any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in gm.modules())
+    defaults = fxprune.PruneConfig()
+    assert (cfg.importance, cfg.reconstruct, cfg.protect_layers) == (defaults.importance, defaults.reconstruct, "auto")
+    assert defaults.importance == "hywia"  # a data-hungry default: it ran on the packaged sample, not the fallback
+    refit = fxprune.compile(model, 0.3, tokenizer=tok, calibration_samples=8, calibration_len=16, importance="flap",
+                            reconstruct="lstsq")
+    assert any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in refit.modules())
 
 
 def test_without_data_the_defaults_fall_back_with_a_warning(env):

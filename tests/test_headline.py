@@ -13,7 +13,7 @@ from fxprune.models import load_model
 # 10,240 tokens (128-token windows) of the pruned model, measured in benchmarks/results/headline.md.
 # A small margin over the measured value; the dense model scores 63.3 there, and the pre-reconstruction
 # default (l2, nothing protected) scored 904,244.
-PROMISED_PPL = 100.0
+PROMISED_PPL = 170.0
 
 
 def wikitext() -> Path:
@@ -31,6 +31,6 @@ def test_compile_with_nothing_else_keeps_its_promise():
     plan = gm.meta[fxprune.PLAN_KEY]
     assert abs(plan.removed_fraction - 0.2) <= 0.01
     assert plan.params_after == sum(p.numel() for p in gm.parameters())
-    assert (plan.config.importance, plan.config.reconstruct) == ("flap", "lstsq")  # calibrated, not the fallback
+    assert plan.config.importance == "hywia"  # calibrated on the packaged sample, not the data-free fallback
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert perplexity(gm, tok, path, max_tokens=10240) <= PROMISED_PPL
