@@ -229,15 +229,7 @@ def add_generate_parser(sub) -> None:
     g.set_defaults(fn=cmd_generate)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("inspect", help="print a model's dependency groups")
-    i.add_argument("model", nargs="?", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2)")
-    i.add_argument("--dot", help="write the groups as Graphviz DOT")
-    i.add_argument("--png", help="write a picture of one layer's groups (PNG or SVG)")
-    i.add_argument("--layer", type=int, default=0)
-    i.set_defaults(fn=cmd_inspect)
+def add_prune_parser(sub) -> None:
     r = sub.add_parser("prune", help="prune a model, evaluate before/after, save")
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
@@ -270,6 +262,18 @@ def main(argv=None) -> int:
     r.add_argument("--output", default="out/smollm2-pruned")
     r.add_argument("--json", default=None, help="also write the report as JSON")
     r.set_defaults(fn=cmd_prune)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="print a model's dependency groups")
+    i.add_argument("model", nargs="?", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2)")
+    i.add_argument("--dot", help="write the groups as Graphviz DOT")
+    i.add_argument("--png", help="write a picture of one layer's groups (PNG or SVG)")
+    i.add_argument("--layer", type=int, default=0)
+    i.set_defaults(fn=cmd_inspect)
+    add_prune_parser(sub)
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned directory")
     e.add_argument("model", nargs="?", default=None)
     e.add_argument("--tokenizer", default=None)

@@ -326,6 +326,10 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     `settings.output_dir` (parameters, optimizer, RNG states and data position), or starts afresh
     if there is none; the run then ends where an uninterrupted one would, with the same weights.
     Under `accelerate launch` every process calls tune() on its own copy of `gm` (DDP).
+
+    Why one long function: the set-up, the loop and the checkpointing share accelerate's prepared
+    objects (model, optimizer, loader, scheduler) and the resume position, and exact resumption
+    depends on their order; split into pieces they would pass the same eight objects around.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed

@@ -117,6 +117,40 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
     return dict(zip((g.id for g in groups), best))
 
 
+def same_width_counts(groups, removed, target, slack, cfg):
+    """One kept count per kind, the same in every layer (a config with one width per kind can hold
+    the result). The fraction is bisected as in the uniform allocation; where units are too coarse,
+    whole columns (one unit of a kind in every layer) are removed, the move that lands closest to the
+    target first. Which units go is still decided by importance, in make_plan."""
+    kinds = sorted({g.kind for g in groups})
+    for kind in kinds:
+        sizes = {g.n_units for g in groups if g.kind == kind}
+        if len(sizes) > 1:
+            raise PlanError(f"uniform_widths: the model's {kind} groups already differ in size {sorted(sizes)}")
+
+    def counts_for(per_kind):
+        return [per_kind[g.kind] for g in groups]
+
+    def per_kind_at(f):
+        first = {g.kind: g for g in reversed(groups)}
+        return {k: kept_count(first[k].n_units, f, mlp_rounding(cfg.round_to, first[k].n_units) if k == "mlp" else None,
+                              first[k].min_units) for k in kinds}
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(counts_for(per_kind_at(mid))) < target else (lo, mid)
+    per_kind = min((per_kind_at(lo), per_kind_at(hi)), key=lambda c: abs(removed(counts_for(c)) - target))
+    minimum = {g.kind: g.min_units for g in groups}
+    while abs(removed(counts_for(per_kind)) - target) > slack:
+        moves = [{**per_kind, k: per_kind[k] + step} for k in kinds for step in (-1, 1)
+                 if minimum[k] <= per_kind[k] + step <= next(g.n_units for g in groups if g.kind == k)]
+        best = min(moves, key=lambda c: abs(removed(counts_for(c)) - target), default=None)
+        if best is None or abs(removed(counts_for(best)) - target) >= abs(removed(counts_for(per_kind)) - target):
+            break  # make_plan reports the ratio it could not meet
+        per_kind = best
+    return counts_for(per_kind)
+
+
 def global_counts(groups, scores, removed, target, slack, start=None, standardise=False):
     # One ranking over all units; a score is normalised by its group's mean so kinds compare, or
     # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold).
