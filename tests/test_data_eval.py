@@ -385,7 +385,8 @@ def test_generate_matches_hf_greedy(tok, llama):
 # --- lm-evaluation-harness adapter ------------------------------------------------------------------------
 
 def test_lm_eval_missing_gives_install_hint(tok, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval...` raise ImportError
+    for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model"):  # `import lm_eval...` then raises ImportError,
+        monkeypatch.setitem(sys.modules, name, None)               # even after another test imported it
     with pytest.raises(ImportError, match="pip install lm_eval"):
         evaluate.lm_eval_model(Bigram(len(tok)), tok)
     with pytest.raises(ImportError, match="pip install lm_eval"):

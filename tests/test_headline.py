@@ -10,10 +10,10 @@ from fxprune.evaluate import perplexity
 from fxprune.models import load_model
 
 # The README's headline row for `fxprune.compile(model, ratio=0.2)`: WikiText-2 perplexity on the first
-# 10,240 tokens (128-token windows) of the pruned model, measured in benchmarks/results/headline.md.
-# A small margin over the measured value; the dense model scores 63.3 there, and the pre-reconstruction
-# default (l2, nothing protected) scored 904,244.
-PROMISED_PPL = 170.0
+# 10,240 tokens (128-token windows) of the pruned model, measured as 144.17 in benchmarks/results/headline.md;
+# the bound leaves 11% for machine-to-machine differences. The dense model scores 63.3 there, and the
+# earlier default (l2, no calibration, nothing protected) scored 904,244.
+PROMISED_PPL = 160.0
 
 
 def wikitext() -> Path:
