@@ -42,23 +42,32 @@ class Projection:
     cols: torch.Tensor          # kept input positions
 
 
+def first_projections(gm: torch.fx.GraphModule):
+    """(node, name the weight is read under, weight node, bias node or None, weight stored [in, out]) for
+    the first projection node reading each weight, in graph order (the spellings LiftLinearModulesPass lifts)."""
+    seen, matcher = set(), LiftLinearModulesPass()
+    for node in gm.graph.nodes:
+        match = matcher.match(gm, node)
+        if match is None:
+            continue
+        _, w, b, transposed, _ = match
+        name = w.meta.get(READ_AS, w.target)
+        if name not in seen:
+            seen.add(name)
+            yield node, name, w, b, transposed
+
+
 def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node, Projection]:
     """The dense graph's projections (first read of each weight) whose input dimension is pruned.
 
     A weight tied to another parameter (a tied lm_head) is left alone: refitting it would change
     the embedding too.
     """
-    found, seen, matcher = {}, set(), LiftLinearModulesPass()
-    for node in dense_gm.graph.nodes:
-        match = matcher.match(dense_gm, node)
-        if match is None:
-            continue
-        _, w, b, transposed, _ = match
-        name = w.meta.get(READ_AS, w.target)
+    found = {}
+    for node, name, w, b, transposed in first_projections(dense_gm):
         canonical = aliases.get(name, name)
-        if name in seen or canonical != name or canonical in aliases.values():
+        if canonical != name or canonical in aliases.values():
             continue
-        seen.add(name)
         dims = kept.get(canonical, {})
         in_dim = 0 if transposed else 1
         if in_dim not in dims:

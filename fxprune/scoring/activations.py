@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
-from fxprune.passes.reconstruct_layers import step
+from fxprune.passes.reconstruct_layers import first_projections, step
 from fxprune.scoring.calibration import batches, chunks, vocab_size
 
 
@@ -29,18 +28,11 @@ class InputStats:
 
 def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple[str, int]]:
     """The first projection node reading each weight (canonical name, input dim of the weight)."""
-    out, seen, matcher = {}, set(), LiftLinearModulesPass()
-    for node in gm.graph.nodes:
-        match = matcher.match(gm, node)
-        if match is None:
-            continue
-        _, w, _, transposed, _ = match
-        name = w.meta.get(READ_AS, w.target)
+    out = {}
+    for node, name, _, _, transposed in first_projections(gm):
         name = aliases.get(name, name)
-        if name in seen or (names is not None and name not in names):
-            continue
-        seen.add(name)
-        out[node] = (name, 0 if transposed else 1)
+        if (names is None or name in names) and name not in {n for n, _ in out.values()}:
+            out[node] = (name, 0 if transposed else 1)
     return out
 
 
