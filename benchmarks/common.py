@@ -175,3 +175,13 @@ def md_table(headers, rows) -> str:
 
 def log(*args):
     print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def write_outputs(report: dict, out: Path, plot, render) -> dict:
+    """The JSON, the plot (`plot(report, png)`) and the Markdown (`render(report, png)`) of one results file."""
+    write_json(out.with_suffix(".json"), report)
+    png = out.with_suffix(".png")
+    plot(report, png)
+    out.with_suffix(".md").write_text(render(report, png))
+    log(f"wrote {out}.json, .md and .png")
+    return report

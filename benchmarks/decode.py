@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, finish, header, log, md_table, report_head, write_json
+from benchmarks.common import write_outputs as common_outputs
 
 
 def parse(argv):
@@ -256,12 +257,7 @@ def main(argv=None):
 
 
 def write_outputs(report: dict, out: Path) -> dict:
-    write_json(out.with_suffix(".json"), report)
-    png = out.with_suffix(".png")
-    plot(report, png)
-    out.with_suffix(".md").write_text(render(report, png))
-    log(f"wrote {out}.json, .md and .png")
-    return report
+    return common_outputs(report, out, plot, render)
 
 
 if __name__ == "__main__":

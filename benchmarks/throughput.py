@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import report_head, RESULTS, Phase, finish, header, log, md_table, write_json
+from benchmarks.common import report_head, RESULTS, Phase, finish, header, log, md_table, write_json, write_outputs
 
 
 def parse(argv):
@@ -260,12 +260,7 @@ def main(argv=None):
                         f"{row['pruned_tok_s']:.0f} tok/s, speedup {row['speedup_median']:.3f}")
                 write_json(out.with_suffix(".json"), report)
     finish(report)
-    write_json(out.with_suffix(".json"), report)
-    png = out.with_suffix(".png")
-    plot(report, png)
-    out.with_suffix(".md").write_text(render(report, png))
-    log(f"wrote {out}.json, .md and .png")
-    return report
+    return write_outputs(report, out, plot, render)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,7 @@ from fxprune.lora import LoraSettings, merge, tune
 from tests.test_lora import batch, clone, synthetic_instructions, tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add waiting on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ EXPECTED = {"mistral": GQA, "qwen2": GQA, "phi3": GQA, "gemma2": GQA, "falcon": 
             "opt": MHA, "falcon_mqa": MHA, "mixtral": {**GQA, "mlp": 32}}  # MQA: one KV head, query heads prune as heads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,14 +43,7 @@ def synthetic_instructions(n=48, seed=0):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy machine OpenMP threads that
-    # wait for a descheduled sibling make a step up to ~60x slower. Restored for the other modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

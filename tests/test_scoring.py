@@ -19,13 +19,7 @@ GRADIENT_METHODS = ["vector", "element1", "element2", "mix", "second"]
 DETERMINISTIC = ["l1", "l2"] + GRADIENT_METHODS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model runs many times faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_llama(tied=False, seed=0):
