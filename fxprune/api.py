@@ -98,7 +98,8 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
                             "(token ids) or tokenizer= to apply, or plan with reconstruct='none'")
     gm = rewrite(dg, kept)
     if mode != "none":
-        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration_batch(batches), mode, plan.config.ridge)(gm)
+        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration_batch(batches), mode, plan.config.ridge,
+                              plan.config.weighting)(gm)
     gm.meta[PLAN_KEY] = plan
     gm.meta[BASE_KEY] = base_description(model)  # what save() needs to rebuild the architecture
     return gm

@@ -11,6 +11,7 @@ ALLOCATIONS = ("uniform", "global", "flap")  # same fraction per group (LLM-Prun
                                              # FLAP's standardised scores against one global threshold
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
+WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)
 AUTO = "auto"
 
 
@@ -27,7 +28,8 @@ class PruneConfig:
     seed: int = 0
     reconstruct: str = "none"   # "lstsq"/"bias" refit the projections that lost inputs; on SmolLM2 they
                                 # hurt held-out perplexity (benchmarks/results/reconstruction_smollm2.md)
-    ridge: float = 0.05                          # lstsq: strength of the pull towards the sliced weights
+    ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
+    weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     calibration_len: int = 128
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
@@ -59,8 +61,10 @@ class PruneConfig:
             raise ValueError(f"round_to must be a positive int, None or 'auto', got {self.round_to!r}")
         if self.reconstruct not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruct must be one of {RECONSTRUCTIONS}, got {self.reconstruct!r}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        if self.ridge != AUTO and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2:
             raise ValueError(f"calibration_samples >= 1 and calibration_len >= 2 needed, got "
                              f"{self.calibration_samples} and {self.calibration_len}")

@@ -30,6 +30,7 @@ from fxprune.fx_util import get_attr_path
 from fxprune.passes.lift_linear_modules import READ_AS, WEIGHT_OF, LiftLinearModulesPass
 
 MODES = ("none", "bias", "lstsq")
+AUTO = "auto"
 
 
 @dataclass
@@ -81,13 +82,15 @@ def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node
     return found
 
 
-def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict):
-    """Run `gm` node by node; before each node in `stops`, yield (stops[node], its input value)."""
+def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict, partners: dict | None = None):
+    """Run `gm` node by node; before each node in `stops`, yield (stops[node], its input value, the value of
+    partners[node] or None)."""
     interp = torch.fx.Interpreter(gm, garbage_collect_values=True)
-    env = interp.env
+    env, partners = interp.env, partners or {}
     for node in gm.graph.nodes:
         if node in stops:
-            yield stops[node], env[node.args[0]]
+            partner = partners.get(node)
+            yield stops[node], env[node.args[0]], None if partner is None else env[partner]
         if node.op == "output":
             return
         if node.op == "placeholder":
@@ -98,26 +101,117 @@ def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict):
             env.pop(dead, None)
 
 
-def fit(xp: torch.Tensor, xd: torch.Tensor, proj: Projection, w0: torch.Tensor, mode: str, ridge: float):
-    """(weight, bias) of the refitted projection; inputs are [tokens, features]; see the module docstring."""
-    wd = proj.dense_weight.double() if proj.rows is None else proj.dense_weight[proj.rows].double()
-    bd = None if proj.dense_bias is None else (proj.dense_bias if proj.rows is None else proj.dense_bias[proj.rows])
-    xp, xd = xp.float(), xd.float()
-    n = xp.shape[0]
-    mp, md = xp.double().mean(0), xd.double().mean(0)
-    y_mean = wd @ md + (0 if bd is None else bd.double())
-    w0 = w0.double()
+_PASS_THROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+                 torch.ops.aten.clone.default, torch.ops.aten.dropout.default, torch.ops.aten.contiguous.default}
+
+
+def residual_partner(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The residual stream a projection's output is added to (the other operand of the add its output flows
+    into through views), or None when it is not added to one (a projection read by attention, say)."""
+    current = node
+    for _ in range(4):
+        if len(current.users) != 1:
+            return None
+        (user,) = current.users
+        if user.op != "call_function":
+            return None
+        if user.target == torch.ops.aten.add.Tensor:
+            other = [a for a in user.args[:2] if a is not current]
+            return other[0] if other and isinstance(other[0], torch.fx.Node) else None
+        if user.target not in _PASS_THROUGH:
+            return None
+        current = user
+    return None
+
+
+def token_weights(xd: torch.Tensor, residual: torch.Tensor | None, proj: "Projection") -> torch.Tensor:
+    """Per-token weights of the fit, mean 1: the inverse mean square of the dense residual stream after this
+    projection's output is added to it. The next norm divides the stream by its root mean square, so an
+    output error counts in proportion to 1/rms there; a few positions (attention sinks) carry a stream
+    hundreds of times larger than the rest and would otherwise dominate the fit. Uniform when the output
+    is not added to a residual stream."""
+    if residual is None:
+        return torch.ones(xd.shape[0], dtype=torch.float64)
+    y = xd @ proj.dense_weight.t().to(xd.dtype)
+    if proj.dense_bias is not None:
+        y = y + proj.dense_bias.to(xd.dtype)
+    after = residual.to(y.dtype) + y
+    w = 1.0 / after.double().pow(2).mean(-1).clamp_min(1e-12)
+    return w / w.mean()
+
+
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # the strengths ridge="auto" chooses among (relative to the mean input energy)
+WEIGHTINGS = ("residual", "uniform")
+
+
+class Stats:
+    """Weighted sums over tokens of the pruned input x and the dense target y = X_d W_d^T + b_d, enough to
+    solve any ridge refit and to score any (W, b) on these tokens; adding two gives the union's sums."""
+
+    def __init__(self, xp, y, w):
+        xw = xp.double() * w[:, None]
+        self.sw, self.sx, self.sy = float(w.sum()), xw.sum(0), (y.double() * w[:, None]).sum(0)
+        self.sxx, self.sxy = xw.t() @ xp.double(), xw.t() @ y.double()
+        self.syy = float((y.double().pow(2) * w[:, None]).sum())
+
+    def __add__(self, other):
+        total = object.__new__(Stats)
+        for k in ("sw", "sx", "sy", "sxx", "sxy", "syy"):
+            setattr(total, k, getattr(self, k) + getattr(other, k))
+        return total
+
+    def centred(self):
+        mx, my = self.sx / self.sw, self.sy / self.sw
+        return mx, my, self.sxx - self.sw * torch.outer(mx, mx), self.sxy - self.sw * torch.outer(mx, my)
+
+    def error(self, weight, bias):
+        """sum_t w_t ||x_t W^T + b - y_t||^2."""
+        return float(((weight @ self.sxx) * weight).sum() - 2 * (weight * self.sxy.t()).sum() + self.syy
+                     + 2 * bias @ (weight @ self.sx - self.sy) + self.sw * bias @ bias)
+
+
+def solve(stats: Stats, w0: torch.Tensor, mode: str, ridge: float):
+    """(weight, bias) minimising the weighted error on `stats` (+ ridge pull towards w0 for "lstsq")."""
+    mx, my, gram, cross = stats.centred()
     if mode == "lstsq":
-        # Centred normal equations; the grams in float32 (the n-long sums), the solve in float64.
-        gram = (xp.t() @ xp).double() - n * torch.outer(mp, mp)
-        cross = (xp.t() @ xd).double() - n * torch.outer(mp, md)
         lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-        rhs = cross @ wd.t() + lam * w0.t()
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-        w0 = torch.linalg.lstsq(gram + lam * eye, rhs).solution.t() if lam == 0 else \
-            torch.linalg.solve(gram + lam * eye, rhs).t()
-    bias = y_mean - w0 @ mp
-    return w0, bias
+        rhs = cross + lam * w0.t()
+        if lam == 0:
+            w0 = torch.linalg.lstsq(gram, rhs).solution.t()
+        else:
+            w0 = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).t()
+    return w0, my - w0 @ mx
+
+
+def fit(xp, xd, proj: Projection, w0, b0, mode: str, ridge, weights=None, held_out=None):
+    """(weight, bias, choice) of the refitted projection; inputs are [tokens, features]; see the module
+    docstring. ridge="auto": each candidate (the projection as it is, the bias alone, the ridge refit at
+    each strength of RIDGES) is fitted on the tokens outside `held_out` and scored on those inside; the
+    best is refitted on all tokens (keeping the projection as it is when nothing beats it)."""
+    wd = proj.dense_weight if proj.rows is None else proj.dense_weight[proj.rows]
+    bd = None if proj.dense_bias is None else (proj.dense_bias if proj.rows is None else proj.dense_bias[proj.rows])
+    y = xd.float() @ wd.t().float() + (0 if bd is None else bd.float())
+    weights = torch.ones(xp.shape[0], dtype=torch.float64) if weights is None else weights.double()
+    w0 = w0.double()
+    b0 = torch.zeros(w0.shape[0], dtype=torch.float64) if b0 is None else b0.double()
+    if ridge != "auto":
+        weight, bias = solve(Stats(xp.float(), y, weights), w0, mode, ridge)
+        return weight, bias, mode
+    fit_rows = ~held_out
+    train = Stats(xp[fit_rows].float(), y[fit_rows], weights[fit_rows])
+    test = Stats(xp[held_out].float(), y[held_out], weights[held_out])
+    candidates = {"keep": (w0, b0), "bias": solve(train, w0, "bias", 0.0)}
+    if mode == "lstsq":
+        candidates.update({f"lstsq:{r:g}": solve(train, w0, "lstsq", r) for r in RIDGES})
+    errors = {k: test.error(*c) for k, c in candidates.items()}
+    choice = min(errors, key=errors.get)
+    if errors[choice] >= errors["keep"] - 1e-9 * max(test.syy, 1e-30):  # no measurable gain: change nothing
+        choice = "keep"
+    if choice == "keep":
+        return w0, b0, choice
+    kind, _, strength = choice.partition(":")
+    weight, bias = solve(train + test, w0, kind, float(strength or 0))
+    return weight, bias, choice
 
 
 class ReconstructLayersPass(PassBase):
@@ -125,17 +219,26 @@ class ReconstructLayersPass(PassBase):
 
     `dense_gm` is the analysed dense graph (`DependencyGraph.gm`), `aliases` its tied-weight names,
     `kept` the plan's kept positions, `calibration` (input_ids [B, L], attention_mask or None): one
-    batch, all of whose unmasked tokens are fitted on.
+    batch, all of whose unmasked tokens are fitted on. `ridge`: a strength, or "auto" to choose per
+    projection on held-out calibration rows (every fourth row); `weighting`: "residual" weighs each token by
+    the inverse mean square of the residual stream the output is added to, "uniform" weighs all alike.
+    `choices` records, per refitted weight, what was kept ("keep", "bias", "lstsq:<ridge>").
     """
 
-    def __init__(self, dense_gm, aliases: dict, kept: dict, calibration, mode: str = "lstsq", ridge: float = 0.05):
+    def __init__(self, dense_gm, aliases: dict, kept: dict, calibration, mode: str = "lstsq", ridge=AUTO,
+                 weighting: str = "residual"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"reconstruct must be one of {MODES}, got {mode!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if ridge != AUTO and not (isinstance(ridge, (int, float)) and ridge >= 0):
+            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
         self.dense_gm, self.aliases, self.kept = dense_gm, aliases, kept
         self.ids, self.mask = calibration
-        self.mode, self.ridge = mode, ridge
+        self.mode, self.ridge, self.weighting = mode, ridge, weighting
         self.refitted: list[str] = []
+        self.choices: dict[str, str] = {}
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if not any(WEIGHT_OF in n.meta for n in gm.graph.nodes if n.op == "call_module"):
@@ -158,9 +261,14 @@ class ReconstructLayersPass(PassBase):
         mask = torch.ones_like(self.ids) if self.mask is None else self.mask
         inputs = {"input_ids": self.ids, "attention_mask": mask, "use_cache": False}
         tokens = mask.reshape(-1).bool()
-        dense_steps = step(self.dense_gm, inputs, {n: p.weight for n, p in dense.items()})
-        for name, xp in step(gm, inputs, pruned):
-            for dense_name, xd in dense_steps:
+        rows = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])[tokens]
+        held_out = rows % 4 == 3 if mask.shape[0] >= 4 else torch.arange(rows.numel()) % 4 == 3
+        partners = {}
+        if self.weighting == "residual":
+            partners = {n: r for n in dense if (r := residual_partner(n)) is not None}
+        dense_steps = step(self.dense_gm, inputs, {n: p.weight for n, p in dense.items()}, partners)
+        for name, xp, _ in step(gm, inputs, pruned):
+            for dense_name, xd, residual in dense_steps:
                 if dense_name == name:
                     break
             else:
@@ -168,10 +276,14 @@ class ReconstructLayersPass(PassBase):
             module = gm.get_submodule(paths[name])
             xp = xp.reshape(-1, xp.shape[-1])[tokens]
             xd = xd.reshape(-1, xd.shape[-1])[tokens]
-            weight, bias = fit(xp, xd, by_name[name], module.weight, self.mode, self.ridge)
+            if residual is not None:
+                residual = residual.reshape(-1, residual.shape[-1])[tokens]
+            weights = token_weights(xd, residual, by_name[name])
+            weight, bias, self.choices[name] = fit(xp, xd, by_name[name], module.weight, module.bias, self.mode,
+                                                   self.ridge, weights, held_out)
             set_weight_and_bias(module, weight, bias)
             self.refitted.append(name)
-            del xp, xd
+            del xp, xd, residual
         dense_steps.close()
         return PassResult(gm, True)
 

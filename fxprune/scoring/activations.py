@@ -47,7 +47,7 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[s
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         run = step(dg.gm, inputs, {n: key for n, key in stops.items()})
-        for (name, _), x in run:
+        for (name, _), x, _ in run:
             x = x.reshape(-1, x.shape[-1])[tokens].double()
             acc = sums.setdefault(name, [0, 0.0, 0.0])
             acc[0] += x.shape[0]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.passes.reconstruct_layers import ReconstructLayersPass
+from fxprune.passes.reconstruct_layers import Projection, ReconstructLayersPass
 from fxprune.rewrite import rewrite
 from models import llama
 from oracles import inputs, random_scores, rel_err, zero_masked
@@ -21,13 +21,13 @@ def setup():
 _CACHE = {}
 
 
-def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL):
+def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL, weighting="uniform"):
     """(plan, pruned gm), made once per setting: the tests only read them."""
-    key = (mode, ridge, targets, ratio, calibration.shape)
+    key = (mode, ridge, targets, ratio, calibration.shape, weighting)
     if key not in _CACHE:
         model, dg = setup
         plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, 1), dg=dg, allocation="global",
-                            reconstruct=mode, ridge=ridge, calibration=calibration)
+                            reconstruct=mode, ridge=ridge, weighting=weighting, calibration=calibration)
         _CACHE[key] = plan, fxprune.apply(model, plan, calibration=calibration, dg=dg)
     return _CACHE[key]
 
@@ -47,10 +47,66 @@ def dense_io(model, layer):
     return x, x @ proj.weight.detach().t()
 
 
-def closed_form(xp, y):
+def closed_form(xp, y, weights=None):
+    """argmin over (W, b) of sum_t weights_t ||xp_t W^T + b - y_t||^2, by a plain least-squares solve."""
     a = torch.cat([xp.double(), torch.ones(xp.shape[0], 1, dtype=torch.float64)], 1)
-    theta = torch.linalg.lstsq(a, y.double()).solution
+    root = torch.ones(xp.shape[0], 1, dtype=torch.float64) if weights is None else weights.double().sqrt()[:, None]
+    theta = torch.linalg.lstsq(a * root, y.double() * root).solution
     return theta[:-1].t(), theta[-1]
+
+
+def test_residual_weighting_weighs_each_token_by_the_inverse_mean_square_of_the_stream(setup):
+    model, _ = setup
+    plan, gm = pruned(setup, "lstsq", weighting="residual")
+    cols = torch.tensor(plan.kept["model.layers.0.mlp.down_proj.weight"][1])
+    xd, y = dense_io(model, 0)
+    stream = []  # the residual stream after layer 0's MLP output is added: layer 0's output
+    handle = model.model.layers[0].register_forward_hook(
+        lambda m, a, out: stream.append((out[0] if isinstance(out, tuple) else out).detach()))
+    with torch.no_grad():
+        model(CAL)
+    handle.remove()
+    weights = 1 / stream[0].reshape(-1, stream[0].shape[-1]).double().pow(2).mean(-1)
+    w, b = closed_form(xd[:, cols], y, weights)
+    down = gm.get_submodule("model.layers.0.mlp.down_proj")
+    assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
+    unweighted, _ = closed_form(xd[:, cols], y)
+    assert not torch.allclose(unweighted, w, atol=1e-3)  # the weights matter on this model
+
+
+def test_auto_ridge_picks_the_candidate_best_on_held_out_rows_and_refits_it_on_all(setup):
+    from fxprune.passes.reconstruct_layers import RIDGES, Stats, fit, solve
+    g = torch.Generator().manual_seed(3)
+    n, d, out = 400, 24, 6
+    # the 8 removed inputs are linear mixtures of the 16 kept ones (plus a little noise): a refit can recover them
+    xd = torch.randn(n, 16, generator=g) @ torch.randn(16, d, generator=g) + 0.01 * torch.randn(n, d, generator=g)
+    proj = Projection("w", torch.randn(out, d, generator=g), torch.randn(out, generator=g), None, torch.arange(16))
+    xp, w0 = xd[:, :16], proj.dense_weight[:, :16]
+    y = xd @ proj.dense_weight.t() + proj.dense_bias
+    weights = torch.rand(n, generator=g) + 0.5
+    held = torch.arange(n) % 4 == 3
+    weight, bias, choice = fit(xp, xd, proj, w0, None, "lstsq", "auto", weights, held)
+    train, test = Stats(xp[~held], y[~held], weights[~held]), Stats(xp[held], y[held], weights[held])
+    scores = {"keep": test.error(w0.double(), torch.zeros(out, dtype=torch.float64)),
+              "bias": test.error(*solve(train, w0.double(), "bias", 0.0))}
+    scores.update({f"lstsq:{r:g}": test.error(*solve(train, w0.double(), "lstsq", r)) for r in RIDGES})
+    assert choice == min(scores, key=scores.get) and choice.startswith("lstsq")
+    kind, _, r = choice.partition(":")
+    expected = solve(Stats(xp, y, weights), w0.double(), kind, float(r))
+    assert torch.allclose(weight, expected[0]) and torch.allclose(bias, expected[1])
+    # the error is the weighted sum of squares it says it is
+    assert abs(test.error(weight, bias) - float((weights[held, None] * (xp[held] @ weight.float().t() + bias.float()
+                                                                        - y[held]).pow(2)).sum())) < 1e-2
+
+
+def test_auto_ridge_keeps_a_projection_nothing_improves_on_held_out_rows():
+    from fxprune.passes.reconstruct_layers import fit
+    g = torch.Generator().manual_seed(4)
+    xd = torch.randn(64, 40, generator=g)
+    proj = Projection("w", torch.randn(5, 40, generator=g), None, None, torch.arange(40))
+    w0 = proj.dense_weight.clone()  # nothing was removed: the sliced weight is already exact
+    weight, bias, choice = fit(xd, xd, proj, w0, None, "lstsq", "auto", None, torch.arange(64) % 4 == 3)
+    assert choice == "keep" and torch.equal(weight, w0.double()) and not bias.any()
 
 
 def test_first_refit_is_the_least_squares_optimum_and_lowers_the_error(setup):
@@ -102,7 +158,7 @@ def test_nothing_pruned_changes_nothing(setup):
     model, dg = setup
     gm = rewrite(dg, {})
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    result = ReconstructLayersPass(dg.gm, dg.aliases, {}, (CAL, None), "lstsq")(gm)
+    result = ReconstructLayersPass(dg.gm, dg.aliases, {}, (CAL, None), "lstsq", ridge="auto")(gm)
     assert not result.modified
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     ids, mask = inputs()
