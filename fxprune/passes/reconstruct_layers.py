@@ -149,10 +149,12 @@ class Stats:
     solve any ridge refit and to score any (W, b) on these tokens; adding two gives the union's sums."""
 
     def __init__(self, xp, y, w):
-        xw = xp.double() * w[:, None]
-        self.sw, self.sx, self.sy = float(w.sum()), xw.sum(0), (y.double() * w[:, None]).sum(0)
-        self.sxx, self.sxy = xw.t() @ xp.double(), xw.t() @ y.double()
-        self.syy = float((y.double().pow(2) * w[:, None]).sum())
+        # The token-long products in float32 (they are most of the pass's time), kept and solved in float64.
+        xp, y, w = xp.float(), y.float(), w.float()
+        xw = xp * w[:, None]
+        self.sw, self.sx, self.sy = float(w.double().sum()), xw.double().sum(0), (y * w[:, None]).double().sum(0)
+        self.sxx, self.sxy = (xw.t() @ xp).double(), (xw.t() @ y).double()
+        self.syy = float((y.double().pow(2) * w.double()[:, None]).sum())
 
     def __add__(self, other):
         total = object.__new__(Stats)

@@ -93,10 +93,11 @@ def test_auto_ridge_picks_the_candidate_best_on_held_out_rows_and_refits_it_on_a
     assert choice == min(scores, key=scores.get) and choice.startswith("lstsq")
     kind, _, r = choice.partition(":")
     expected = solve(Stats(xp, y, weights), w0.double(), kind, float(r))
-    assert torch.allclose(weight, expected[0]) and torch.allclose(bias, expected[1])
-    # the error is the weighted sum of squares it says it is
-    assert abs(test.error(weight, bias) - float((weights[held, None] * (xp[held] @ weight.float().t() + bias.float()
-                                                                        - y[held]).pow(2)).sum())) < 1e-2
+    # the same sums, added in another order in float32
+    assert rel_err(weight, expected[0]) < 1e-4 and rel_err(bias, expected[1]) < 1e-4
+    # the error is the weighted sum of squares it says it is (up to the float32 rounding of its sums)
+    direct = float((weights[held, None] * (xp[held] @ weight.float().t() + bias.float() - y[held]).pow(2)).sum())
+    assert abs(test.error(weight, bias) - direct) < 1e-4 * test.syy
 
 
 def test_auto_ridge_keeps_a_projection_nothing_improves_on_held_out_rows():
