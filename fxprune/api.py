@@ -75,7 +75,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
 
     `dg`: the analysis of `model` the plan was made on (analysed again when missing or of another model).
     When the plan asks for reconstruction, the projections reading pruned dimensions are refitted on
-    `calibration` (or the packaged sample, drawn as `plan` draws it); `reconstruct=False` skips it
+    `calibration` (or `reconstruct_samples` windows of the packaged sample); `reconstruct=False` skips it
     (fxprune.load does, since the saved weights are already refitted).
     """
     if dg is None or dg.model is not model:
@@ -92,7 +92,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
     mode = plan.config.reconstruct if reconstruct else "none"
     if mode != "none":
         tok = find_tokenizer(model, tokenizer) if calibration is None else None
-        batches = calibration if tok is None else default_calibration(tok, plan.config)
+        batches = calibration if tok is None else default_calibration(tok, plan.config, plan.config.reconstruct_samples)
         if batches is None:
             raise PlanError(f"the plan asks for reconstruct={mode!r}, which needs calibration: pass calibration= "
                             "(token ids) or tokenizer= to apply, or plan with reconstruct='none'")
@@ -106,10 +106,14 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
 
 
 def compile(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig | None = None, calibration=None,
-            tokenizer=None, dg=None, example_inputs=None, **options) -> torch.fx.GraphModule:
-    """Prune `model` by `ratio` of its parameters: one analysis and one calibration draw, handed to both
-    `plan` and `apply`."""
+            tokenizer=None, dg=None, example_inputs=None, refit_calibration=None, **options) -> torch.fx.GraphModule:
+    """Prune `model` by `ratio` of its parameters: one analysis handed to `plan` and `apply`.
+
+    `calibration` is what scoring reads and, unless `refit_calibration` is given, what the reconstruction
+    refits on; without either, each draws its own number of windows from the packaged sample."""
     cfg = _config(ratio, config, options)
     cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=False)
     dg = dg or analyze(model, example_inputs)
-    return apply(model, plan(model, cfg, calibration=batches, dg=dg), calibration=batches, dg=dg)
+    pruning = plan(model, cfg, calibration=batches, dg=dg)
+    refit = refit_calibration if refit_calibration is not None else calibration
+    return apply(model, pruning, calibration=refit, tokenizer=tokenizer, dg=dg)

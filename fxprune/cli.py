@@ -59,7 +59,9 @@ def cmd_prune(args) -> int:
     rows = [("calibration", calib_src.origin)]
     ppl_before = evaluate_ppl(model, tok, wiki, args) if wiki is not None else None
     t1 = time.time()
-    gm = fxprune.compile(model, config=cfg, calibration=calib)
+    refit = calibration_samples(calib_src.value, tok, n_samples=cfg.reconstruct_samples,
+                                seq_len=args.calib_len) if cfg.reconstruct != "none" else None
+    gm = fxprune.compile(model, config=cfg, calibration=calib, refit_calibration=refit)
     prune_s = time.time() - t1
     ppl_after = evaluate_ppl(gm, tok, wiki, args) if wiki is not None else None
     plan = gm.meta[fxprune.PLAN_KEY]

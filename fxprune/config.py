@@ -31,6 +31,7 @@ class PruneConfig:
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
+    reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
     renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)
@@ -65,6 +66,8 @@ class PruneConfig:
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.reconstruct_samples < 1:
+            raise ValueError(f"reconstruct_samples must be >= 1, got {self.reconstruct_samples!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2:
             raise ValueError(f"calibration_samples >= 1 and calibration_len >= 2 needed, got "
                              f"{self.calibration_samples} and {self.calibration_len}")

@@ -48,10 +48,11 @@ def find_tokenizer(model, tokenizer=None):
     return tokenizer if tokenizer is not None else tokenizer_for(model)
 
 
-def default_calibration(tokenizer, cfg: PruneConfig) -> torch.Tensor:
-    """`cfg.calibration_samples` windows of the packaged C4 sample, drawn with `cfg.seed`."""
+def default_calibration(tokenizer, cfg: PruneConfig, samples: int | None = None) -> torch.Tensor:
+    """`samples` (default `cfg.calibration_samples`) windows of the packaged C4 sample, drawn with `cfg.seed`."""
     from fxprune.data import PACKAGED_C4, calibration_samples
-    return calibration_samples(PACKAGED_C4, tokenizer, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
+    return calibration_samples(PACKAGED_C4, tokenizer, samples or cfg.calibration_samples, cfg.calibration_len,
+                               cfg.seed)
 
 
 def calibration_batch(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -103,6 +103,25 @@ def test_defaults_calibrate_on_the_packaged_sample_with_a_tokenizer():
     assert any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in refit.modules())
 
 
+def test_the_refit_draws_its_own_number_of_packaged_windows_unless_given_calibration(monkeypatch):
+    from fxprune.passes import reconstruct_layers
+    seen = []
+    original = reconstruct_layers.ReconstructLayersPass.__init__
+
+    def record(self, dense_gm, aliases, kept, calibration, *args):
+        seen.append(tuple(calibration[0].shape))
+        original(self, dense_gm, aliases, kept, calibration, *args)
+    monkeypatch.setattr(reconstruct_layers.ReconstructLayersPass, "__init__", record)
+    tok = tiny_tokenizer()
+    model = llama("sdpa", vocab_size=len(tok))
+    options = dict(tokenizer=tok, calibration_len=16, importance="flap", reconstruct="lstsq")
+    fxprune.compile(model, 0.3, calibration_samples=4, reconstruct_samples=6, **options)
+    given = torch.randint(1, len(tok), (5, 16))
+    fxprune.compile(model, 0.3, calibration=given, **options)
+    fxprune.compile(model, 0.3, calibration=given, refit_calibration=given[:3], **options)
+    assert seen == [(6, 16), (5, 16), (3, 16)]
+
+
 def test_without_data_the_defaults_fall_back_with_a_warning(env):
     model, dg = env
     with warnings.catch_warnings(record=True) as caught:

@@ -140,7 +140,7 @@ def token_weights(xd: torch.Tensor, residual: torch.Tensor | None, proj: "Projec
     return w / w.mean()
 
 
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # the strengths ridge="auto" chooses among (relative to the mean input energy)
+RIDGES = (0.01, 0.1, 0.3, 1.0, 3.0)  # the strengths ridge="auto" chooses among (x the mean input energy)
 WEIGHTINGS = ("residual", "uniform")
 
 
