@@ -26,8 +26,8 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "none"   # "lstsq"/"bias" refit the projections that lost inputs; on SmolLM2 they
-                                # hurt held-out perplexity (benchmarks/results/reconstruction_smollm2.md)
+    reconstruct: str = "none"   # "lstsq" refits the projections that lost inputs: on SmolLM2 it helps text like the
+                                # refit's and hurts other text at 50% (benchmarks/results/reconstruction_smollm2.md)
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
