@@ -103,7 +103,7 @@ def main(argv=None):
     render(Path(args.out))
 
 
-def render(path: Path):
+def render(path: Path, out: Path | None = None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     first = rows[0]["machine"]
     lines = ["# Reconstruction on SmolLM2-135M-Instruct: refit text, held-out C4 and WikiText-2", "",
@@ -122,7 +122,9 @@ def render(path: Path):
               ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items())) or "-"] for r in rows]
     lines.append(md_table(["ratio", "samples", "seed", "variant", "held-out C4", "WikiText-2 (2,560)", "refit text",
                            "apply s", "load", "per-projection choice"], table))
-    (RESULTS / "reconstruction_check.md").write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    (out or RESULTS / "reconstruction_check.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -74,3 +74,18 @@ def test_run_all_report_gathers_sections_and_quality_plot(tmp_path, monkeypatch)
     assert "## Importance sweep" in report and "### Sweep" in report
     assert "`torch_pruning_quick`" not in report or "Not present" in report
     assert "| sweep | 1.0 | 0 |" in report
+
+
+def test_reconstruction_check_renders_every_run_line(tmp_path):
+    from benchmarks.reconstruction_check import render
+    runs = tmp_path / "runs.jsonl"
+    rows = [{"ratio": 0.2, "samples": 64, "seed": s, "variant": v, "held-out C4": c4, "WikiText-2": wiki,
+             "refit text": 50.0, "apply_s": 61.0, "load": [4.5], "choices": {"lstsq:1": 30, "keep": 4} if s else {},
+             "params": 80, "machine": HEADER} for s, v, c4, wiki in ((0, "none:0:uniform", 111.14, 121.0),
+                                                                    (1, "lstsq:auto:residual", 93.84, 114.93))]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = render(runs, tmp_path / "r.md")
+    assert (tmp_path / "r.md").read_text() == md
+    line = next(l for l in md.splitlines() if "lstsq:auto:residual" in l)
+    assert "| 93.84 | 114.93 | 50.00 | 61 | 4.5 | keep 4, lstsq:1 30 |" in line
+    assert "Test CPU" in md and "2026-11-23" in md
