@@ -1,6 +1,7 @@
 """Issue 15: a pruned SmolLM2 exported to every format that can express its plan, each format's
 perplexity on the first --eval-tokens WikiText-2 test tokens (--window-token windows) against the
-pruned GraphModule's. Formats: hf (transformers), pt2 (torch.export program), gguf (llama.cpp through
+pruned GraphModule's. Formats: hf (transformers), pt2 (torch.export program), aoti (the same
+program as an AOTInductor package), gguf (llama.cpp through
 llama-cpp-python, the optional `llamacpp` extra), and a uniform-widths plan (PruneConfig(uniform_widths=True),
 the library's importance unless `--uniform-importance`, no protected layers) exported to hf (and to gguf,
 as llama.cpp's `llama` architecture, when gguf is among --formats). A format that refuses the plan is
@@ -26,7 +27,9 @@ def parse(argv):
     p.add_argument("--pruned", default=None, help="fxprune directory saved by `fxprune prune` (not needed for "
                                                    "--formats uniform alone)")
     p.add_argument("--work", required=True, help="scratch folder for the exported files (emptied first)")
-    p.add_argument("--formats", nargs="+", default=["hf", "pt2", "gguf", "uniform"])
+    p.add_argument("--formats", nargs="+", default=["hf", "pt2", "gguf", "uniform"],
+                   choices=["hf", "pt2", "aoti", "gguf", "uniform"], help="aoti: the pt2 program compiled by "
+                   "AOTInductor (minutes), loaded with torch._inductor.aoti_load_package")
     p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"])
     # The library default (hywia): with l2 and no protected layers the uniform plan of SmolLM2 measured
     # perplexity 9e5 (results/export_smollm2_uniform.md), too broken to say much about an export.
@@ -94,6 +97,9 @@ def run_formats(gm, tok, args, work, reference, rows, label, formats):
             elif fmt == "pt2":
                 fxprune.export_program(gm, work / "model.pt2")
                 model = LogitsOf(torch.export.load(work / "model.pt2").module())
+            elif fmt == "aoti":
+                path = fxprune.export_program(gm, work / "model-aoti.pt2", aoti=True)
+                model = LogitsOf(torch._inductor.aoti_load_package(str(path)))
             else:
                 from fxprune.models import embedded_gguf
                 path = fxprune.export_gguf(gm, work / f"model-{args.gguf_dtype}.gguf", dtype=args.gguf_dtype,
@@ -161,6 +167,7 @@ def main(argv=None):
     lines += [f"First {args.eval_tokens} WikiText-2 test tokens, {args.window}-token windows "
               f"(`fxprune.evaluate.perplexity`). Each export is loaded the way its users load it: "
               "`AutoModelForCausalLM.from_pretrained`, `torch.export.load(...).module()`, "
+              "`torch._inductor.aoti_load_package`, "
               f"`llama_cpp.Llama` (GGUF {args.gguf_dtype}).", "", table, ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
