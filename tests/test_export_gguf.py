@@ -6,7 +6,8 @@ import torch
 
 import fxprune
 from families import gpt2
-from fxprune.export.gguf import rotary_pairs
+from fxprune.export.common import base_of
+from fxprune.export.gguf import check_gguf_expressible, rotary_pairs
 from fxprune.models import embedded_gguf
 from models import llama
 from oracles import random_scores
@@ -90,6 +91,10 @@ def test_refusals_write_nothing(tmp_path):
     _, gpt = uniform_plan(gpt2(), {"mlp": list(range(48))})
     with pytest.raises(fxprune.ExportError, match="'gpt2'"):
         fxprune.export_gguf(gpt, tmp_path / "c.gguf")
+    shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+    shapes["model.layers.1.mlp.up_proj.weight"] = (0, shapes["model.layers.1.mlp.up_proj.weight"][1])
+    with pytest.raises(fxprune.ExportError, match="layer 1 intermediate_size"):
+        check_gguf_expressible(base_of(gm)["config"], shapes)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "d.gguf").write_bytes(b"mine")
     with pytest.raises(fxprune.ExportError, match="not empty"):
@@ -102,11 +107,15 @@ def test_refusals_write_nothing(tmp_path):
 def test_llama_cpp_reproduces_pruned_logits(tmp_path, plan_kind):
     import llama_cpp  # the optional extra: pip install -e '.[llamacpp]' (builds llama.cpp from source)
     gm = non_uniform(49152, 0.3) if plan_kind == "per_layer" else uniform_plan(llama(vocab_size=49152), GQA_KEEP)[1]
+    widths = layer_widths(gm)
+    assert (widths[0] != widths[1]) == (plan_kind == "per_layer")  # the per-layer case really differs per layer
     path = fxprune.export_gguf(gm, tmp_path / "m.gguf", dtype="f32", tokenizer_gguf=embedded_gguf())
+    assert read(path)[0]["general.architecture"] == ("deci" if plan_kind == "per_layer" else "llama")
     tokens = [1, 523, 2001, 77, 4096, 31000, 12, 9]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(tokens)
     got = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    llm.close()  # freed now: at interpreter exit llama-cpp-python's own finaliser fails noisily
     with torch.no_grad():
         expected = gm(torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens), dtype=torch.long)).logits[0]
     err = float((got - expected).abs().max() / expected.abs().max())

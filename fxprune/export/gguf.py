@@ -92,6 +92,10 @@ def check_gguf_expressible(config: dict, shapes: dict, tokenizer_gguf=None):
         raise ExportError("the pruned model has no parameter model.embed_tokens.weight")
     vocab = shapes["model.embed_tokens.weight"][0]
     widths = per_layer_widths(config, LLAMA, shapes)
+    empty = [f"layer {i} {k}" for i, w in enumerate(widths) for k, v in w.items() if v == 0]
+    if empty:  # deci reads 0 heads as attention-free and skips a layer's residual when n_ff is 0
+        raise ExportError(f"llama.cpp cannot run a layer that keeps none of a kind ({', '.join(empty)}): its "
+                          "deci architecture gives n_head = 0 / n_ff = 0 other meanings (src/models/deci.cpp)")
     return widths, (tokenizer_fields(tokenizer_gguf, vocab) if tokenizer_gguf is not None else {})
 
 
