@@ -235,9 +235,10 @@ def add_prune_parser(sub) -> None:
     r = sub.add_parser("prune", help="prune a model, evaluate before/after, save")
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
-    r.add_argument("--importance", default=None, help="importance estimator (default: the library's, flap)")
+    r.add_argument("--importance", default=None, help="importance estimator (default: the library's, hywia)")
     r.add_argument("--reconstruct", default=None, choices=["none", "bias", "lstsq"],
-                   help="refit the projections that lost inputs (default: lstsq)")
+                   help="refit the projections that lost inputs on the calibration text (default: none; lstsq "
+                        "helps text like the calibration's, see docs/reconstruction.md)")
     r.add_argument("--targets", nargs="+", default=["heads", "mlp"], choices=list(TARGETS),
                    help="structures to prune (experts: whole experts of a routed MoE layer)")
     r.add_argument("--protect", type=int, nargs="*", default=None,
