@@ -44,6 +44,9 @@ def parse(argv):
     p.add_argument("--out", default=str(RESULTS / "decode"), help="output path without extension")
     p.add_argument("--render-only", action="store_true", help="rewrite .md and .png from the .json (a partial run too)")
     p.add_argument("--note", action="append", default=[], help="with --render-only: a sentence to add under the table")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the existing .json for the modes/batches this run does not measure "
+                        "(e.g. eager first, compile in a second run)")
     return p.parse_args(argv)
 
 
@@ -216,6 +219,10 @@ def render(report: dict, png: Path) -> str:
     lines += [md_table(heads, rows), ""]
     if missing:
         lines += ["Not measured in this run: " + ", ".join(missing) + ".", ""]
+    for e in report.get("earlier_runs", []):
+        if e["rows"]:
+            lines += [f"Rows {', '.join(e['rows'])} come from an earlier run ({e['date']}, `{e['command']}`, load "
+                      f"average at start/end {e['load_average_start']} / {e['load_average_end']}).", ""]
     lines += [*[f"{n}" for n in report.get("notes", [])], "",
               "Setup (program capture, warm-up, compilation) per mode and batch: "
               + "; ".join(f"{k}: {v:.0f} s" for k, v in report["setup_s"].items()), "",
@@ -238,6 +245,8 @@ def main(argv=None):
     report = header(args.threads)
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report.update(variants={}, rows=[], setup_s={})
+    if args.append and out.with_suffix(".json").exists():
+        merge_earlier(report, json.loads(out.with_suffix(".json").read_text()))
     model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
     pruned = prune_variants(model, args, report)
     model.to(args.device).eval()
@@ -254,6 +263,21 @@ def main(argv=None):
             model.forward = type(model).forward.__get__(model)  # undo the compiled forward
     finish(report)
     return write_outputs(report, out)
+
+
+def merge_earlier(report: dict, old: dict) -> None:
+    """--append: the earlier run's rows of other (mode, batch) pairs stay, with its date, command and load."""
+    measured = {(m, b) for m in report["settings"]["modes"] for b in report["settings"]["batches"]}
+    kept = [r for r in old["rows"] if (r["mode"], r["batch"]) not in measured]
+    report["rows"] = kept
+    report["setup_s"] = {k: v for k, v in old["setup_s"].items() if k in {f"{r['mode']} batch {r['batch']}" for r in kept}}
+    s = report["settings"]
+    s["modes"] = list(dict.fromkeys(old["settings"]["modes"] + s["modes"]))
+    s["batches"] = sorted(set(old["settings"]["batches"] + s["batches"]))
+    earlier = {k: old.get(k) for k in ("date", "command", "load_average_start", "load_average_end",
+                                       "other_processes_start", "other_processes_end")}
+    earlier["rows"] = sorted({f"{r['mode']} batch {r['batch']}" for r in kept})
+    report["earlier_runs"] = old.get("earlier_runs", []) + [earlier]
 
 
 def write_outputs(report: dict, out: Path) -> dict:
