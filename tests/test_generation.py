@@ -213,6 +213,21 @@ def test_decode_report_renders_measured_rows(tmp_path):
     assert "Test CPU" in md and "machine was shared" in md and "2026-12-02" in md
 
 
+def test_decode_append_keeps_the_earlier_rows_of_other_modes_only():
+    from benchmarks.decode import merge_earlier
+    row = {"mode": "eager", "batch": 1, "variant": "20% unrounded"}
+    old = {"date": "2026-12-02 10:00 UTC", "command": "python -m benchmarks.decode --modes eager",
+           "load_average_start": [1.0], "load_average_end": [2.0], "settings": {"modes": ["eager"], "batches": [1, 8]},
+           "rows": [row, {**row, "batch": 8}, {**row, "mode": "compile"}],
+           "setup_s": {"eager batch 1": 5.0, "eager batch 8": 9.0, "compile batch 1": 50.0}}
+    report = {"settings": {"modes": ["compile"], "batches": [1]}, "rows": [], "setup_s": {}}
+    merge_earlier(report, old)
+    assert report["rows"] == old["rows"][:2]  # the compile batch-1 row is measured again, not kept
+    assert report["setup_s"] == {"eager batch 1": 5.0, "eager batch 8": 9.0}
+    assert report["settings"] == {"modes": ["eager", "compile"], "batches": [1, 8]}
+    assert report["earlier_runs"][0]["rows"] == ["eager batch 1", "eager batch 8"]
+
+
 @pytest.mark.slow
 def test_cli_generate_prints_the_kv_cache_text_and_the_recompute_text_matches(tmp_path):
     import subprocess
