@@ -45,11 +45,9 @@ def hf_cached(model, ids, n, **kwargs):
 def keep_everything(model):
     """fxprune.apply with a plan that removes nothing (the dense model through fxprune's programs)."""
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.plan import PrunePlan, fingerprint
+    from fxprune.plan import PrunePlan
     dg = fxprune.analyze(model)
-    n = dg.num_parameters()
-    return fxprune.apply(model, PrunePlan(PruneConfig(), {}, {}, n, n, fingerprint(dg)), dg=dg)
+    return fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)
 
 
 def program_rows(gm, what, ids, n, dtype_name, lengths):

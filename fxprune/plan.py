@@ -56,6 +56,13 @@ class PrunePlan:
         }, indent=1)
 
     @classmethod
+    def keep_all(cls, dg: DependencyGraph) -> "PrunePlan":
+        """A plan that removes nothing: `apply` then gives the dense model as a fxprune program (a baseline
+        for speed and numerics, e.g. the dense model's KV-cache generation)."""
+        n = dg.num_parameters()
+        return cls(PruneConfig(), {}, {}, n, n, fingerprint(dg))
+
+    @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
         d = json.loads(text)
         return cls(PruneConfig.from_dict(d["config"]), {int(k): v for k, v in d["units"].items()},

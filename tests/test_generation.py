@@ -5,9 +5,8 @@ import torch
 
 import fxprune
 from fxprune.analyze import analyze
-from fxprune.config import PruneConfig
 from fxprune.generation import Generator  # also fxprune.Generator
-from fxprune.plan import PrunePlan, fingerprint
+from fxprune.plan import PrunePlan
 from models import llama
 from oracles import prune_random, rel_err
 
@@ -15,8 +14,7 @@ from oracles import prune_random, rel_err
 def keep_everything(model):
     """A plan that removes nothing: the KV-cache program is then the dense model's."""
     dg = analyze(model)
-    n = dg.num_parameters()
-    return fxprune.apply(model, PrunePlan(PruneConfig(), {}, {}, n, n, fingerprint(dg)), dg=dg)
+    return fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)
 
 
 def prompt(batch, seq, seed=0, vocab=128):
