@@ -212,7 +212,7 @@ def global_counts(groups, scores, removed, target, slack, start=None, standardis
             skipped.append(i)
         else:
             done = trial
-            taken.append((i, before))
+            taken.append((i, before - counts[i]))
     if done < target - slack:
         counts = make_room(counts, skipped, taken, removed, target, slack, floors, rounds)
     return counts
@@ -221,16 +221,16 @@ def global_counts(groups, scores, removed, target, slack, start=None, standardis
 def make_room(counts, skipped, taken, removed, target, slack, floors, rounds):
     """A coarse unit skipped for overshooting may still fit if the most important of the finer
     units taken before it are given back (a 12% KV group plus 8% of MLP channels, not 17% of MLP).
-    `taken`: (group index, its count before the step), in the order taken."""
+    `taken`: (group index, units the step removed), in the order taken."""
     for i in skipped:
         trial = list(counts)
         if step_down(trial[i], rounds[i]) < floors[i]:
             continue
         trial[i] = step_down(trial[i], rounds[i])
-        for j, before in reversed(taken):  # give back the most important first
+        for j, units in reversed(taken):  # give back the most important first
             if removed(trial) <= target + slack:
                 break
-            trial[j] = max(trial[j], before)
+            trial[j] += units
         if abs(removed(trial) - target) <= slack:
             return trial
     return counts
