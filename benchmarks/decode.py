@@ -28,7 +28,8 @@ from benchmarks.common import write_outputs as common_outputs
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
-    p.add_argument("--round-to", type=int, nargs="+", default=[64, 1], help="1 = unrounded")
+    p.add_argument("--round-to", type=int, nargs="+", default=[64],
+                   help="1 = unrounded (benchmarks/rounding_quality.py compares the two at the default importance)")
     p.add_argument("--importance", default="l2")
     p.add_argument("--protect", type=int, nargs="*", default=[0, 1, 2, -2, -1])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -44,6 +45,9 @@ def parse(argv):
     p.add_argument("--out", default=str(RESULTS / "decode"), help="output path without extension")
     p.add_argument("--render-only", action="store_true", help="rewrite .md and .png from the .json (a partial run too)")
     p.add_argument("--note", action="append", default=[], help="with --render-only: a sentence to add under the table")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the existing .json for the modes/batches this run does not measure "
+                        "(e.g. eager first, compile in a second run)")
     return p.parse_args(argv)
 
 
@@ -106,11 +110,18 @@ def summarise(t, batch, new):
             "decode_tok_s": batch * (new - 1) / max(total - ttft, 1e-9), "ttft_all": t["ttft"], "total_all": t["total"]}
 
 
+DENSE_PROGRAM = "0% (dense, fxprune program)"
+
+
 def prune_variants(model, args, report):
+    """The pruned GraphModules by name, after the dense model through fxprune's own program (a plan that
+    removes nothing): the baseline that separates the pruning's speedup from the program's."""
     import fxprune
+    from fxprune.plan import PrunePlan
     dg = fxprune.analyze(model)
     report["params_dense"] = dg.num_parameters()
-    out = {}
+    out = {DENSE_PROGRAM: fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)}
+    report["variants"][DENSE_PROGRAM] = {"ratio": 0.0, "params": dg.num_parameters(), "removed_fraction": 0.0}
     for ratio in args.ratios:
         for rt in args.round_to:
             with Phase() as p:
@@ -145,11 +156,14 @@ def run_batch(model, generators, args, mode, batch, report):
     report["setup_s"][f"{mode} batch {batch}"] = p.wall_s
     times = measure(runners, ids, mask, args.new, args.runs, args.device)
     dense = summarise(times["dense"], batch, args.new)
+    program = summarise(times[DENSE_PROGRAM], batch, args.new) if DENSE_PROGRAM in times else None
     for name in generators:
         row = {"mode": mode, "batch": batch, "variant": name, "dense": dense,
                "pruned": summarise(times[name], batch, args.new)}
         row["decode_speedup"] = row["pruned"]["decode_tok_s"] / dense["decode_tok_s"]
         row["ttft_speedup"] = dense["ttft_s"] / row["pruned"]["ttft_s"]
+        if program and name != DENSE_PROGRAM:
+            row["program_decode_speedup"] = row["pruned"]["decode_tok_s"] / program["decode_tok_s"]
         report["rows"].append(row)
         log(f"{mode} b{batch} {name}: decode {row['pruned']['decode_tok_s']:.1f} vs dense "
             f"{dense['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), TTFT {row['pruned']['ttft_s']:.3f} "
@@ -200,22 +214,32 @@ def render(report: dict, png: Path) -> str:
         "heads only; compile: its program `torch.compile(dynamic=True)`). Goals (issue 14, batch-1 decode on "
         "this CPU): 1.2x at 20%, 1.8x at 50%. The dense side includes Hugging Face's generation loop (logits "
         "processors, stopping criteria, a DynamicCache that grows by concatenation) while the pruned side runs one "
-        "captured program per step over a preallocated cache: part of a speedup can come from that difference, "
-        "not from the pruning; no run here measures the dense model through the same program.", "",
+        "captured program per step over a preallocated cache whose every slot is attended (those not yet written "
+        "masked): part of a difference can come from the program, not from the pruning. "
+        + (f"The row `{DENSE_PROGRAM}` is the dense model through that same program (a plan that removes "
+           "nothing); the last column divides by it: the speedup of the pruning alone."
+           if DENSE_PROGRAM in report["variants"] else "No run here measures the dense model through the same "
+           "program."), "",
         "Variants: " + "; ".join(f"{n}: {v['params']:,} parameters ({v['removed_fraction']:.2%} removed"
                                  + (f", MLP widths {v['mlp_widths']}" if v.get("mlp_widths") else "") + ")"
                                  for n, v in report["variants"].items()), ""]
     heads = ["mode", "batch", "variant", "dense decode tok/s", "pruned decode tok/s", "decode speedup",
-             "dense TTFT s", "pruned TTFT s", "TTFT speedup", "dense gen tok/s", "pruned gen tok/s"]
+             "dense TTFT s", "pruned TTFT s", "TTFT speedup", "dense gen tok/s", "pruned gen tok/s",
+             "decode speedup over the dense program"]
     rows = [[r["mode"], r["batch"], r["variant"], f"{r['dense']['decode_tok_s']:.1f}",
              f"{r['pruned']['decode_tok_s']:.1f}", f"**{r['decode_speedup']:.2f}**", f"{r['dense']['ttft_s']:.3f}",
              f"{r['pruned']['ttft_s']:.3f}", f"{r['ttft_speedup']:.2f}", f"{r['dense']['gen_tok_s']:.1f}",
-             f"{r['pruned']['gen_tok_s']:.1f}"] for r in report["rows"]]
+             f"{r['pruned']['gen_tok_s']:.1f}",
+             f"{r['program_decode_speedup']:.2f}" if "program_decode_speedup" in r else "-"] for r in report["rows"]]
     done = {(r["mode"], r["batch"]) for r in report["rows"]}
     missing = [f"{m} batch {b}" for m in s.get("modes", []) for b in s.get("batches", []) if (m, b) not in done]
     lines += [md_table(heads, rows), ""]
     if missing:
         lines += ["Not measured in this run: " + ", ".join(missing) + ".", ""]
+    for e in report.get("earlier_runs", []):
+        if e["rows"]:
+            lines += [f"Rows {', '.join(e['rows'])} come from an earlier run ({e['date']}, `{e['command']}`, load "
+                      f"average at start/end {e['load_average_start']} / {e['load_average_end']}).", ""]
     lines += [*[f"{n}" for n in report.get("notes", [])], "",
               "Setup (program capture, warm-up, compilation) per mode and batch: "
               + "; ".join(f"{k}: {v:.0f} s" for k, v in report["setup_s"].items()), "",
@@ -238,6 +262,8 @@ def main(argv=None):
     report = header(args.threads)
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report.update(variants={}, rows=[], setup_s={})
+    if args.append and out.with_suffix(".json").exists():
+        merge_earlier(report, json.loads(out.with_suffix(".json").read_text()))
     model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
     pruned = prune_variants(model, args, report)
     model.to(args.device).eval()
@@ -254,6 +280,21 @@ def main(argv=None):
             model.forward = type(model).forward.__get__(model)  # undo the compiled forward
     finish(report)
     return write_outputs(report, out)
+
+
+def merge_earlier(report: dict, old: dict) -> None:
+    """--append: the earlier run's rows of other (mode, batch) pairs stay, with its date, command and load."""
+    measured = {(m, b) for m in report["settings"]["modes"] for b in report["settings"]["batches"]}
+    kept = [r for r in old["rows"] if (r["mode"], r["batch"]) not in measured]
+    report["rows"] = kept
+    report["setup_s"] = {k: v for k, v in old["setup_s"].items() if k in {f"{r['mode']} batch {r['batch']}" for r in kept}}
+    s = report["settings"]
+    s["modes"] = list(dict.fromkeys(old["settings"]["modes"] + s["modes"]))
+    s["batches"] = sorted(set(old["settings"]["batches"] + s["batches"]))
+    earlier = {k: old.get(k) for k in ("date", "command", "load_average_start", "load_average_end",
+                                       "other_processes_start", "other_processes_end")}
+    earlier["rows"] = sorted({f"{r['mode']} batch {r['batch']}" for r in kept})
+    report["earlier_runs"] = old.get("earlier_runs", []) + [earlier]
 
 
 def write_outputs(report: dict, out: Path) -> dict:

@@ -56,6 +56,13 @@ class PrunePlan:
         }, indent=1)
 
     @classmethod
+    def keep_all(cls, dg: DependencyGraph) -> "PrunePlan":
+        """A plan that removes nothing: `apply` then gives the dense model as a fxprune program (a baseline
+        for speed and numerics, e.g. the dense model's KV-cache generation)."""
+        n = dg.num_parameters()
+        return cls(PruneConfig(), {}, {}, n, n, fingerprint(dg))
+
+    @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
         d = json.loads(text)
         return cls(PruneConfig.from_dict(d["config"]), {int(k): v for k, v in d["units"].items()},
@@ -110,10 +117,11 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
         if abs(removed(best) - target) > TOLERANCE * total / 2:
             # Units too coarse for one fraction (tiny models, heads of 1-2% each): top up the
             # fraction just below the target with the globally least important units.
-            best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2, start=counts_at(lo))
+            best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2, start=counts_at(lo),
+                                 rounds=rounding_steps(groups, cfg))
     else:
         best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2,
-                             standardise=cfg.allocation == "flap")
+                             standardise=cfg.allocation == "flap", rounds=rounding_steps(groups, cfg))
     return dict(zip((g.id for g in groups), best))
 
 
@@ -151,12 +159,31 @@ def same_width_counts(groups, removed, target, slack, cfg):
     return counts_for(per_kind)
 
 
-def global_counts(groups, scores, removed, target, slack, start=None, standardise=False):
+def rounding_steps(groups, cfg: PruneConfig) -> list[int]:
+    """Per group, the multiple its kept count must stay at (1: any count): round_to for MLP groups."""
+    steps = []
+    for g in groups:
+        multiple = mlp_rounding(cfg.round_to, g.n_units) if g.kind == "mlp" else None
+        steps.append(multiple if multiple and g.n_units >= multiple else 1)
+    return steps
+
+
+def step_down(count: int, multiple: int) -> int:
+    """The next smaller kept count that is a multiple of `multiple`."""
+    return (count - 1) // multiple * multiple
+
+
+def global_counts(groups, scores, removed, target, slack, start=None, standardise=False, rounds=None):
     # One ranking over all units; a score is normalised by its group's mean so kinds compare, or
     # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold).
     # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
     # large unit (a head) late in the ranking gives way to smaller ones (channels).
+    # A group whose widths are rounded (`rounds[i]` > 1: MLP channels in multiples of 64) gives units up a
+    # block at a time, down to the next multiple, ranked by the block's mean score: the top-up keeps the
+    # rounding that makes the pruned model fast.
     counts = list(start) if start is not None else [g.n_units for g in groups]
+    rounds = rounds or [1] * len(groups)
+    floors = [max(g.min_units, r) if r > 1 else g.min_units for g, r in zip(groups, rounds)]
     ranked = []
     for i, g in enumerate(groups):
         s = scores[g.id].double()
@@ -165,40 +192,45 @@ def global_counts(groups, scores, removed, target, slack, start=None, standardis
             s = ((s - s.mean()) / std).sort().values
         else:
             s = (s / (s.abs().mean() + 1e-12)).sort().values
-        ranked += [(float(v), i) for v in s[g.n_units - counts[i]:]]  # units not yet removed
+        count, first = counts[i], g.n_units - counts[i]  # s[first:]: the units not yet removed
+        while step_down(count, rounds[i]) >= floors[i]:
+            block = count - step_down(count, rounds[i])
+            ranked.append((float(s[first:first + block].mean()), i))
+            first, count = first + block, count - block
     ranked.sort()
     done = removed(counts)
     skipped, taken = [], []
     for _, i in ranked:
         if done >= target:
             break
-        if counts[i] <= groups[i].min_units:
+        if step_down(counts[i], rounds[i]) < floors[i]:
             continue
-        counts[i] -= 1
+        before, counts[i] = counts[i], step_down(counts[i], rounds[i])
         trial = removed(counts)
         if trial > target + slack:
-            counts[i] += 1
+            counts[i] = before
             skipped.append(i)
         else:
             done = trial
-            taken.append(i)
+            taken.append((i, before - counts[i]))
     if done < target - slack:
-        counts = make_room(counts, skipped, taken, removed, target, slack, [g.min_units for g in groups])
+        counts = make_room(counts, skipped, taken, removed, target, slack, floors, rounds)
     return counts
 
 
-def make_room(counts, skipped, taken, removed, target, slack, minimum):
+def make_room(counts, skipped, taken, removed, target, slack, floors, rounds):
     """A coarse unit skipped for overshooting may still fit if the most important of the finer
-    units taken before it are given back (a 12% KV group plus 8% of MLP channels, not 17% of MLP)."""
+    units taken before it are given back (a 12% KV group plus 8% of MLP channels, not 17% of MLP).
+    `taken`: (group index, units the step removed), in the order taken."""
     for i in skipped:
         trial = list(counts)
-        if trial[i] <= minimum[i]:
+        if step_down(trial[i], rounds[i]) < floors[i]:
             continue
-        trial[i] -= 1
-        for j in reversed(taken):  # give back the most important first
+        trial[i] = step_down(trial[i], rounds[i])
+        for j, units in reversed(taken):  # give back the most important first
             if removed(trial) <= target + slack:
                 break
-            trial[j] += 1
+            trial[j] += units
         if abs(removed(trial) - target) <= slack:
             return trial
     return counts

@@ -111,3 +111,23 @@ def test_the_analysis_has_all_its_attributes_from_the_constructor(analysed):
     assert set(vars(bare)) == set(vars(dg))
     assert bare.model is None and bare.model_config is None and bare.exported is None
     assert len(bare.attention_ops) == len(dg.attention_ops)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "flap"])
+def test_rounded_mlp_widths_stay_multiples_where_the_top_up_meets_the_ratio(allocation):
+    """round_to holds in every allocation, also where one uniform fraction cannot meet the ratio and the
+    global top-up finishes the plan (it removed single channels before: SmolLM2's default at 0.2 was not
+    rounded). Here two layers of 512 channels and 2 KV groups: rounded uniform steps remove 2.7% or 5.4% at a
+    time, so 20% +- 0.5% needs the top-up, which must take 16-channel blocks."""
+    import transformers as tf
+
+    from models import build
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    model = build(tf.LlamaForCausalLM, cfg, "sdpa")
+    plan = fxprune.plan(model, 0.2, importance="l2", round_to=16, allocation=allocation, protect_layers=None)
+    widths = [len(k[0]) for n, k in plan.kept.items() if n.endswith("up_proj.weight")]
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    assert abs(plan.removed_fraction - 0.2) <= 0.01
+    unrounded = fxprune.plan(model, 0.2, importance="l2", round_to=None, allocation=allocation, protect_layers=None)
+    assert any(len(k[0]) % 16 for n, k in unrounded.kept.items() if n.endswith("up_proj.weight"))

@@ -5,9 +5,8 @@ import torch
 
 import fxprune
 from fxprune.analyze import analyze
-from fxprune.config import PruneConfig
 from fxprune.generation import Generator  # also fxprune.Generator
-from fxprune.plan import PrunePlan, fingerprint
+from fxprune.plan import PrunePlan
 from models import llama
 from oracles import prune_random, rel_err
 
@@ -15,8 +14,7 @@ from oracles import prune_random, rel_err
 def keep_everything(model):
     """A plan that removes nothing: the KV-cache program is then the dense model's."""
     dg = analyze(model)
-    n = dg.num_parameters()
-    return fxprune.apply(model, PrunePlan(PruneConfig(), {}, {}, n, n, fingerprint(dg)), dg=dg)
+    return fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)
 
 
 def prompt(batch, seq, seed=0, vocab=128):
@@ -39,11 +37,11 @@ def kv_heads_times_head_dim(gm):
     return [p.shape[0] for n, p in gm.named_parameters() if n.endswith("k_proj.weight")]
 
 
-def assert_kv_matches_recompute(gm, generator, ids, n, tolerance=1e-4):
+def assert_kv_matches_recompute(gm, generator, ids, n):
     out, logits = generator.generate(ids, max_new_tokens=n, return_logits=True)
     ref_ids, ref_logits = recompute(gm, ids, n)
     assert torch.equal(out, ref_ids)
-    assert rel_err(logits, ref_logits) < tolerance
+    assert rel_err(logits, ref_logits) < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +179,9 @@ def test_smollm2_dense_equals_hf_generate_and_pruned_equals_recompute():
     assert torch.equal(Generator(keep_everything(model)).generate(ids, max_new_tokens=64), want)
     gm = fxprune.compile(model, 0.5, importance="l2", round_to=64)
     gen = Generator(gm)
-    # Measured 1.31e-4 (max |diff| / max |logit| over 32 steps, 2026-12-02): fp32 sums over a 64-slot masked
-    # cache vs the exact length, through 30 layers; the tiny models agree to < 1e-6. Tokens must be equal.
-    assert_kv_matches_recompute(gm, gen, ids, 32, tolerance=3e-4)
+    # The issue's 1e-4: measured 6.4e-6 here (7.4e-6 at 2 threads), the same with a cache of the exact length
+    # or 256 slots, 1.4e-6 with nothing removed (benchmarks/results/kv_precision.md).
+    assert_kv_matches_recompute(gm, gen, ids, 32)
     rows = kv_heads_times_head_dim(gm)  # SmolLM2: head_dim 64, 30 layers
     program = gen.program(1, 64)
     assert len(rows) == 30 and sum(rows) < 30 * 3 * 64
@@ -211,6 +209,21 @@ def test_decode_report_renders_measured_rows(tmp_path):
     row = next(l for l in md.splitlines() if l.startswith("| eager | 1 | 20% round_to 64"))
     assert "| 13.3 | 16.6 | **1.25** |" in row
     assert "Test CPU" in md and "machine was shared" in md and "2026-12-02" in md
+
+
+def test_decode_append_keeps_the_earlier_rows_of_other_modes_only():
+    from benchmarks.decode import merge_earlier
+    row = {"mode": "eager", "batch": 1, "variant": "20% unrounded"}
+    old = {"date": "2026-12-02 10:00 UTC", "command": "python -m benchmarks.decode --modes eager",
+           "load_average_start": [1.0], "load_average_end": [2.0], "settings": {"modes": ["eager"], "batches": [1, 8]},
+           "rows": [row, {**row, "batch": 8}, {**row, "mode": "compile"}],
+           "setup_s": {"eager batch 1": 5.0, "eager batch 8": 9.0, "compile batch 1": 50.0}}
+    report = {"settings": {"modes": ["compile"], "batches": [1]}, "rows": [], "setup_s": {}}
+    merge_earlier(report, old)
+    assert report["rows"] == old["rows"][:2]  # the compile batch-1 row is measured again, not kept
+    assert report["setup_s"] == {"eager batch 1": 5.0, "eager batch 8": 9.0}
+    assert report["settings"] == {"modes": ["eager", "compile"], "batches": [1, 8]}
+    assert report["earlier_runs"][0]["rows"] == ["eager batch 1", "eager batch 8"]
 
 
 @pytest.mark.slow
