@@ -7,10 +7,13 @@ its output matches the dense projection's output on calibration text:
 
     target   Y  = X_d W_d^T + b_d          dense input X_d, dense weight (kept output rows only)
     input    X_p                           the pruned model's own input to this projection
-    "bias"   W  = W_0 (the sliced weight),  b = mean(Y) - W_0 mean(X_p)        (FLAP-style)
-    "lstsq"  W  = argmin ||X_p W^T + b - Y||^2 + lam ||W - W_0||^2,  b = mean(Y) - W mean(X_p)
-             with lam = ridge * mean(diag(cov(X_p))): ridge regression towards the sliced weights,
-             which keeps a small calibration set from over-fitting a wide layer.
+    weights  w_t = 1 / mean_c(h_t,c^2)     h: the dense residual stream this output is added to
+    "bias"   W  = W_0 (the sliced weight),  b = mean_w(Y) - W_0 mean_w(X_p)        (FLAP-style)
+    "lstsq"  W  = argmin sum_t w_t ||X_p,t W^T + b - Y_t||^2 + lam ||W - W_0||^2,  b = mean_w(Y) - W mean_w(X_p)
+             with lam = ridge * mean(diag(weighted cov(X_p))): ridge regression towards the sliced
+             weights, which keeps a small calibration set from over-fitting a wide layer.
+    ridge="auto": per projection, the candidate (unchanged, bias, lstsq at each of RIDGES) with the
+             lowest weighted error on held-out calibration rows, refitted on all rows.
 
 Layers are refitted in graph order and each is fed the pruned model's activations *after* the
 earlier refits, so errors do not pile up. The dense and the pruned graph are stepped node by node in
