@@ -45,6 +45,11 @@ class Projection:
     rows: torch.Tensor | None   # kept output positions (None: all)
     cols: torch.Tensor          # kept input positions
 
+    def output(self, xd: torch.Tensor) -> torch.Tensor:
+        """The dense projection's output (every row) for dense inputs `xd` [tokens, in], in float32."""
+        y = xd.float() @ self.dense_weight.t().float()
+        return y if self.dense_bias is None else y + self.dense_bias.float()
+
 
 def first_projections(gm: torch.fx.GraphModule):
     """(node, name the weight is read under, weight node, bias node or None, weight stored [in, out]) for
@@ -127,18 +132,15 @@ def residual_partner(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def token_weights(xd: torch.Tensor, residual: torch.Tensor | None, proj: "Projection") -> torch.Tensor:
+def token_weights(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """Per-token weights of the fit, mean 1: the inverse mean square of the dense residual stream after this
-    projection's output is added to it. The next norm divides the stream by its root mean square, so an
-    output error counts in proportion to 1/rms there; a few positions (attention sinks) carry a stream
-    hundreds of times larger than the rest and would otherwise dominate the fit. Uniform when the output
-    is not added to a residual stream."""
+    projection's output `dense_out` is added to it. The next norm divides the stream by its root mean
+    square, so an output error counts in proportion to 1/rms there; a few positions (attention sinks) carry
+    a stream hundreds of times larger than the rest and would otherwise dominate the fit. Uniform when the
+    output is not added to a residual stream."""
     if residual is None:
-        return torch.ones(xd.shape[0], dtype=torch.float64)
-    y = xd @ proj.dense_weight.t().to(xd.dtype)
-    if proj.dense_bias is not None:
-        y = y + proj.dense_bias.to(xd.dtype)
-    after = residual.to(y.dtype) + y
+        return torch.ones(dense_out.shape[0], dtype=torch.float64)
+    after = residual.to(dense_out.dtype) + dense_out
     w = 1.0 / after.double().pow(2).mean(-1).clamp_min(1e-12)
     return w / w.mean()
 
@@ -188,14 +190,12 @@ def solve(stats: Stats, w0: torch.Tensor, mode: str, ridge: float):
     return w0, my - w0 @ mx
 
 
-def fit(xp, xd, proj: Projection, w0, b0, mode: str, ridge, weights=None, held_out=None):
-    """(weight, bias, choice) of the refitted projection; inputs are [tokens, features]; see the module
-    docstring. ridge="auto": each candidate (the projection as it is, the bias alone, the ridge refit at
-    each strength of RIDGES) is fitted on the tokens outside `held_out` and scored on those inside; the
-    best is refitted on all tokens (keeping the projection as it is when nothing beats it)."""
-    wd = proj.dense_weight if proj.rows is None else proj.dense_weight[proj.rows]
-    bd = None if proj.dense_bias is None else (proj.dense_bias if proj.rows is None else proj.dense_bias[proj.rows])
-    y = xd.float() @ wd.t().float() + (0 if bd is None else bd.float())
+def fit(xp, y, w0, b0, mode: str, ridge, weights=None, held_out=None):
+    """(weight, bias, choice) of the refitted projection: pruned inputs `xp` [tokens, kept inputs], target `y`
+    [tokens, kept outputs] (the dense projection's output); see the module docstring. ridge="auto": each
+    candidate (the projection as it is, the bias alone, the ridge refit at each strength of RIDGES) is
+    fitted on the tokens outside `held_out` and scored on those inside; the best is refitted on all tokens
+    (keeping the projection as it is when nothing beats it)."""
     weights = torch.ones(xp.shape[0], dtype=torch.float64) if weights is None else weights.double()
     w0 = w0.double()
     b0 = torch.zeros(w0.shape[0], dtype=torch.float64) if b0 is None else b0.double()
@@ -283,12 +283,14 @@ class ReconstructLayersPass(PassBase):
             xd = xd.reshape(-1, xd.shape[-1])[tokens]
             if residual is not None:
                 residual = residual.reshape(-1, residual.shape[-1])[tokens]
-            weights = token_weights(xd, residual, by_name[name])
-            weight, bias, self.choices[name] = fit(xp, xd, by_name[name], module.weight, module.bias, self.mode,
-                                                   self.ridge, weights, held_out)
+            proj = by_name[name]
+            dense_out = proj.output(xd)  # all rows: the residual stream's weights need the whole output
+            y = dense_out if proj.rows is None else dense_out[:, proj.rows]
+            weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, self.mode, self.ridge,
+                                                   token_weights(dense_out, residual), held_out)
             set_weight_and_bias(module, weight, bias)
             self.refitted.append(name)
-            del xp, xd, residual
+            del xp, xd, residual, dense_out, y
         dense_steps.close()
         return PassResult(gm, True)
 

@@ -28,10 +28,11 @@ class InputStats:
 
 def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple[str, int]]:
     """The first projection node reading each weight (canonical name, input dim of the weight)."""
-    out = {}
+    out, seen = {}, set()
     for node, name, _, _, transposed in first_projections(gm):
         name = aliases.get(name, name)
-        if (names is None or name in names) and name not in {n for n, _ in out.values()}:
+        if (names is None or name in names) and name not in seen:
+            seen.add(name)
             out[node] = (name, 0 if transposed else 1)
     return out
 

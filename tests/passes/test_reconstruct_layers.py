@@ -85,7 +85,7 @@ def test_auto_ridge_picks_the_candidate_best_on_held_out_rows_and_refits_it_on_a
     y = xd @ proj.dense_weight.t() + proj.dense_bias
     weights = torch.rand(n, generator=g) + 0.5
     held = torch.arange(n) % 4 == 3
-    weight, bias, choice = fit(xp, xd, proj, w0, None, "lstsq", "auto", weights, held)
+    weight, bias, choice = fit(xp, y, w0, None, "lstsq", "auto", weights, held)
     train, test = Stats(xp[~held], y[~held], weights[~held]), Stats(xp[held], y[held], weights[held])
     scores = {"keep": test.error(w0.double(), torch.zeros(out, dtype=torch.float64)),
               "bias": test.error(*solve(train, w0.double(), "bias", 0.0))}
@@ -106,7 +106,7 @@ def test_auto_ridge_keeps_a_projection_nothing_improves_on_held_out_rows():
     xd = torch.randn(64, 40, generator=g)
     proj = Projection("w", torch.randn(5, 40, generator=g), None, None, torch.arange(40))
     w0 = proj.dense_weight.clone()  # nothing was removed: the sliced weight is already exact
-    weight, bias, choice = fit(xd, xd, proj, w0, None, "lstsq", "auto", None, torch.arange(64) % 4 == 3)
+    weight, bias, choice = fit(xd, proj.output(xd), w0, None, "lstsq", "auto", None, torch.arange(64) % 4 == 3)
     assert choice == "keep" and torch.equal(weight, w0.double()) and not bias.any()
 
 
