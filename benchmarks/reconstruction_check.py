@@ -28,12 +28,9 @@ from benchmarks.common import RESULTS, data_dir, header, load_average, md_table
 
 @torch.inference_mode()
 def perplexity(model, windows) -> float:
-    total = 0.0
-    for chunk in windows.split(8):
-        logits = model(chunk, attention_mask=torch.ones_like(chunk)).logits
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(),
-                                                         reduction="sum"))
-    return math.exp(total / windows[:, 1:].numel())
+    """exp(mean next-token NLL) over the windows (fxprune.evaluate's per-window sums)."""
+    from fxprune.evaluate import window_nlls
+    return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())
 
 
 def parse(argv):

@@ -27,13 +27,10 @@ MODES = ("none", "bias", "lstsq")
 
 
 @torch.inference_mode()
-def perplexity(model, windows, batch=8) -> float:
-    total = 0.0
-    for chunk in windows.split(batch):
-        logits = model(chunk, attention_mask=torch.ones_like(chunk)).logits
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(),
-                                                         reduction="sum"))
-    return math.exp(total / windows[:, 1:].numel())
+def perplexity(model, windows) -> float:
+    """exp(mean next-token NLL) over the windows (fxprune.evaluate's per-window sums)."""
+    from fxprune.evaluate import window_nlls
+    return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())
 
 
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
