@@ -24,10 +24,14 @@ from benchmarks.common import RESULTS as OUT, finish, header, load_average, md_t
 
 from fxprune.tasks import REPORTED as METRIC, TASKS  # noqa: E402  (the metric the seeds report per task)
 
-RECOVERIES = {  # name -> (label, extra `fxprune tune` options)
-    "lora": ("LoRA", []),
-    "kd_lora": ("distil + LoRA", ["--teacher"]),
-    "kd_full": ("distil, full weights", ["--teacher", "--trainable", "full"]),
+ALPACA, C4 = ("alpaca", "alpaca_cleaned_5k.json"), ("c4", "c4_sample.json")
+RECOVERIES = {  # name -> (label, extra `fxprune tune` options, training data under the data directory)
+    "lora": ("LoRA", [], ALPACA),
+    "kd_lora": ("distil + LoRA", ["--teacher"], ALPACA),
+    "kd_full": ("distil, full weights", ["--teacher", "--trainable", "full"], ALPACA),
+    # C4 text packed into cutoff-length windows: distillation on general text, as Minitron distils on
+    # pre-training data (C4 is not the evaluation text; it is the calibration source).
+    "kd_full_c4": ("distil, full weights, C4 text", ["--teacher", "--trainable", "full"], C4),
 }
 STAGES = ("prune", "tune", "ppl", "zeroshot")
 
@@ -101,8 +105,8 @@ class Run:
         tuned, result = root / name, root / f"{name}.json"
         if (tuned / "fxprune.json").exists() and result.exists():
             return
-        extra = RECOVERIES[name][1]
-        times = run("tune", str(root / "pruned"), "--data", str(self.data / "alpaca" / "alpaca_cleaned_5k.json"),
+        _, extra, data = RECOVERIES[name]
+        times = run("tune", str(root / "pruned"), "--data", str(self.data.joinpath(*data)),
                     "--max-steps", str(self.a.steps), "--batch-size", str(self.a.batch_size), "--cutoff-len", "256",
                     "--lr", str(self.a.lr), "--output-dir", str(root / f"{name}_ckpt"), "--checkpoint-every", "50",
                     "--resume", "--merged", str(tuned), "--result", str(result), *extra)
@@ -191,7 +195,7 @@ def write_report(a, report, state):
     lines = report_head("End to end on SmolLM2-135M-Instruct: prune -> recover -> evaluate (issues 5, 16)", report) + [
         f"WikiText-2 test perplexity on 128-token windows over the first {' and '.join(f'{n:,}' for n in a.eval_tokens)} "
         f"tokens. Pruning: `fxprune prune --importance {a.importance}` (heads + MLP, layers 0-2 and the last 2 "
-        f"protected, 32 x 128 calibration tokens). Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256, "
+        f"protected, 32 x 128 calibration tokens). Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256; the C4 rows: the C4 sample's documents packed into 256-token windows, "
         f"lr {a.lr:g}, AdamW, fp32); LoRA r 8, alpha 16, dropout 0.05 on every projection; distillation: KL to the "
         "dense model's logits at temperature 1 over every real token (kd_alpha 1: no cross-entropy term), the "
         "teacher running without gradients. Tune time: wall minutes of `fxprune tune` (loading, training, merging) "

@@ -41,6 +41,9 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
     from fxprune.scoring.activations import input_statistics
     calib = calibration_samples(data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.calib_samples,
                                 args.calib_len, seed=draw)
+    # The refit reads its own windows, as compile() does with reconstruct_samples (same seed as the scoring draw).
+    refit = calib if not args.refit_samples else calibration_samples(
+        data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.refit_samples, args.calib_len, seed=draw)
     base = fxprune.PruneConfig(ratio=0.2, targets=tuple(args.targets), calibration_samples=args.calib_samples)
     groups = target_groups(dg, base)
     shared = {}
@@ -75,7 +78,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                                         "allocation": allocation, "reconstruct": mode})
                 plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
                 with Phase() as ap:
-                    gm = fxprune.apply(model, plan, calibration=calib, dg=dg)
+                    gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
                 ppl = perplexity(gm, windows)
                 cells[f"{method}/{mode}/{ratio}/{draw}"] = {
                     "ppl": ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
@@ -106,7 +109,8 @@ def write_report(report, path: Path):
     lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
-              f"{s['calib_samples']} x {s['calib_len']} C4 tokens; targets {' '.join(s['targets'])}; layers "
+              f"{s['calib_samples']} x {s['calib_len']} C4 tokens (refit on "
+              f"{s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets {' '.join(s['targets'])}; layers "
               f"{report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
               "`+AL`, FLAP's adaptive allocation). Modes: none, bias (FLAP-style bias), lstsq (ridge refit).", "",
               md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
@@ -155,6 +159,8 @@ def main(argv=None):
     p.add_argument("--targets", nargs="+", default=["heads", "mlp"])
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=128)
+    p.add_argument("--refit-samples", type=int, default=0,
+                   help="windows the reconstruction refits on (0: the scoring calibration itself)")
     p.add_argument("--eval-tokens", type=int, default=10240)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS / "reconstruction_table"))

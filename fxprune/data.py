@@ -194,3 +194,25 @@ def tokenize_alpaca(records, tokenizer, cutoff_len: int = 256, train_on_inputs: 
             labels[:n_prompt] = [-100] * n_prompt
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return out
+
+
+# --- plain text for tuning ---------------------------------------------------------------------------
+
+def pack_texts(texts, tokenizer, length: int = 256) -> list[dict]:
+    """Documents tokenised, each followed by EOS, joined and cut into consecutive windows of `length` tokens
+    (the last, shorter piece dropped): plain-text training data for `tune`, every token learnt. Packing
+    rather than one document per example keeps every step at the same `length` tokens, whatever the
+    documents' lengths; distillation from the dense model on such text is how Minitron recovers."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pack_texts needs a tokenizer with an eos_token")
+    if length < 2:
+        raise ValueError(f"pack_texts: length must be >= 2, got {length}")
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, verbose=False)["input_ids"] + [eos]
+    windows = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+    if not windows:
+        raise ValueError(f"pack_texts: {len(stream)} tokens in all, fewer than one window of {length}")
+    return [{"input_ids": w, "attention_mask": [1] * length, "labels": list(w)} for w in windows]
+

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fxprune.tune_script", description=__doc__.split("\n\n")[0])
     p.add_argument("--gm", required=True, help="a pruned GraphModule: a directory written by fxprune.save, "
                    "or a file written by torch.save")
-    p.add_argument("--data", required=True, help="Alpaca JSON or tokenised JSON (input_ids/labels)")
+    p.add_argument("--data", required=True, help="Alpaca JSON, {\"text\": ...} records (packed into --cutoff-len windows) or tokenised JSON (input_ids/labels)")
     p.add_argument("--tokenizer", help="tokenizer name or path (for Alpaca data)")
     p.add_argument("--train-on-inputs", action="store_true", help="take loss on the prompt too (Alpaca data)")
     p.add_argument("--output-dir", help="checkpoint directory")
@@ -89,17 +89,24 @@ def load_teacher(name) -> torch.nn.Module:
 
 
 def load_examples(path, tokenizer=None, cutoff_len=256, train_on_inputs=False):
-    records = json.loads(Path(path).read_text())
+    """Tokenised records (input_ids, labels) as they are; Alpaca records through the Alpaca template;
+    {"text": ...} records (e.g. a C4 sample) packed into `cutoff_len`-token windows. JSON array or JSON Lines."""
+    from fxprune.data import read_json_records
+    records = read_json_records(path)
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a non-empty JSON array")
+        raise ValueError(f"{path}: expected a non-empty JSON array or JSON Lines")
     if all("input_ids" in r for r in records):
         return records
+    plain = all(isinstance(r, dict) and isinstance(r.get("text"), str) and "instruction" not in r for r in records)
     if tokenizer is None:
-        raise ValueError(f"{path} holds Alpaca records; pass --tokenizer to tokenise them")
+        kind = "text" if plain else "Alpaca"
+        raise ValueError(f"{path} holds {kind} records; pass --tokenizer to tokenise them")
     from transformers import AutoTokenizer
 
-    from fxprune.data import alpaca_records, tokenize_alpaca
+    from fxprune.data import alpaca_records, pack_texts, tokenize_alpaca
     tok = AutoTokenizer.from_pretrained(tokenizer)
+    if plain:
+        return pack_texts([r["text"] for r in records], tok, cutoff_len)
     return tokenize_alpaca(alpaca_records(path), tok, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
 
 

@@ -235,6 +235,23 @@ def test_script_reads_alpaca_or_tokenised_data(tmp_path, examples):
     assert load_examples(tmp_path / "tok.json") == examples[:3]
 
 
+
+def test_script_packs_text_records_into_full_windows(tmp_path):
+    from tests.tiny_tokenizer import tiny_tokenizer
+    from fxprune.tune_script import load_examples
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    texts = ["the cat sat on the mat " * 7, "a dog ran " * 11, "short"]
+    (tmp_path / "c4.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    with pytest.raises(ValueError, match="text records; pass --tokenizer"):
+        load_examples(tmp_path / "c4.jsonl")
+    packed = load_examples(tmp_path / "c4.jsonl", str(tmp_path / "tok"), cutoff_len=16)
+    stream = [i for t in texts for i in tok(t)["input_ids"] + [tok.eos_token_id]]
+    assert len(packed) == len(stream) // 16 >= 2
+    for k, ex in enumerate(packed):  # consecutive windows of the EOS-joined documents, loss on every token
+        assert ex["input_ids"] == stream[16 * k:16 * (k + 1)] == ex["labels"]
+    assert any(tok.eos_token_id in ex["input_ids"] for ex in packed)  # documents end in EOS
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -92,13 +92,17 @@ def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node
 
 def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict, partners: dict | None = None):
     """Run `gm` node by node; before each node in `stops`, yield (stops[node], its input value, the value of
-    partners[node] or None)."""
+    partners[node] or None). Nothing after the last stop runs: the rest of the graph (a large vocabulary's
+    logits, above all) would cost time and memory for values no refit reads."""
     interp = torch.fx.Interpreter(gm, garbage_collect_values=True)
-    env, partners = interp.env, partners or {}
+    env, partners, remaining = interp.env, partners or {}, len(stops)
     for node in gm.graph.nodes:
         if node in stops:
             partner = partners.get(node)
             yield stops[node], env[node.args[0]], None if partner is None else env[partner]
+            remaining -= 1
+            if remaining == 0:
+                return
         if node.op == "output":
             return
         if node.op == "placeholder":

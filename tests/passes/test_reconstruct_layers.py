@@ -227,3 +227,29 @@ def test_kv_cache_generation_uses_the_refitted_weights_and_biases(setup):
         for _ in range(6):
             recomputed = torch.cat([recomputed, gm(recomputed).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(cached, recomputed)
+
+
+def test_stepping_stops_after_the_last_projection_it_was_asked_for():
+    """The refit never runs what follows its last projection (a large vocabulary's logits, say)."""
+    from fxprune.passes.reconstruct_layers import step
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.special.entr(self.b(torch.relu(self.a(x))))
+
+    gm = torch.fx.symbolic_trace(Net())
+    ran = []
+    orig = torch.fx.Interpreter.run_node
+    torch.fx.Interpreter.run_node = lambda self, n: ran.append(n.name) or orig(self, n)
+    try:
+        stops = {n: n.name for n in gm.graph.nodes if n.op == "call_module"}
+        x = torch.randn(3, 4)
+        seen = [(name, value.shape) for name, value, _ in step(gm, {"x": x}, stops)]
+    finally:
+        torch.fx.Interpreter.run_node = orig
+    assert seen == [("a", (3, 4)), ("b", (3, 4))]
+    assert ran == ["a", "relu"]  # neither b nor what follows it ran
