@@ -167,6 +167,15 @@ def _row_label(key):
     return f"pruned {pct}" if name == "pruned" else f"pruned {pct} + {RECOVERIES[name][0]}"
 
 
+def _row_order(item):
+    """dense first, then each ratio: pruned, then the recoveries in RECOVERIES' order (runs may finish in any order)."""
+    key = item[0]
+    if key == "dense":
+        return (0, "", -1)
+    ratio, name = key.split("/")
+    return (1, ratio, -1 if name == "pruned" else list(RECOVERIES).index(name))
+
+
 def _task_cell(result) -> str:
     m = result[METRIC[result["task"]]] if "task" in result else None
     return "-" if m is None else f"{m:.3f} ± {result[METRIC[result['task']] + '_stderr']:.3f}"
@@ -180,7 +189,7 @@ def write_report(a, report, state):
     (OUT / f"{a.name}.json").write_text(json.dumps(report, indent=1, default=str))
     ppl_cols = [f"ppl {n:,} tok" for n in a.eval_tokens]
     rows = []
-    for key, m in models.items():
+    for key, m in sorted(models.items(), key=_row_order):
         ppl = m.get("ppl", {}).get("wikitext2_ppl_by_tokens", {})
         tune = m.get("tune", {})
         zs = m.get("zeroshot", {})

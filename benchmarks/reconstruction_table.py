@@ -148,6 +148,7 @@ def plot(cells, methods, ratios, draws, path, report):
     fig.suptitle(f"SmolLM2-135M, mean and range over draws {draws}; {report['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)  # the report is redrawn after every cell
 
 
 def main(argv=None):

@@ -9,7 +9,8 @@ def test_e2e_report_rows_tasks_and_partial_state(tmp_path, monkeypatch):
     zs = {t: {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.25, "acc_norm_stderr": 0.04, "n": 100} for t in e2e.TASKS}
     zs.update(mean={"value": 0.39, "stderr": 0.02}, parameters=134)
     state = {"models": {"dense": {"ppl": {"wikitext2_ppl_by_tokens": {"10240": 50.1, "20480": 53.75}}, "zeroshot": zs},
-                        "r20/kd_full": {"tune": {"wall_s": 600, "load_start": [3.0], "load_end": [4.0]}}}}
+                        "r50/pruned": {}, "r20/kd_full_c4": {}, "r20/lora": {},
+                        "r20/kd_full": {"tune": {"wall_s": 600, "load_start": [3.0], "load_end": [4.0]}}, "r20/pruned": {}}}
     e2e.write_report(a, dict(HEADER), state)
     md = (tmp_path / "t.md").read_text()
     dense = next(l for l in md.splitlines() if l.startswith("| dense |"))
@@ -18,3 +19,6 @@ def test_e2e_report_rows_tasks_and_partial_state(tmp_path, monkeypatch):
     tuned = next(l for l in md.splitlines() if l.startswith("| pruned 20% + distil, full weights |"))
     assert "| 10.0 (load 3.0→4.0) |" in tuned and tuned.count("| - ") >= 8  # not evaluated yet: dashes
     assert (tmp_path / "t.json").is_file()
+    labels = [l.split(" | ")[0][2:] for l in md.splitlines() if l.startswith("| dense |") or l.startswith("| pruned")]
+    assert labels == ["dense", "pruned 20%", "pruned 20% + LoRA", "pruned 20% + distil, full weights",
+                      "pruned 20% + distil, full weights, C4 text", "pruned 50%"]  # dense, then ratio, recovery
