@@ -22,3 +22,16 @@ def test_e2e_report_rows_tasks_and_partial_state(tmp_path, monkeypatch):
     labels = [l.split(" | ")[0][2:] for l in md.splitlines() if l.startswith("| dense |") or l.startswith("| pruned")]
     assert labels == ["dense", "pruned 20%", "pruned 20% + LoRA", "pruned 20% + distil, full weights",
                       "pruned 20% + distil, full weights, C4 text", "pruned 50%"]  # dense, then ratio, recovery
+
+
+def test_checkpoint_minutes_count_from_the_last_training_start(tmp_path):
+    from benchmarks.checkpoint_ppl import step_times
+    log = tmp_path / "run.log"
+    log.write_text("\n".join([
+        "2026-12-02 13:00:00,001 fxprune.lora: all weights, 9 trainable parameters, distilling the teacher",
+        "2026-12-02 13:05:00,002 fxprune.lora: step 10/150 epoch 0 loss 1.0",  # an earlier, restarted run
+        "loglikelihood: 10%|#   | 2/25",
+        "2026-12-02 14:00:00,001 fxprune.lora: LoRA r=8 on 210 modules, 2068568 trainable parameters",
+        "2026-12-02 14:12:30,500 fxprune.lora: step 50/150 epoch 0 loss 0.5",
+        "2026-12-02 14:27:00,000 fxprune.lora: step 100/150 epoch 0 loss 0.4"]))
+    assert step_times(log) == {50: 12.5, 100: 27.0}
