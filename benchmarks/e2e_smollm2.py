@@ -204,8 +204,9 @@ def write_report(a, report, state):
     lines = report_head("End to end on SmolLM2-135M-Instruct: prune -> recover -> evaluate (issues 5, 16)", report) + [
         f"WikiText-2 test perplexity on 128-token windows over the first {' and '.join(f'{n:,}' for n in a.eval_tokens)} "
         f"tokens. Pruning: `fxprune prune --importance {a.importance}` (heads + MLP, layers 0-2 and the last 2 "
-        f"protected, 32 x 128 calibration tokens). Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256; the C4 rows: the C4 sample's documents packed into 256-token windows, "
-        f"lr {a.lr:g}, AdamW, fp32); LoRA r 8, alpha 16, dropout 0.05 on every projection; distillation: KL to the "
+        f"protected, 32 x 128 calibration tokens). Recovery budget on this CPU: {a.steps} steps x {a.batch_size} Alpaca-cleaned examples (cutoff 256, "
+        f"lr {a.lr:g}, AdamW, fp32; the C4 rows read the C4 sample's documents packed into 256-token windows "
+        "instead); LoRA r 8, alpha 16, dropout 0.05 on every projection; distillation: KL to the "
         "dense model's logits at temperature 1 over every real token (kd_alpha 1: no cross-entropy term), the "
         "teacher running without gradients. Tune time: wall minutes of `fxprune tune` (loading, training, merging) "
         "with the 1-minute load average at its start and end (2 cores). Zero-shot: lm-eval-harness formats and "

@@ -21,7 +21,11 @@ def main(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "reconstruction_cost"))
+    p.add_argument("--render", action="store_true", help="only rebuild the Markdown file from --out's JSON")
     a = p.parse_args(argv)
+    if a.render:
+        import json
+        return render(json.loads(Path(a.out).with_suffix(".json").read_text()), Path(a.out))
     torch.set_num_threads(a.threads)
     import fxprune
     from fxprune.defaults import default_calibration
@@ -45,19 +49,24 @@ def main(argv=None):
         log(f"r={ratio}: plan {scoring.wall_s:.1f} s / {scoring.peak_gb:.2f} GB, apply {plain.wall_s:.1f} s, "
             f"apply+lstsq {refitting.wall_s:.1f} s / {refitting.peak_gb:.2f} GB")
     finish(report)
-    out = Path(a.out)
-    write_json(out.with_suffix(".json"), report)
-    rows = [[f"{r['ratio']:.0%}", f"{r['plan']['wall_s']:.1f} s", f"{r['plan']['peak_rss_gb']:.2f} GB",
-             f"{r['apply']['wall_s']:.1f} s", f"{r['apply_lstsq']['wall_s']:.1f} s",
-             f"{r['apply_lstsq']['wall_s'] - r['apply']['wall_s']:.1f} s", f"{r['apply_lstsq']['peak_rss_gb']:.2f} GB"]
+    write_json(Path(a.out).with_suffix(".json"), report)
+    render(report, Path(a.out))
+
+
+def render(report: dict, out: Path) -> None:
+    rows = [[f"{r['ratio']:.0%}", f"{r['plan']['wall_s']:.1f} s",
+             f"{r['plan']['peak_rss_gb']:.2f} GB (+{r['plan']['peak_increase_gb']:.2f})", f"{r['apply']['wall_s']:.1f} s",
+             f"{r['apply_lstsq']['wall_s']:.1f} s", f"{r['apply_lstsq']['wall_s'] - r['apply']['wall_s']:.1f} s",
+             f"{r['apply_lstsq']['peak_rss_gb']:.2f} GB (+{max(r['apply_lstsq']['peak_increase_gb'], 0.0) + 0.0:.2f})"]
             for r in report["rows"]]
     lines = report_head("Cost of the refit beside scoring (SmolLM2-135M, library defaults)", report) + [
         "Plan: HyWIA on 32 x 128 packaged C4 tokens. Refit: `reconstruct=\"lstsq\"` (ridge chosen per projection on "
-        "held-out rows) on 64 x 128 packaged tokens. Peak: resident set peak during the phase (the model included).", "",
+        "held-out rows) on 64 x 128 packaged tokens. Peak: resident set peak during the phase, the model included, and "
+        "in brackets its rise over the resident set at the phase's start (memory the earlier phases freed is not "
+        "always returned to the system, so the absolute peaks of later phases start higher).", "",
         md_table(["ratio", "plan (scoring)", "plan peak", "apply", "apply + refit", "refit alone", "apply + refit peak"],
                  rows), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,10 @@ SECTIONS = [
     ("torch_pruning_quick", "fxprune vs Torch-Pruning, ratios 0.1-0.5 (quick)"),
     ("meta_scale", "Meta-device capture and analysis at scale"),
     ("decode", "Generation speed with a KV cache (issue 14)"),
-    ("decode_compile", "Generation speed with a KV cache, torch.compile, batch 1 (issue 14, run on its own)"),
+    ("headline", "The headline call with nothing else given"),
+    ("reconstruction_table", "Importance x reconstruction over calibration draws (issue 13)"),
+    ("reconstruction_cost", "Cost of the least-squares refit beside scoring (issue 13)"),
+    ("e2e_smollm2", "Prune, recover, evaluate: perplexity and the seven tasks (issue 16)"),
 ]
 
 
