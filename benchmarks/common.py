@@ -8,6 +8,7 @@ reset is not allowed, `Phase.reset` is False and the peak is the process peak so
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -185,3 +186,11 @@ def write_outputs(report: dict, out: Path, plot, render) -> dict:
     out.with_suffix(".md").write_text(render(report, png))
     log(f"wrote {out}.json, .md and .png")
     return report
+
+
+def perplexity(model, windows) -> float:
+    """exp(mean next-token NLL) over token windows [n, L] (fxprune.evaluate's per-window sums)."""
+    import torch
+    from fxprune.evaluate import window_nlls
+    with torch.inference_mode():
+        return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())

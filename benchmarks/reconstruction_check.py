@@ -17,20 +17,12 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, data_dir, header, load_average, md_table
-
-
-@torch.inference_mode()
-def perplexity(model, windows) -> float:
-    """exp(mean next-token NLL) over the windows (fxprune.evaluate's per-window sums)."""
-    from fxprune.evaluate import window_nlls
-    return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())
+from benchmarks.common import RESULTS, data_dir, header, load_average, md_table, perplexity
 
 
 def parse(argv):

@@ -11,12 +11,10 @@ or extended with more ratios or draws; the Markdown table and plot are rebuilt f
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-import torch
 
-from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, report_head, write_json
+from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
@@ -24,13 +22,6 @@ METHODS = {  # name -> (importance, allocation)
     "flap": ("flap", "uniform"), "flap+AL": ("flap", "flap"), "random": ("random", "uniform"),
 }
 MODES = ("none", "bias", "lstsq")
-
-
-@torch.inference_mode()
-def perplexity(model, windows) -> float:
-    """exp(mean next-token NLL) over the windows (fxprune.evaluate's per-window sums)."""
-    from fxprune.evaluate import window_nlls
-    return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())
 
 
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
