@@ -11,23 +11,28 @@ or extended with more ratios or draws; the Markdown table and plot are rebuilt f
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
-    "element2": ("element2", "uniform"), "hywia": ("hywia", "uniform"), "wanda": ("wanda", "uniform"),
+    "element2": ("element2", "uniform"), "hywia": ("hywia", "uniform"), "hywia2": ("hywia2", "uniform"),
+    "wanda": ("wanda", "uniform"),
     "flap": ("flap", "uniform"), "flap+AL": ("flap", "flap"), "random": ("random", "uniform"),
 }
 MODES = ("none", "bias", "lstsq")
+# hywia2: HyWIA with the paper's two granularities only (element1, vector), fxprune's HyWIA before the
+# activation-aware pair joined it.
+PAPER_PAIR = {"granularities": ("fine", "coarse")}
 
 
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
     import fxprune
     from fxprune.data import calibration_samples
     from fxprune.plan import target_groups
-    from fxprune.scoring import compute_gradients, score
+    from fxprune.scoring import HyWIA, compute_gradients, hywia, score
     from fxprune.scoring.activations import input_statistics
     calib = calibration_samples(data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.calib_samples,
                                 args.calib_len, seed=draw)
@@ -37,13 +42,13 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
     base = fxprune.PruneConfig(ratio=0.2, targets=tuple(args.targets), calibration_samples=args.calib_samples)
     groups = target_groups(dg, base)
     shared = {}
-    if {"element1", "vector", "element2", "hywia"} & set(args.methods):
+    if {"element1", "vector", "element2", "hywia", "hywia2"} & set(args.methods):
         with Phase() as p:
             shared["gradients"] = compute_gradients(dg, calib.split(8), [m.name for g in groups for m in g.members],
                                                     second_order="element2" in args.methods, batch_size=1)
         log(f"draw {draw}: gradient pass {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"gradients/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
-    if {"wanda", "flap", "flap+AL"} & set(args.methods):
+    if {"wanda", "flap", "flap+AL", "hywia"} & set(args.methods):
         with Phase() as p:
             shared["inputs"] = input_statistics(dg, calib.split(8), {m.name for g in groups for m in g.members})
         log(f"draw {draw}: activation statistics {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
@@ -56,8 +61,13 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
             if not todo:
                 continue
             with Phase() as sp:
-                if importance == "hywia":
-                    scores = score(dg, groups, "hywia", calib.split(8), ratio=ratio, gradients=shared.get("gradients"))
+                chosen = {}
+                if importance.startswith("hywia"):
+                    importance = HyWIA(**PAPER_PAIR) if importance == "hywia2" else HyWIA()
+                    res = hywia(dg, groups, calib.split(8), ratio=ratio, gradients=shared.get("gradients"),
+                                inputs=shared.get("inputs"), settings=importance)
+                    scores = res.scores
+                    chosen = {"choice": res.choice, "validation": res.validation}  # which ranking won, and why
                 else:
                     if importance not in fixed:  # these scores do not depend on the ratio
                         fixed[importance] = score(dg, groups, importance, calib.split(8), seed=draw,
@@ -72,7 +82,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                 ppl = perplexity(gm, windows)
                 cells[f"{method}/{mode}/{ratio}/{draw}"] = {
                     "ppl": ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
-                    "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb}
+                    "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb, **chosen}
                 log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: ppl {ppl:10.2f}  apply {ap.wall_s:5.1f} s  "
                     f"removed {plan.removed_fraction:.4f}")
                 save()
@@ -97,14 +107,26 @@ def write_report(report, path: Path):
     draws = sorted({int(k.split("/")[3]) for k in cells if not k.startswith("_")})
     methods = [m for m in METHODS if any(k.startswith(m + "/") for k in cells)]
     lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
+    if len(report.get("runs", [])) > 1:
+        lines += ["The cells were filled by these runs (each `--resume`d into the same JSON):", ""]
+        lines += [f"- {r['date']}: `{r['command']}` (load average at start {r['load_average_start']})"
+                  for r in report["runs"]] + [""]
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
               f"{s['calib_samples']} x {s['calib_len']} C4 tokens (refit on "
               f"{s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets {' '.join(s['targets'])}; layers "
               f"{report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
-              "`+AL`, FLAP's adaptive allocation). Modes: none, bias (FLAP-style bias), lstsq (ridge refit).", "",
+              "`+AL`, FLAP's adaptive allocation; hywia2: HyWIA with the paper's two granularities). Modes: none, bias (FLAP-style bias), lstsq (ridge refit).", "",
               md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
                        summary(cells, methods, MODES, ratios, draws)), ""]
+    chosen = sorted({(k.split("/")[0], float(k.split("/")[2]), int(k.split("/")[3])): c for k, c in cells.items()
+                     if not k.startswith("_") and "choice" in c}.items())
+    if chosen:
+        lines += ["HyWIA's validated choice (the ranking returned; mean LM loss of each candidate's pruned model on "
+                  "the held-out quarter of the calibration rows, the lowest wins):", "",
+                  md_table(["method", "ratio", "draw", "choice", "held-out losses"],
+                           [[m, f"{r:.0%}", d, c["choice"], ", ".join(f"{k} {v:.4f}" for k, v in c["validation"].items())]
+                            for (m, r, d), c in chosen]), ""]
     cost = [(k, f"{v['s']:.1f} s", f"{v['peak_gb']:.2f} GB") for k, v in cells.get("_cost", {}).items()]
     applies = {m: [c["apply_s"] for k, c in cells.items() if not k.startswith("_") and k.split("/")[1] == m]
                for m in MODES}
@@ -141,6 +163,28 @@ def plot(cells, methods, ratios, draws, path, report):
     plt.close(fig)  # the report is redrawn after every cell
 
 
+@contextmanager
+def merged(path: Path, report: dict, resume: bool):
+    """Hold a lock on `path` and take into `report` the cells and runs another `--resume` run of this
+    script saved there meanwhile, so two runs (one per core) can fill one table."""
+    import fcntl
+    import json
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if resume and path.exists():
+            disk = json.loads(path.read_text())
+            mine, theirs = report["cells"], disk.get("cells", {})  # updated in place: run_draw holds `mine`
+            for k, v in theirs.items():
+                if k == "_cost":
+                    mine["_cost"] = {**v, **mine.get("_cost", {})}
+                else:
+                    mine.setdefault(k, v)
+            runs = {(r["command"], r["date"]) for r in report["runs"]}
+            report["runs"] = [r for r in disk.get("runs", []) if (r["command"], r["date"]) not in runs] + report["runs"]
+            report["runs"].sort(key=lambda r: r["date"])
+        yield
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
@@ -172,10 +216,14 @@ def main(argv=None):
     report = {**header(), "settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
               "dense_ppl": perplexity(model, windows), "protected": sorted(protected_layers("auto", n_layers)),
               "cells": old.get("cells", {})}
+    earlier = old.get("runs") or ([{k: old.get(k) for k in ("command", "date", "load_average_start")}] if old else [])
+    report["runs"] = earlier + [{"command": report["command"], "date": report["date"],
+                                             "load_average_start": report["load_average_start"]}]
 
     def save():
-        write_json(out.with_suffix(".json"), finish(report))
-        write_report(report, out)
+        with merged(out.with_suffix(".json"), report, args.resume):
+            write_json(out.with_suffix(".json"), finish(report))
+            write_report(report, out)
     for draw in args.draws:
         run_draw(model, tok, dg, windows, draw, args, report["cells"], save)
     save()

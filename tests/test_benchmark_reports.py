@@ -89,3 +89,32 @@ def test_reconstruction_check_renders_every_run_line(tmp_path):
     line = next(l for l in md.splitlines() if "lstsq:auto:residual" in l)
     assert "| 93.84 | 114.93 | 50.00 | 61 | 4.5 | keep 4, lstsq:1 30 |" in line
     assert "Test CPU" in md and "2026-11-23" in md
+
+
+def test_reconstruction_table_runs_on_two_cores_fill_one_table(tmp_path):
+    """Two --resume runs save into one JSON: each keeps the other's cells and command, and the cell dict
+    the running draw loop holds stays the one that is saved."""
+    from benchmarks.reconstruction_table import merged, write_report
+    path = tmp_path / "t.json"
+    cell = {"ppl": 150.0, "removed": 0.2, "params_after": 1, "score_s": 1.0, "apply_s": 2.0, "apply_peak_gb": 1.0}
+    settings = {"eval_tokens": 10240, "calib_samples": 32, "calib_len": 128, "refit_samples": 64,
+                "targets": ["heads", "mlp"]}
+
+    def report(date, cells):
+        return {**HEADER, "date": date, "command": f"run at {date}", "settings": settings, "dense_ppl": 63.3,
+                "protected": [0, 29], "cells": cells,
+                "runs": [{"command": f"run at {date}", "date": date, "load_average_start": [0.1]}]}
+    first = report("2026-12-02 10:00 UTC", {"flap/none/0.2/1": cell, "_cost": {"inputs/1": {"s": 5, "peak_gb": 1}}})
+    with merged(path, first, resume=True):
+        path.write_text(json.dumps(first))
+    second = report("2026-12-02 10:05 UTC", {"wanda/none/0.5/1": {**cell, "ppl": 900.0}})
+    held = second["cells"]
+    with merged(path, second, resume=True):
+        path.write_text(json.dumps(second))
+    assert held is second["cells"]
+    assert set(held) == {"flap/none/0.2/1", "wanda/none/0.5/1", "_cost"} and held["_cost"]["inputs/1"]["s"] == 5
+    assert [r["date"] for r in second["runs"]] == ["2026-12-02 10:00 UTC", "2026-12-02 10:05 UTC"]
+    write_report(second, tmp_path / "t")
+    md = (tmp_path / "t.md").read_text()
+    assert "`run at 2026-12-02 10:00 UTC`" in md and "`run at 2026-12-02 10:05 UTC`" in md
+    assert "| flap | none | 150.0 [150.0-150.0] | - |" in md and "| wanda | none | - | 900.0 [900.0-900.0] |" in md

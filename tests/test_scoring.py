@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -349,25 +350,70 @@ def hy(env):
     return hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads, validate=False)
 
 
-def test_hywia_scores_are_finite_and_blend_the_two_granularities(env, hy):
-    element1 = score(env.dg, None, "element1", gradients=env.grads)
-    vector = score(env.dg, None, "vector", gradients=env.grads)
+def normalised_levels(env):
+    """Each HyWIA granularity's estimator, normalised per group to mean 1, in HyWIA's order."""
+    out = {}
+    for k, method in (("fine", "element1"), ("coarse", "vector"), ("wanda", "wanda"), ("flap", "flap")):
+        raw = score(env.dg, None, method, env.cal, gradients=env.grads)
+        out[k] = {gid: v / v.mean() for gid, v in raw.items()}
+    return out
+
+
+def test_hywia_scores_are_finite_and_blend_the_granularities(env, hy):
+    levels = normalised_levels(env)
+    assert hy.granularities == ("fine", "coarse", "wanda", "flap")
     assert set(hy.scores) == {g.id for g in env.dg.groups}
     differs = False
     for g in env.dg.groups:
         s = hy.scores[g.id]
         assert s.shape == (g.n_units,) and torch.isfinite(s).all()
         a = hy.alpha[g.id]
-        assert a.shape == (2,) and float(a.sum()) == pytest.approx(1.0, abs=1e-6) and (a >= 0).all()
-        fine, coarse = element1[g.id] / element1[g.id].mean(), vector[g.id] / vector[g.id].mean()
-        close(s, a[0] * fine + a[1] * coarse, rtol=1e-5)
-        differs |= not torch.allclose(s, fine, rtol=1e-3)
+        assert a.shape == (4,) and float(a.sum()) == pytest.approx(1.0, abs=1e-6) and (a >= 0).all()
+        for k in hy.granularities:
+            close(hy.levels[k][g.id], levels[k][g.id], rtol=1e-5)
+        close(s, sum(a[i] * levels[k][g.id] for i, k in enumerate(hy.granularities)), rtol=1e-5)
+        differs |= not torch.allclose(s, levels["fine"][g.id], rtol=1e-3)
     assert differs
     assert len(hy.losses) == 12 and all(math.isfinite(x) for x in hy.losses)
     # the attention of the maskable kinds was learned; the others keep their initial equal weights
     for g in env.dg.groups:
-        learned = not torch.allclose(hy.alpha[g.id], torch.full((2,), 0.5))
+        learned = not torch.allclose(hy.alpha[g.id], torch.full((4,), 0.25))
         assert learned == (g.kind in scoring.MASKABLE_KINDS), g.describe()
+
+
+def test_hywia_with_the_papers_two_granularities(env):
+    from fxprune.scoring import HyWIA
+    pair = HyWIA(steps=12, validate=False, granularities=("fine", "coarse"))
+    res = hywia(env.dg, None, env.cal, ratio=0.25, seed=0, gradients=env.grads, settings=pair)
+    levels = normalised_levels(env)
+    for g in env.dg.groups:
+        a = res.alpha[g.id]
+        assert a.shape == (2,)
+        close(res.scores[g.id], a[0] * levels["fine"][g.id] + a[1] * levels["coarse"][g.id], rtol=1e-5)
+    validated = hywia(env.dg, None, env.cal, ratio=0.25, seed=0, gradients=env.grads,
+                      settings=HyWIA(steps=12, granularities=("fine", "coarse")))
+    assert set(validated.validation) == {"learned", "fine", "coarse"}
+    # a saved config stores the tuple as a JSON list; it comes back equal
+    from fxprune.scoring.methods import method_from_dict, method_to_dict
+    assert method_from_dict(json.loads(json.dumps(method_to_dict(pair)))) == pair
+    for bad in (("fine", "fine"), (), ("fine", "taylor"), "fine"):
+        with pytest.raises(ValueError, match="HyWIA.granularities"):
+            HyWIA(granularities=bad)
+
+
+def test_hywia_on_activation_granularities_needs_no_gradient_pass(env, monkeypatch):
+    from fxprune.scoring import HyWIA, hybrid
+    from fxprune.scoring.activations import input_statistics
+
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("the activation-aware granularities must not take the gradient pass")
+    monkeypatch.setattr(hybrid, "gradients_for", no_gradients)
+    inputs = input_statistics(env.dg, env.cal)
+    settings = HyWIA(steps=3, granularities=("wanda", "flap"))
+    res = hywia(env.dg, None, env.cal, ratio=0.25, settings=settings, inputs=inputs)
+    again = hywia(env.dg, None, env.cal, ratio=0.25, settings=settings)  # statistics computed inside
+    assert set(res.validation) == {"learned", "wanda", "flap"} and res.choice in res.validation
+    assert all(torch.equal(res.scores[k], again.scores[k]) for k in res.scores)
 
 
 def test_hywia_is_deterministic_for_a_seed(env, hy):
@@ -404,13 +450,16 @@ def test_hywia_does_not_depend_on_how_the_calibration_is_batched(env):
 
 def test_validation_keeps_the_blend_that_prunes_with_the_lower_loss(env):
     res = hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads)
-    assert set(res.validation) == {"learned", "fine"} and all(math.isfinite(v) for v in res.validation.values())
-    fine_won = res.validation["fine"] < res.validation["learned"]
-    if fine_won:  # element1's ranking (normalised), and the attention reports the fine-only corner
-        assert all(torch.equal(res.scores[g.id], res.fine[g.id]) for g in env.dg.groups)
-        assert all(torch.equal(res.alpha[g.id], torch.tensor([1.0, 0.0])) for g in env.dg.groups)
+    assert set(res.validation) == {"learned", "fine", "coarse", "wanda", "flap"}
+    assert all(math.isfinite(v) for v in res.validation.values())
+    assert res.validation[res.choice] == min(res.validation.values())
+    corner_won = res.choice != "learned"
+    if corner_won:  # that granularity's ranking (normalised), and the attention reports its corner
+        one_hot = torch.tensor([float(k == res.choice) for k in res.granularities])
+        assert all(torch.equal(res.scores[g.id], res.levels[res.choice][g.id]) for g in env.dg.groups)
+        assert all(torch.equal(res.alpha[g.id], one_hot) for g in env.dg.groups)
     unvalidated = hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads, validate=False)
-    assert all(torch.equal(res.scores[k], unvalidated.scores[k]) for k in res.scores) != fine_won
+    assert all(torch.equal(res.scores[k], unvalidated.scores[k]) for k in res.scores) != corner_won
     # the recorded losses are those of the pruned models: recompute the winner's through fxprune.apply
     import fxprune
     from fxprune.config import PruneConfig
@@ -443,7 +492,7 @@ def test_planned_fractions_are_what_the_uniform_planner_removes(env):
 
 def test_hard_relaxation_trains_on_the_pruned_model_itself(env):
     # The straight-through forward is the hard-pruned model: the first step's loss (equal attention
-    # weights) is the LM loss of the model that fxprune.apply emits for the 50/50 blend.
+    # weights) is the LM loss of the model that fxprune.apply emits for the equal blend.
     import fxprune
     from fxprune.config import PruneConfig
     from fxprune.plan import target_groups
@@ -451,7 +500,7 @@ def test_hard_relaxation_trains_on_the_pruned_model_itself(env):
     groups = target_groups(env.dg, PruneConfig(ratio=ratio, targets=targets))
     first = env.cal[:1]
     res = hywia(env.dg, groups, first, ratio=ratio, steps=1, gradients=env.grads)
-    blend = {g.id: 0.5 * (res.fine[g.id] + res.coarse[g.id]) for g in groups}
+    blend = {g.id: sum(res.levels[k][g.id] for k in res.granularities) / len(res.granularities) for g in groups}
     gm = fxprune.apply(env.model, fxprune.plan(env.model, ratio, targets=targets, scores=blend, dg=env.dg), dg=env.dg)
     with torch.no_grad():
         ids = first[0][:1]  # hywia steps over one sample at a time (batch_size=1)
@@ -493,8 +542,10 @@ def test_hywia_settings_are_the_shorthand_with_keywords(env):
     a = score(env.dg, None, HyWIA(steps=4, lr=0.1), env.cal, ratio=0.25, gradients=env.grads)
     b = score(env.dg, None, "hywia", env.cal, ratio=0.25, steps=4, lr=0.1, gradients=env.grads)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = score(env.dg, None, HyWIA(steps=4, lr=0.5), env.cal, ratio=0.25, gradients=env.grads)
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # the settings reach the optimiser
+    # the settings reach the optimiser (unvalidated: the validation may return the same corner for both)
+    a = score(env.dg, None, HyWIA(steps=4, lr=0.1, validate=False), env.cal, ratio=0.25, gradients=env.grads)
+    c = score(env.dg, None, HyWIA(steps=4, lr=0.5, validate=False), env.cal, ratio=0.25, gradients=env.grads)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_settings_are_frozen_and_validated():

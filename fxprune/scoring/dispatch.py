@@ -35,7 +35,8 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
     groups = resolve_groups(dg, groups)
     if isinstance(method, HyWIA):
         return hywia(dg, groups, calibration, ratio=ratio, aggregation=aggregation, seed=seed, batch_size=batch_size,
-                     device=device, dtype=dtype, checkpoint=checkpoint, gradients=gradients, settings=method).scores
+                     device=device, dtype=dtype, checkpoint=checkpoint, gradients=gradients, settings=method,
+                     inputs=inputs).scores
     if method.estimator not in ESTIMATORS:
         raise ValueError(f"{method!r} names estimator {method.estimator!r}, which is not registered; "
                          f"registered: {sorted(ESTIMATORS)}")

@@ -1,14 +1,16 @@
 """`hywia`: hybrid-grained weight importance (HyWIA, Liu et al., arXiv 2403.10799), small and deterministic.
 
-Per group g and granularity k in (fine, coarse):
+Per group g and granularity k in `HyWIA.granularities` (default all four):
   fine   = element1 (per-weight Taylor |W*G|, summed per unit, aggregated over members)
   coarse = vector   (structure-level Taylor |sum W*G| per member, aggregated)
+  wanda  = wanda    (per-weight |W| * ||x||, activation-aware, summed per unit)
+  flap   = flap     (structure-level input fluctuation Var(x) * ||W column||^2, activation-aware)
   n_k    = s_k / mean(s_k)      normalised per group: mean 1, ranks and non-negativity kept
-Attention over the two granularities, per group:
+Attention over the granularities, per group:
   phi_k  = log1p([std, max, min, f_g-quantile] of n_k)          (per-group statistics, fixed)
   key_k  = A phi_k + b + e_k                                     (A, b, e_k learned, shared)
   a      = softmax_k(<q[layer, kind], key_k> / sqrt(dim))        (q learned, one per layer+kind)
-  s      = a_fine * n_fine + a_coarse * n_coarse                 (the returned score)
+  s      = sum_k a_k * n_k                                       (the returned score)
 Learning: keep mask per unit, for the fraction f_g of group g's units that the uniform planner
 removes for the current scores when `ratio` of the parameters go (`planned_fractions`, recomputed
 every step; protected layers and embeddings make f_g larger than `ratio`; `fractions` fixes it):
@@ -22,11 +24,12 @@ model by Adam(lr) for `steps` steps, one calibration chunk per step in order. q 
 a seed. Groups of other kinds have no output projection to mask: their scores are blended with
 the attention of their (layer, kind) query, which keeps its initial equal weights unless a
 maskable group shares it.
-Validation (`validate=True`): the learned blend and the attention's fine-only corner (alpha_fine = 1,
-i.e. element1's ranking) each prune the model (hard masks); the one with the lower mean LM loss
-on the held-out calibration rows is returned (`validation` holds both losses). The last `holdout`
-fraction of the calibration rows is kept out of the attention's training for that (the gradients of
-element1 and vector still use every row), so the choice is not made on the rows the blend was fitted to.
+Validation (`validate=True`): the learned blend and each corner of the attention (one granularity
+alone, e.g. alpha_fine = 1: element1's ranking) prune the model (hard masks); the one with the lowest
+mean LM loss on the held-out calibration rows is returned (`validation` holds every loss, `choice` the
+winner). The last `holdout` fraction of the calibration rows is kept out of the attention's training
+for that (the gradients and activation statistics behind the granularities still use every row), so
+the choice is not made on the rows the blend was fitted to.
 """
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
 from fxprune.scoring.calibration import batches, chunks, to_device, vocab_size
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device, forward, model_tensors
-from fxprune.scoring.gradients import GradientStats, gradients_for
-from fxprune.scoring.methods import HyWIA
+from fxprune.scoring.activations import input_statistics
+from fxprune.scoring.gradients import GradientStats, gradients_for, member_names
+from fxprune.scoring.methods import HYWIA_GRANULARITIES as GRANULARITIES, HyWIA
 
 MASKABLE_KINDS = ("heads", "kv_groups", "group_heads", "mlp")
 
@@ -62,15 +66,24 @@ def output_projection_members(dg: DependencyGraph, group: Group) -> list[Member]
 
 @dataclass
 class HyWIAResult:
-    scores: dict[int, torch.Tensor]          # blended, with the learned attention
-    alpha: dict[int, torch.Tensor]           # per group: [weight of fine (element1), weight of coarse (vector)]
-    fine: dict[int, torch.Tensor]            # normalised element1 scores
-    coarse: dict[int, torch.Tensor]          # normalised vector scores
+    scores: dict[int, torch.Tensor]          # blended, with the learned attention (or the validated corner)
+    alpha: dict[int, torch.Tensor]           # per group: the weight of each granularity, in `granularities` order
+    levels: dict[str, dict[int, torch.Tensor]]  # per granularity: the normalised scores
     losses: list[float] = field(default_factory=list)  # masked LM loss at each step
-    validation: dict = field(default_factory=dict)     # hard-pruned calibration loss: learned blend vs fine only
+    validation: dict = field(default_factory=dict)     # held-out loss of the pruned model: "learned" and each corner
+    choice: str = "learned"                  # what was returned: "learned" or the winning corner's granularity
 
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        return tuple(self.levels)
 
-GRANULARITIES = ("fine", "coarse")
+    @property
+    def fine(self) -> dict[int, torch.Tensor]:
+        return self.levels["fine"]
+
+    @property
+    def coarse(self) -> dict[int, torch.Tensor]:
+        return self.levels["coarse"]
 
 
 def _normalise(s: torch.Tensor) -> torch.Tensor:
@@ -107,12 +120,13 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
           seed: int = 0, steps: int = 30, lr: float = 0.05, temperature: float = 0.25, dim: int = 8,
           batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False,
           gradients: GradientStats | None = None, relaxation: str = "hard", fractions: dict | None = None,
-          validate: bool = True, settings: HyWIA | None = None) -> HyWIAResult:
+          validate: bool = True, settings: HyWIA | None = None, inputs: dict | None = None) -> HyWIAResult:
     """Hybrid-grained weight importance of `groups` (default: all) learned on `calibration`, for a plan
     that removes `ratio` of the parameters; the method is in this module's docstring.
 
     `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate; `fractions`
-    fixes the per-group fractions f_g; `gradients` reuses a `compute_gradients` result.
+    fixes the per-group fractions f_g; `gradients` reuses a `compute_gradients` result and `inputs` an
+    `activations.input_statistics` result (for the activation-aware granularities).
     See docs/hywia.md for the reasons behind these choices.
     """
     if not 0.0 < ratio < 1.0:
@@ -126,32 +140,42 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
                          "(LongTensors [batch, seq] or dicts with 'input_ids')")
     groups = resolve_groups(dg, groups)
     device = compute_device(dg, device)
-    grads = gradients_for(dg, groups, frozenset({"grad"}), "hywia", calibration, gradients, batch_size, device,
-                          dtype, checkpoint)
-    element1 = estimate(dg, groups, ESTIMATORS["element1"], aggregation, grads, seed, device)
-    vector = estimate(dg, groups, ESTIMATORS["vector"], aggregation, grads, seed, device)
-    fine = {g.id: _normalise(element1[g.id]) for g in groups}
-    coarse = {g.id: _normalise(vector[g.id]) for g in groups}
+    kinds = settings.granularities
+    grads = None
+    if {"fine", "coarse"} & set(kinds):
+        grads = gradients_for(dg, groups, frozenset({"grad"}), "hywia", calibration, gradients, batch_size, device,
+                              dtype, checkpoint)
+    if {"wanda", "flap"} & set(kinds) and inputs is None:
+        inputs = input_statistics(dg, calibration, member_names(dg, groups))
+    levels = {}
+    for k in kinds:
+        raw = estimate(dg, groups, ESTIMATORS[GRANULARITIES[k]], aggregation, grads, seed, device, None, inputs)
+        levels[k] = {g.id: _normalise(raw[g.id]) for g in groups}
     train, held_out = split_rows(batches(calibration, vocab_size(dg)), settings.holdout)
     samples = list(chunks(train, max(batch_size, 1)))
     masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device, dtype, bool(samples))
-    attention = _Attention(groups, fine, coarse, masker.fractions_for(lambda g: fine[g.id]), settings.dim, seed)
+    first = levels[kinds[0]]
+    attention = _Attention(groups, levels, masker.fractions_for(lambda g: first[g.id]), settings.dim, seed)
     run = lambda tensors, ids, attn: lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn)
     losses = _train(attention, masker, samples, settings, device, run)
     with torch.no_grad():
         scores = {g.id: attention.blended(g).detach().cpu() for g in groups}
         alpha = {g.id: attention.weights(g).detach().cpu() for g in groups}
-        validation = {}
+        validation, choice = {}, "learned"
         if settings.validate and masker.maskable and samples:
-            # The relaxation can settle on a blend that prunes worse than the fine-grained corner of the
-            # attention (alpha_fine = 1); keep whichever of the two prunes with the lower calibration loss.
+            # The relaxation can settle on a blend that prunes worse than one granularity alone (a corner of
+            # the attention); keep whichever prunes with the lowest loss on the held-out rows.
             pieces = list(chunks(held_out or train, 8))
-            for name, score_of in (("learned", lambda g: scores[g.id]), ("fine", lambda g: fine[g.id])):
-                validation[name] = _mean_loss(dg, masker.masked(score_of, "hard"), pieces, device, checkpoint)
-            if validation["fine"] < validation["learned"]:
-                scores = {g.id: fine[g.id].clone() for g in groups}
-                alpha = {g.id: torch.tensor([1.0, 0.0]) for g in groups}
-    return HyWIAResult(scores, alpha, fine, coarse, losses, validation)
+            candidates = {"learned": scores, **levels}
+            for name, cand in candidates.items():
+                validation[name] = _mean_loss(dg, masker.masked(lambda g: cand[g.id], "hard"), pieces, device,
+                                              checkpoint)
+            choice = min(validation, key=lambda k: (validation[k], k != "learned"))
+            if choice != "learned":
+                scores = {g.id: levels[choice][g.id].clone() for g in groups}
+                corner = torch.tensor([float(k == choice) for k in kinds])
+                alpha = {g.id: corner.clone() for g in groups}
+    return HyWIAResult(scores, alpha, levels, losses, validation, choice)
 
 
 def split_rows(pairs, holdout: float):
@@ -191,17 +215,16 @@ def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[flo
 
 
 class _Attention:
-    """The learned attention over the two granularities: one query per (layer, kind), shared keys."""
+    """The learned attention over the granularities: one query per (layer, kind), shared keys."""
 
-    def __init__(self, groups, fine, coarse, frac, dim: int, seed: int):
-        self.fine, self.coarse, self.dim = fine, coarse, dim
+    def __init__(self, groups, levels: dict, frac, dim: int, seed: int):
+        self.levels, self.dim = list(levels.values()), dim
         gen = torch.Generator().manual_seed(int(seed))
-        self.feats = {g.id: torch.stack([_features(fine[g.id], frac[g.id]), _features(coarse[g.id], frac[g.id])])
-                      for g in groups}
+        self.feats = {g.id: torch.stack([_features(n[g.id], frac[g.id]) for n in self.levels]) for g in groups}
         n_feat = 4
         self.A = (torch.randn(dim, n_feat, generator=gen) / math.sqrt(n_feat)).requires_grad_(True)
         self.b = torch.zeros(dim, requires_grad=True)
-        self.e = torch.zeros(len(GRANULARITIES), dim, requires_grad=True)
+        self.e = torch.zeros(len(self.levels), dim, requires_grad=True)
         self.queries = {k: torch.zeros(dim, requires_grad=True) for k in dict.fromkeys(self.slot(g) for g in groups)}
         self.learnables = [self.A, self.b, self.e, *self.queries.values()]
 
@@ -215,7 +238,7 @@ class _Attention:
 
     def blended(self, g: Group) -> torch.Tensor:
         a = self.weights(g)
-        return a[0] * self.fine[g.id] + a[1] * self.coarse[g.id]
+        return sum(a[i] * n[g.id] for i, n in enumerate(self.levels))
 
 
 class _Masker:

@@ -117,10 +117,18 @@ class Wanda(Method):
 RELAXATIONS = ("soft", "hard")
 
 
+# HyWIA's granularities and the estimator behind each. The paper blends the first two (per-weight and
+# per-structure Taylor); the activation-aware pair needs no backward pass and ranks better at some ratios
+# (benchmarks/results/reconstruction_table.md), so the validation can pick them.
+HYWIA_GRANULARITIES = {"fine": "element1", "coarse": "vector", "wanda": "wanda", "flap": "flap"}
+
+
 @dataclass(frozen=True)
 class HyWIA(Method):
-    """Hybrid-grained weight importance (see `fxprune.scoring.hywia`): element1 and vector blended by an
-    attention learned on the masked model's LM loss for `steps` Adam(`lr`) steps."""
+    """Hybrid-grained weight importance (see `fxprune.scoring.hywia`): the `granularities` (element1, vector,
+    Wanda-sp, FLAP by default) blended by an attention learned on the masked model's LM loss for `steps`
+    Adam(`lr`) steps, validated against each granularity alone on held-out calibration rows.
+    `granularities=("fine", "coarse")` is the paper's pair."""
     steps: int = 30
     lr: float = 0.05
     temperature: float = 0.25
@@ -128,7 +136,7 @@ class HyWIA(Method):
     relaxation: str = "hard"
     validate: bool = True
     holdout: float = 0.25   # fraction of calibration rows kept out of training, for the validation
-
+    granularities: tuple = tuple(HYWIA_GRANULARITIES)
 
     def __post_init__(self):
         _check(isinstance(self.steps, int) and self.steps >= 0, "HyWIA.steps must be an int >= 0", self.steps)
@@ -139,6 +147,10 @@ class HyWIA(Method):
         _check(isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1, "HyWIA.holdout must be in [0, 1)",
                self.holdout)
         _check(self.relaxation in RELAXATIONS, f"HyWIA.relaxation must be one of {RELAXATIONS}", self.relaxation)
+        kinds = tuple(self.granularities) if isinstance(self.granularities, (list, tuple)) else ()
+        _check(len(kinds) >= 1 and len(set(kinds)) == len(kinds) and set(kinds) <= set(HYWIA_GRANULARITIES),
+               f"HyWIA.granularities must be distinct names among {tuple(HYWIA_GRANULARITIES)}", self.granularities)
+        object.__setattr__(self, "granularities", kinds)  # a JSON list (a saved config) back to a tuple
 
     @property
     def estimator(self) -> str:
