@@ -109,7 +109,7 @@ def write_report(report, path: Path):
     lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
     if len(report.get("runs", [])) > 1:
         lines += ["The cells were filled by these runs (each `--resume`d into the same JSON):", ""]
-        lines += [f"- {r['date']}: `{r['command']}` (load average at start {r['load_average_start']})"
+        lines += [f"- {r['date']}: `{r['command']}` (load average at start {r['load_average_start'] or 'not recorded'})"
                   for r in report["runs"]] + [""]
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
