@@ -1,4 +1,6 @@
 """CUDA-only checks, run by `pytest -m cuda` (benchmarks/gpu.sh); deselected by default (see pyproject.toml)."""
+import copy
+
 import pytest
 import torch
 
@@ -43,3 +45,16 @@ def test_gradient_pass_on_cuda_matches_cpu(dense):
     gpu = compute_gradients(dg, [calib], device="cuda")
     for name, g in cpu.grad.items():
         torch.testing.assert_close(gpu.grad[name].cpu(), g, rtol=1e-3, atol=1e-5)
+
+
+def test_activation_statistics_of_a_cuda_model_match_cpu(dense):
+    # HyWIA (the default importance) reads activation statistics: the CPU calibration tokens must reach a
+    # graph whose weights are on the GPU, and the statistics come back on the CPU.
+    from fxprune.scoring.activations import input_statistics
+    calib = torch.randint(0, 128, (4, 16))
+    cpu = input_statistics(fxprune.analyze(dense), [calib])
+    gpu = input_statistics(fxprune.analyze(copy.deepcopy(dense).cuda()), [calib])
+    assert cpu.keys() == gpu.keys()
+    for name, st in cpu.items():
+        assert gpu[name].var.device.type == "cpu"
+        torch.testing.assert_close(gpu[name].var, st.var, rtol=1e-3, atol=1e-5)

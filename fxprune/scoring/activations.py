@@ -14,6 +14,7 @@ import torch
 
 from fxprune.passes.reconstruct_layers import first_projections, step
 from fxprune.scoring.calibration import batches, chunks, vocab_size
+from fxprune.scoring.forward import compute_device
 
 
 @dataclass
@@ -43,8 +44,10 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[s
     weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time."""
     stops = projection_inputs(dg.gm, dg.aliases, names)
     sums: dict[str, list] = {}
+    device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
     for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
         mask = torch.ones_like(ids) if mask is None else mask
+        ids, mask = ids.to(device), mask.to(device)
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         run = step(dg.gm, inputs, {n: key for n, key in stops.items()})
@@ -62,5 +65,5 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[s
     for name, (n, s, sq) in sums.items():
         mean = s / n
         var = (sq / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)
-        out[name] = InputStats(dims[name], n, mean.float(), var.float(), sq.float())
+        out[name] = InputStats(dims[name], n, mean.float().cpu(), var.float().cpu(), sq.float().cpu())
     return out
