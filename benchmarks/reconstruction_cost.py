@@ -57,7 +57,7 @@ def render(report: dict, out: Path) -> None:
     rows = [[f"{r['ratio']:.0%}", f"{r['plan']['wall_s']:.1f} s",
              f"{r['plan']['peak_rss_gb']:.2f} GB (+{r['plan']['peak_increase_gb']:.2f})", f"{r['apply']['wall_s']:.1f} s",
              f"{r['apply_lstsq']['wall_s']:.1f} s", f"{r['apply_lstsq']['wall_s'] - r['apply']['wall_s']:.1f} s",
-             f"{r['apply_lstsq']['peak_rss_gb']:.2f} GB (+{max(r['apply_lstsq']['peak_increase_gb'], 0.0) + 0.0:.2f})"]
+             f"{r['apply_lstsq']['peak_rss_gb']:.2f} GB (+{abs(max(r['apply_lstsq']['peak_increase_gb'], 0.0)):.2f})"]
             for r in report["rows"]]
     lines = report_head("Cost of the refit beside scoring (SmolLM2-135M, library defaults)", report) + [
         "Plan: HyWIA on 32 x 128 packaged C4 tokens. Refit: `reconstruct=\"lstsq\"` (ridge chosen per projection on "
@@ -67,6 +67,7 @@ def render(report: dict, out: Path) -> None:
         md_table(["ratio", "plan (scoring)", "plan peak", "apply", "apply + refit", "refit alone", "apply + refit peak"],
                  rows), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

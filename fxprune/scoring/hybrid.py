@@ -77,14 +77,6 @@ class HyWIAResult:
     def granularities(self) -> tuple[str, ...]:
         return tuple(self.levels)
 
-    @property
-    def fine(self) -> dict[int, torch.Tensor]:
-        return self.levels["fine"]
-
-    @property
-    def coarse(self) -> dict[int, torch.Tensor]:
-        return self.levels["coarse"]
-
 
 def _normalise(s: torch.Tensor) -> torch.Tensor:
     return s / s.mean().clamp_min(1e-12)
