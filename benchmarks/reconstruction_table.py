@@ -1,10 +1,12 @@
 """Every importance method x {no reconstruction, bias, least squares} x ratio x calibration draw on SmolLM2.
 
-Each draw is `--calib-samples` windows of `--calib-len` tokens from the C4 sample (seeded by the draw);
-gradients and activation statistics are computed once per draw and shared by the methods and ratios.
-Quality: WikiText-2 perplexity on the first `--eval-tokens` tokens in 128-token windows (text no method
-was tuned on). Results accumulate in JSON, one cell at a time, so a run can be resumed (`--resume`)
-or extended with more ratios or draws; the Markdown table and plot are rebuilt from all cells.
+Each draw is `--calib-samples` windows of `--calib-len` tokens from `--calib-source` (default the C4
+sample; seeded by the draw); gradients and activation statistics are computed once per draw and shared
+by the methods and ratios. Quality: WikiText-2 perplexity on the first `--eval-tokens` tokens of the test
+split in 128-token windows (text no method was tuned on: calibrating on WikiText-2's validation split is
+the in-domain setting, still disjoint), and optionally on C4 windows (`--c4-eval`). Results accumulate in
+JSON, one cell at a time, so a run can be resumed (`--resume`) or extended with more ratios or draws; the
+Markdown table and plot are rebuilt from all cells.
 
     PYTHONPATH=. python -m benchmarks.reconstruction_table --ratios 0.2 0.5 --draws 1 2 3
 """
@@ -23,6 +25,7 @@ METHODS = {  # name -> (importance, allocation)
     "flap": ("flap", "uniform"), "flap+AL": ("flap", "flap"), "random": ("random", "uniform"),
 }
 MODES = ("none", "bias", "lstsq")
+MODE_NAMES = {"none": "none", "bias": "bias (FLAP-style bias)", "lstsq": "lstsq (ridge refit)"}
 # hywia2: HyWIA with the paper's two granularities only (element1, vector), fxprune's HyWIA before the
 # activation-aware pair joined it.
 PAPER_PAIR = {"granularities": ("fine", "coarse")}
@@ -34,11 +37,11 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
     from fxprune.plan import target_groups
     from fxprune.scoring import HyWIA, compute_gradients, hywia, score
     from fxprune.scoring.activations import input_statistics
-    calib = calibration_samples(data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.calib_samples,
-                                args.calib_len, seed=draw)
+    source = data_dir(args.data_dir) / args.calib_source
+    calib = calibration_samples(source, tok, args.calib_samples, args.calib_len, seed=draw)
     # The refit reads its own windows, as compile() does with reconstruct_samples (same seed as the scoring draw).
     refit = calib if not args.refit_samples else calibration_samples(
-        data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.refit_samples, args.calib_len, seed=draw)
+        source, tok, args.refit_samples, args.calib_len, seed=draw)
     base = fxprune.PruneConfig(ratio=0.2, targets=tuple(args.targets), calibration_samples=args.calib_samples)
     groups = target_groups(dg, base)
     shared = {}
@@ -79,23 +82,25 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                 plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
                 with Phase() as ap:
                     gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
-                ppl = perplexity(gm, windows)
+                ppl = perplexity(gm, windows["wikitext"])
+                other = {k: perplexity(gm, w) for k, w in windows.items() if k != "wikitext"}
                 cells[f"{method}/{mode}/{ratio}/{draw}"] = {
-                    "ppl": ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
+                    "ppl": ppl, **{f"ppl_{k}": v for k, v in other.items()}, "removed": plan.removed_fraction, "params_after": plan.params_after,
                     "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb, **chosen}
                 log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: ppl {ppl:10.2f}  apply {ap.wall_s:5.1f} s  "
-                    f"removed {plan.removed_fraction:.4f}")
+                    f"removed {plan.removed_fraction:.4f}"
+                    + "".join(f"  {k} {v:.2f}" for k, v in other.items()))
                 save()
                 del gm
 
 
-def summary(cells, methods, modes, ratios, draws):
+def summary(cells, methods, modes, ratios, draws, key="ppl"):
     rows = []
     for method in methods:
         for mode in modes:
             row = [method, mode]
             for r in ratios:
-                v = [cells[k]["ppl"] for d in draws if (k := f"{method}/{mode}/{r}/{d}") in cells]
+                v = [cells[k][key] for d in draws if key in cells.get(k := f"{method}/{mode}/{r}/{d}", {})]
                 row.append(f"{sum(v) / len(v):.1f} [{min(v):.1f}-{max(v):.1f}]" if v else "-")
             rows.append(row)
     return rows
@@ -106,6 +111,7 @@ def write_report(report, path: Path):
     ratios = sorted({float(k.split("/")[2]) for k in cells if not k.startswith("_")})
     draws = sorted({int(k.split("/")[3]) for k in cells if not k.startswith("_")})
     methods = [m for m in METHODS if any(k.startswith(m + "/") for k in cells)]
+    modes = [m for m in MODES if any(k.split("/")[1] == m for k in cells if not k.startswith("_"))]
     lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
     if len(report.get("runs", [])) > 1:
         lines += ["The cells were filled by these runs (each `--resume`d into the same JSON):", ""]
@@ -113,12 +119,19 @@ def write_report(report, path: Path):
                   for r in report["runs"]] + [""]
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
-              f"{s['calib_samples']} x {s['calib_len']} C4 tokens (refit on "
+              f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` (refit on "
               f"{s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets {' '.join(s['targets'])}; layers "
               f"{report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
-              "`+AL`, FLAP's adaptive allocation; hywia2: HyWIA with the paper's two granularities). Modes: none, bias (FLAP-style bias), lstsq (ridge refit).", "",
+              "`+AL`, FLAP's adaptive allocation; hywia2: HyWIA with the paper's two granularities). Modes: "
+              + ", ".join(MODE_NAMES[m] for m in modes) + ".", "",
               md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
-                       summary(cells, methods, MODES, ratios, draws)), ""]
+                       summary(cells, methods, modes, ratios, draws)), ""]
+    if any("ppl_c4" in c for k, c in cells.items() if not k.startswith("_")):
+        lines += [f"The same models on {s['c4_eval']} windows of 128 C4 tokens (seed 7; dense "
+                  f"{report['dense_ppl_c4']:.2f}): text of another domain than WikiText-2, held out when the "
+                  "calibration source is not the C4 sample.", "",
+                  md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
+                           summary(cells, methods, modes, ratios, draws, "ppl_c4")), ""]
     chosen = sorted({(k.split("/")[0], float(k.split("/")[2]), int(k.split("/")[3])): c for k, c in cells.items()
                      if not k.startswith("_") and "choice" in c}.items())
     if chosen:
@@ -129,22 +142,23 @@ def write_report(report, path: Path):
                             for (m, r, d), c in chosen]), ""]
     cost = [(k, f"{v['s']:.1f} s", f"{v['peak_gb']:.2f} GB") for k, v in cells.get("_cost", {}).items()]
     applies = {m: [c["apply_s"] for k, c in cells.items() if not k.startswith("_") and k.split("/")[1] == m]
-               for m in MODES}
+               for m in modes}
     cost += [(f"apply ({m})", f"mean {sum(v) / len(v):.1f} s, max {max(v):.1f} s",
               f"{max(c['apply_peak_gb'] for k, c in cells.items() if not k.startswith('_') and k.split('/')[1] == m):.2f} GB")
              for m, v in applies.items() if v]
     lines += ["Cost (wall time and peak RSS of each phase; apply = rewrite + reconstruction):", "",
               md_table(["phase", "time", "peak memory"], cost), ""]
     path.with_suffix(".md").write_text("\n".join(lines))
-    plot(cells, methods, ratios, draws, path.with_suffix(".png"), report)
+    plot(cells, methods, modes, ratios, draws, path.with_suffix(".png"), report)
 
 
-def plot(cells, methods, ratios, draws, path, report):
+def plot(cells, methods, modes, ratios, draws, path, report):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(MODES), figsize=(15, 4.5), sharey=True)
-    for ax, mode in zip(axes, MODES):
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, mode in zip(axes, modes):
         for method in methods:
             pts = [(r, [cells[k]["ppl"] for d in draws if (k := f"{method}/{mode}/{r}/{d}") in cells]) for r in ratios]
             pts = [(r, v) for r, v in pts if v]
@@ -157,7 +171,9 @@ def plot(cells, methods, ratios, draws, path, report):
         ax.set_xlabel("parameters removed")
     axes[0].set_ylabel("WikiText-2 perplexity")
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M, mean and range over draws {draws}; {report['date']}", fontsize=9)
+    source = report["settings"].get("calib_source", "c4/c4_sample.json")
+    fig.suptitle(f"SmolLM2-135M, calibration {source}, mean and range over draws {draws}; {report['date']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)  # the report is redrawn after every cell
@@ -196,6 +212,10 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--refit-samples", type=int, default=0,
                    help="windows the reconstruction refits on (0: the scoring calibration itself)")
+    p.add_argument("--calib-source", default="c4/c4_sample.json",
+                   help="calibration text under the data dir (a JSON of {text} records or a plain text file)")
+    p.add_argument("--c4-eval", type=int, default=0,
+                   help="also report perplexity on this many 128-token C4 windows (seed 7)")
     p.add_argument("--eval-tokens", type=int, default=10240)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS / "reconstruction_table"))
@@ -204,17 +224,22 @@ def main(argv=None):
     import json
     import fxprune
     from fxprune.config import protected_layers
+    from fxprune.data import calibration_samples
     from fxprune.evaluate import eval_windows
     from fxprune.models import load_model
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
     windows_path = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"  # checked before loading
     model, tok = load_model()
-    windows = eval_windows(tok, windows_path, 128, args.eval_tokens)
+    windows = {"wikitext": eval_windows(tok, windows_path, 128, args.eval_tokens)}
+    if args.c4_eval:  # text of another domain; held out only when the calibration source is not the C4 sample
+        windows["c4"] = calibration_samples(data_dir(args.data_dir) / "c4" / "c4_sample.json", tok, args.c4_eval,
+                                            128, seed=7)
     dg = fxprune.analyze(model)
     n_layers = len(dg.attention_ops)
     report = {**header(), "settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
-              "dense_ppl": perplexity(model, windows), "protected": sorted(protected_layers("auto", n_layers)),
+              "dense_ppl": perplexity(model, windows["wikitext"]),
+              **{f"dense_ppl_{k}": perplexity(model, w) for k, w in windows.items() if k != "wikitext"}, "protected": sorted(protected_layers("auto", n_layers)),
               "cells": old.get("cells", {})}
     earlier = old.get("runs") or ([{k: old.get(k) for k in ("command", "date", "load_average_start")}] if old else [])
     report["runs"] = earlier + [{"command": report["command"], "date": report["date"],

@@ -98,13 +98,13 @@ def test_reconstruction_table_runs_on_two_cores_fill_one_table(tmp_path):
     path = tmp_path / "t.json"
     cell = {"ppl": 150.0, "removed": 0.2, "params_after": 1, "score_s": 1.0, "apply_s": 2.0, "apply_peak_gb": 1.0}
     settings = {"eval_tokens": 10240, "calib_samples": 32, "calib_len": 128, "refit_samples": 64,
-                "targets": ["heads", "mlp"]}
+                "targets": ["heads", "mlp"], "calib_source": "wikitext-2-raw/wiki.valid.tokens", "c4_eval": 16}
 
     def report(date, cells):
         return {**HEADER, "date": date, "command": f"run at {date}", "settings": settings, "dense_ppl": 63.3,
-                "protected": [0, 29], "cells": cells,
+                "dense_ppl_c4": 48.9, "protected": [0, 29], "cells": cells,
                 "runs": [{"command": f"run at {date}", "date": date, "load_average_start": [0.1]}]}
-    first = report("2026-12-02 10:00 UTC", {"flap/none/0.2/1": cell, "_cost": {"inputs/1": {"s": 5, "peak_gb": 1}}})
+    first = report("2026-12-02 10:00 UTC", {"flap/none/0.2/1": {**cell, "ppl_c4": 120.0}, "_cost": {"inputs/1": {"s": 5, "peak_gb": 1}}})
     with merged(path, first, resume=True):
         path.write_text(json.dumps(first))
     second = report("2026-12-02 10:05 UTC", {"wanda/none/0.5/1": {**cell, "ppl": 900.0}})
@@ -118,3 +118,8 @@ def test_reconstruction_table_runs_on_two_cores_fill_one_table(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert "`run at 2026-12-02 10:00 UTC`" in md and "`run at 2026-12-02 10:05 UTC`" in md
     assert "| flap | none | 150.0 [150.0-150.0] | - |" in md and "| wanda | none | - | 900.0 [900.0-900.0] |" in md
+    # the second domain's table holds only the cells that measured it, and names the calibration source
+    assert "| flap | none | 120.0 [120.0-120.0] | - |" in md and "| wanda | none | - | - |" in md
+    assert "`wikitext-2-raw/wiki.valid.tokens`" in md and "dense 48.90" in md
+    # modes no run measured get no rows (the cells here are all without reconstruction)
+    assert "| bias |" not in md and "| lstsq |" not in md and "Modes: none." in md
