@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from models import llama
 from tiny_tokenizer import tiny_tokenizer
@@ -98,3 +99,36 @@ def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, caps
     assert cli.main(["prune", str(model_dir), "--calib-data", "hf:allenai/c4:en:validation"]) == 2
     err = capsys.readouterr().err
     assert "hf:allenai/c4:en:validation" in err and "--calib-data" in err and "unreachable" in err
+
+
+def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, capsys):
+    """The documented in-domain recipe: `--calib-data my_text.txt --reconstruct lstsq` scores and refits on
+    windows of that text (the refit on `reconstruct_samples` of them), and the saved model keeps the refit."""
+    import fxprune
+    from fxprune.data import calibration_samples
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    text = tmp_path / "my_text.txt"
+    text.write_text(" ".join(f"line {i} of the user's own domain text, about valves and pumps." for i in range(300)))
+    seen = {}
+    real = fxprune.compile
+
+    def spy(model, *a, **k):
+        seen.update(k)
+        return real(model, *a, **k)
+    monkeypatch.setattr(fxprune, "compile", spy)
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", str(model_dir), "--importance", "l2", "--calib-data", str(text), "--reconstruct",
+                     "lstsq", "--calib-samples", "4", "--calib-len", "32", "--eval-tokens", "0",
+                     "--output", str(out)]) == 0
+    assert str(text) in capsys.readouterr().out
+    tok = tiny_tokenizer()
+    cfg = seen["config"]
+    assert cfg.reconstruct == "lstsq" and seen["refit_calibration"].shape == (cfg.reconstruct_samples, 32)
+    # both draws are windows of the user's text, not of the packaged sample
+    expected = calibration_samples(text, tok, n_samples=cfg.reconstruct_samples, seq_len=32)
+    assert torch.equal(seen["refit_calibration"], expected)
+    assert torch.equal(seen["calibration"], calibration_samples(text, tok, n_samples=4, seq_len=32))
+    gm = fxprune.load(out)
+    refitted = [n for n, m in gm.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert refitted and all(n.endswith(("o_proj", "down_proj")) for n in refitted)  # the refit's biases came back
+    assert gm.meta[fxprune.PLAN_KEY].config.reconstruct == "lstsq"
