@@ -31,6 +31,11 @@ MODE_NAMES = {"none": "none", "bias": "bias (FLAP-style bias)", "lstsq": "lstsq 
 PAPER_PAIR = {"granularities": ("fine", "coarse")}
 
 
+def ppl_key(text: str) -> str:
+    """Cell key of the perplexity on one evaluation text: WikiText-2 is the table's `ppl`, others `ppl_<name>`."""
+    return "ppl" if text == "wikitext" else f"ppl_{text}"
+
+
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
     import fxprune
     from fxprune.data import calibration_samples
@@ -82,14 +87,12 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                 plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
                 with Phase() as ap:
                     gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
-                ppl = perplexity(gm, windows["wikitext"])
-                other = {k: perplexity(gm, w) for k, w in windows.items() if k != "wikitext"}
+                ppl = {ppl_key(k): perplexity(gm, w) for k, w in windows.items()}
                 cells[f"{method}/{mode}/{ratio}/{draw}"] = {
-                    "ppl": ppl, **{f"ppl_{k}": v for k, v in other.items()}, "removed": plan.removed_fraction, "params_after": plan.params_after,
+                    **ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
                     "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb, **chosen}
-                log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: ppl {ppl:10.2f}  apply {ap.wall_s:5.1f} s  "
-                    f"removed {plan.removed_fraction:.4f}"
-                    + "".join(f"  {k} {v:.2f}" for k, v in other.items()))
+                log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: apply {ap.wall_s:5.1f} s  removed "
+                    f"{plan.removed_fraction:.4f}" + "".join(f"  {k} {v:.2f}" for k, v in ppl.items()))
                 save()
                 del gm
 
@@ -108,10 +111,11 @@ def summary(cells, methods, modes, ratios, draws, key="ppl"):
 
 def write_report(report, path: Path):
     cells, s = report["cells"], report["settings"]
-    ratios = sorted({float(k.split("/")[2]) for k in cells if not k.startswith("_")})
-    draws = sorted({int(k.split("/")[3]) for k in cells if not k.startswith("_")})
-    methods = [m for m in METHODS if any(k.startswith(m + "/") for k in cells)]
-    modes = [m for m in MODES if any(k.split("/")[1] == m for k in cells if not k.startswith("_"))]
+    measured = {tuple(k.split("/")): c for k, c in cells.items() if not k.startswith("_")}  # (method, mode, ratio, draw)
+    ratios = sorted({float(r) for _, _, r, _ in measured})
+    draws = sorted({int(d) for *_, d in measured})
+    methods = [m for m in METHODS if any(k[0] == m for k in measured)]
+    modes = [m for m in MODES if any(k[1] == m for k in measured)]
     lines = report_head("Importance x reconstruction on SmolLM2-135M", report)
     if len(report.get("runs", [])) > 1:
         lines += ["The cells were filled by these runs (each `--resume`d into the same JSON):", ""]
@@ -119,21 +123,20 @@ def write_report(report, path: Path):
                   for r in report["runs"]] + [""]
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
-              f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` (refit on "
-              f"{s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets {' '.join(s['targets'])}; layers "
-              f"{report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
+              f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` "
+              f"(refit on {s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets "
+              f"{' '.join(s['targets'])}; layers {report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
               "`+AL`, FLAP's adaptive allocation; hywia2: HyWIA with the paper's two granularities). Modes: "
               + ", ".join(MODE_NAMES[m] for m in modes) + ".", "",
               md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
                        summary(cells, methods, modes, ratios, draws)), ""]
-    if any("ppl_c4" in c for k, c in cells.items() if not k.startswith("_")):
+    if any("ppl_c4" in c for c in measured.values()):
         lines += [f"The same models on {s['c4_eval']} windows of 128 C4 tokens (seed 7; dense "
                   f"{report['dense_ppl_c4']:.2f}): text of another domain than WikiText-2, held out when the "
                   "calibration source is not the C4 sample.", "",
                   md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
                            summary(cells, methods, modes, ratios, draws, "ppl_c4")), ""]
-    chosen = sorted({(k.split("/")[0], float(k.split("/")[2]), int(k.split("/")[3])): c for k, c in cells.items()
-                     if not k.startswith("_") and "choice" in c}.items())
+    chosen = sorted({(m, float(r), int(d)): c for (m, _, r, d), c in measured.items() if "choice" in c}.items())
     if chosen:
         lines += ["HyWIA's validated choice (the ranking returned; mean LM loss of each candidate's pruned model on "
                   "the held-out quarter of the calibration rows, the lowest wins):", "",
@@ -141,11 +144,11 @@ def write_report(report, path: Path):
                            [[m, f"{r:.0%}", d, c["choice"], ", ".join(f"{k} {v:.4f}" for k, v in c["validation"].items())]
                             for (m, r, d), c in chosen]), ""]
     cost = [(k, f"{v['s']:.1f} s", f"{v['peak_gb']:.2f} GB") for k, v in cells.get("_cost", {}).items()]
-    applies = {m: [c["apply_s"] for k, c in cells.items() if not k.startswith("_") and k.split("/")[1] == m]
-               for m in modes}
-    cost += [(f"apply ({m})", f"mean {sum(v) / len(v):.1f} s, max {max(v):.1f} s",
-              f"{max(c['apply_peak_gb'] for k, c in cells.items() if not k.startswith('_') and k.split('/')[1] == m):.2f} GB")
-             for m, v in applies.items() if v]
+    for m in modes:
+        applies = [c for k, c in measured.items() if k[1] == m]
+        times = [c["apply_s"] for c in applies]
+        cost.append((f"apply ({m})", f"mean {sum(times) / len(times):.1f} s, max {max(times):.1f} s",
+                     f"{max(c['apply_peak_gb'] for c in applies):.2f} GB"))
     lines += ["Cost (wall time and peak RSS of each phase; apply = rewrite + reconstruction):", "",
               md_table(["phase", "time", "peak memory"], cost), ""]
     path.with_suffix(".md").write_text("\n".join(lines))
@@ -238,9 +241,8 @@ def main(argv=None):
     dg = fxprune.analyze(model)
     n_layers = len(dg.attention_ops)
     report = {**header(), "settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
-              "dense_ppl": perplexity(model, windows["wikitext"]),
-              **{f"dense_ppl_{k}": perplexity(model, w) for k, w in windows.items() if k != "wikitext"}, "protected": sorted(protected_layers("auto", n_layers)),
-              "cells": old.get("cells", {})}
+              **{f"dense_{ppl_key(k)}": perplexity(model, w) for k, w in windows.items()},
+              "protected": sorted(protected_layers("auto", n_layers)), "cells": old.get("cells", {})}
     earlier = old.get("runs") or ([{k: old.get(k) for k in ("command", "date", "load_average_start")}] if old else [])
     report["runs"] = earlier + [{"command": report["command"], "date": report["date"],
                                              "load_average_start": report["load_average_start"]}]
