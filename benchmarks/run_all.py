@@ -57,6 +57,7 @@ SECTIONS = [
     ("decode", "Generation speed with a KV cache (issue 14)"),
     ("headline", "The headline call with nothing else given"),
     ("reconstruction_table", "Importance x reconstruction over calibration draws (issue 13)"),
+    ("reconstruction_table_wikitext", "The same, calibrated on WikiText-2 validation text (issue 13)"),
     ("reconstruction_cost", "Cost of the least-squares refit beside scoring (issue 13)"),
     ("e2e_smollm2", "Prune, recover, evaluate: perplexity and the seven tasks (issue 16)"),
 ]
