@@ -21,7 +21,7 @@ from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
     "element2": ("element2", "uniform"), "hywia": ("hywia", "uniform"), "hywia2": ("hywia2", "uniform"),
-    "wanda": ("wanda", "uniform"),
+    "wanda": ("wanda", "uniform"), "obs": ("obs", "uniform"), "obs+AB": ("obs", "absolute"),
     "flap": ("flap", "uniform"), "flap+AL": ("flap", "flap"), "random": ("random", "uniform"),
 }
 MODES = ("none", "bias", "lstsq")
@@ -56,11 +56,14 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                                                     second_order="element2" in args.methods, batch_size=1)
         log(f"draw {draw}: gradient pass {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"gradients/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
-    if {"wanda", "flap", "flap+AL", "hywia"} & set(args.methods):
-        with Phase() as p:
-            shared["inputs"] = input_statistics(dg, calib.split(8), {m.name for g in groups for m in g.members})
-        log(f"draw {draw}: activation statistics {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
-        cells.setdefault("_cost", {})[f"inputs/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
+    if {"wanda", "flap", "flap+AL", "hywia", "obs", "obs+AB"} & set(args.methods):
+        gram = {(m.name, m.dim) for g in groups for m in g.members} if {"obs", "obs+AB"} & set(args.methods) else ()
+        with Phase() as p:  # obs also reads the Gram matrix of each projection's inputs
+            shared["inputs"] = input_statistics(dg, calib.split(8), {m.name for g in groups for m in g.members},
+                                                gram=gram)
+        phase = "inputs+gram" if gram else "inputs"
+        log(f"draw {draw}: activation statistics ({phase}) {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
+        cells.setdefault("_cost", {})[f"{phase}/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
     fixed = {}
     for ratio in args.ratios:
         for method in args.methods:
@@ -125,8 +128,9 @@ def write_report(report, path: Path):
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
               f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` "
               f"(refit on {s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets "
-              f"{' '.join(s['targets'])}; layers {report['protected']} protected; no tuning. Methods: importance (allocation uniform unless "
-              "`+AL`, FLAP's adaptive allocation; hywia2: HyWIA with the paper's two granularities). Modes: "
+              f"{' '.join(s['targets'])}; layers {report['protected']} protected; no tuning. Methods: importance "
+              "(allocation uniform unless `+AL`, FLAP's adaptive allocation, or `+AB`, the absolute allocation: one "
+              "ranking of obs's errors per parameter; hywia2: HyWIA with the paper's two granularities). Modes: "
               + ", ".join(MODE_NAMES[m] for m in modes) + ".", "",
               md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
                        summary(cells, methods, modes, ratios, draws)), ""]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fxprune.capture import CaptureError
-from fxprune.config import TARGETS
+from fxprune.config import ALLOCATIONS, TARGETS
 from fxprune.tasks import TASKS
 
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
@@ -90,6 +90,8 @@ def prune_config(args):
         options["importance"] = args.importance
     if args.reconstruct is not None:
         options["reconstruct"] = args.reconstruct
+    if args.allocation is not None:
+        options["allocation"] = args.allocation
     if args.protect is not None:
         options["protect_layers"] = tuple(args.protect) or None
     if args.round_to is not None:
@@ -239,6 +241,9 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--reconstruct", default=None, choices=["none", "bias", "lstsq"],
                    help="refit the projections that lost inputs on the calibration text (default: none; lstsq "
                         "helps text like the calibration's, see docs/reconstruction.md)")
+    r.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
+                   help="how widths are shared out between layers (default: uniform; absolute ranks obs's "
+                        "errors across layers, see docs/reconstruction.md)")
     r.add_argument("--targets", nargs="+", default=["heads", "mlp"], choices=list(TARGETS),
                    help="structures to prune (experts: whole experts of a routed MoE layer)")
     r.add_argument("--protect", type=int, nargs="*", default=None,

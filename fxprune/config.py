@@ -7,8 +7,9 @@ from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
 
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
-ALLOCATIONS = ("uniform", "global", "flap")  # same fraction per group (LLM-Pruner), one global ranking, or
-                                             # FLAP's standardised scores against one global threshold
+ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group (LLM-Pruner), one global
+    # ranking of scores over their group's mean, FLAP's standardised scores against one global threshold, or one
+    # global ranking of the scores as they are per parameter (for scores on one scale everywhere: obs's errors)
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)

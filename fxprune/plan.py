@@ -121,7 +121,8 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
                                  rounds=rounding_steps(groups, cfg))
     else:
         best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2,
-                             standardise=cfg.allocation == "flap", rounds=rounding_steps(groups, cfg))
+                             scale={"global": "mean", "flap": "standardise"}.get(cfg.allocation, "per_parameter"),
+                             rounds=rounding_steps(groups, cfg))
     return dict(zip((g.id for g in groups), best))
 
 
@@ -173,9 +174,10 @@ def step_down(count: int, multiple: int) -> int:
     return (count - 1) // multiple * multiple
 
 
-def global_counts(groups, scores, removed, target, slack, start=None, standardise=False, rounds=None):
-    # One ranking over all units; a score is normalised by its group's mean so kinds compare, or
-    # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold).
+def global_counts(groups, scores, removed, target, slack, start=None, scale="mean", rounds=None):
+    # One ranking over all units; a score is normalised by its group's mean so kinds compare (scale "mean"),
+    # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold), or taken as
+    # it is per parameter of the unit ("per_parameter": scores that are already on one scale, obs's errors).
     # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
     # large unit (a head) late in the ranking gives way to smaller ones (channels).
     # A group whose widths are rounded (`rounds[i]` > 1: MLP channels in multiples of 64) gives units up a
@@ -187,9 +189,11 @@ def global_counts(groups, scores, removed, target, slack, start=None, standardis
     ranked = []
     for i, g in enumerate(groups):
         s = scores[g.id].double()
-        if standardise:
+        if scale == "standardise":
             std = s.std().clamp_min(1e-12) if s.numel() > 1 else 1.0
             s = ((s - s.mean()) / std).sort().values
+        elif scale == "per_parameter":
+            s = (s / g.params_per_unit).sort().values
         else:
             s = (s / (s.abs().mean() + 1e-12)).sort().values
         count, first = counts[i], g.n_units - counts[i]  # s[first:]: the units not yet removed

@@ -102,8 +102,8 @@ def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, caps
 
 
 def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, capsys):
-    """The documented in-domain recipe: `--calib-data my_text.txt --reconstruct lstsq` scores and refits on
-    windows of that text (the refit on `reconstruct_samples` of them), and the saved model keeps the refit."""
+    """The documented in-domain recipe: `--importance obs --allocation absolute --calib-data my_text.txt
+    --reconstruct lstsq` scores and refits on windows of that text (the refit on `reconstruct_samples` of them), and the saved model keeps the refit."""
     import fxprune
     from fxprune.data import calibration_samples
     monkeypatch.delenv(DATA_ENV, raising=False)
@@ -117,13 +117,13 @@ def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, ca
         return real(model, *a, **k)
     monkeypatch.setattr(fxprune, "compile", spy)
     out = tmp_path / "pruned"
-    assert cli.main(["prune", str(model_dir), "--importance", "l2", "--calib-data", str(text), "--reconstruct",
-                     "lstsq", "--calib-samples", "4", "--calib-len", "32", "--eval-tokens", "0",
-                     "--output", str(out)]) == 0
+    assert cli.main(["prune", str(model_dir), "--importance", "obs", "--allocation", "absolute", "--calib-data",
+                     str(text), "--reconstruct", "lstsq", "--calib-samples", "4", "--calib-len", "32",
+                     "--eval-tokens", "0", "--output", str(out)]) == 0
     assert str(text) in capsys.readouterr().out
     tok = tiny_tokenizer()
     cfg = seen["config"]
-    assert cfg.reconstruct == "lstsq"
+    assert (cfg.importance, cfg.allocation, cfg.reconstruct) == ("obs", "absolute", "lstsq")
     # both draws are windows of the user's text (the refit's `reconstruct_samples` of them), not the packaged sample
     expected = calibration_samples(text, tok, n_samples=cfg.reconstruct_samples, seq_len=32)
     assert torch.equal(seen["refit_calibration"], expected)

@@ -136,16 +136,22 @@ def residual_partner(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def token_weights(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """Per-token weights of the fit, mean 1: the inverse mean square of the dense residual stream after this
-    projection's output `dense_out` is added to it. The next norm divides the stream by its root mean
-    square, so an output error counts in proportion to 1/rms there; a few positions (attention sinks) carry
-    a stream hundreds of times larger than the rest and would otherwise dominate the fit. Uniform when the
-    output is not added to a residual stream."""
+def inverse_energy(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """Per token, 1 / mean square of the dense residual stream after this projection's output `dense_out` is
+    added to it (ones when the output is not added to a residual stream): an output error's weight once the
+    next norm divides the stream by its root mean square."""
     if residual is None:
         return torch.ones(dense_out.shape[0], dtype=torch.float64)
     after = residual.to(dense_out.dtype) + dense_out
-    w = 1.0 / after.double().pow(2).mean(-1).clamp_min(1e-12)
+    return 1.0 / after.double().pow(2).mean(-1).clamp_min(1e-12)
+
+
+def token_weights(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """Per-token weights of the fit, mean 1: `inverse_energy`. The next norm divides the stream by its root
+    mean square, so an output error counts in proportion to 1/rms there; a few positions (attention sinks)
+    carry a stream hundreds of times larger than the rest and would otherwise dominate the fit. Uniform
+    when the output is not added to a residual stream."""
+    w = inverse_energy(dense_out, residual)
     return w / w.mean()
 
 

@@ -25,8 +25,10 @@ G the gradient of the calibration loss and H the diagonal Fisher approximation o
     second    sum over the unit of |W*H*W|                (LLM-Pruner "param_second")
     flap      sum over the unit of Var(x_j) * W_ij**2      (FLAP's fluctuation; activations, no backward)
     wanda     sum over the unit of |W_ij| * ||x_j||_2      (Wanda-sp; activations, no backward)
+    obs       the projection's output error once the unit is removed and the other inputs refitted
+              (structured optimal brain surgeon, greedy; `obs`; activations' Gram matrix, no backward)
 
-flap and wanda score a member only where it is the input dimension of a projection (x_j: that
+flap, wanda and obs score a member only where it is the input dimension of a projection (x_j: that
 projection's input channel j over the calibration tokens, `activations.input_statistics`).
 
 The calibration loss is the causal LM loss (next-token cross entropy, mean over the target tokens
@@ -68,10 +70,10 @@ from fxprune.scoring.estimators import ESTIMATORS, NEEDS, UnitStats, register_es
 from fxprune.scoring.gradients import GradientStats, compute_gradients
 from fxprune.scoring.hybrid import (MASKABLE_KINDS, HyWIAResult, hywia, output_projection_members,
                                    planned_fractions)
-from fxprune.scoring.methods import (HyWIA, Fluctuation, Magnitude, Method, Random, Registered, Taylor, Vector,
+from fxprune.scoring.methods import (HyWIA, OBS, Fluctuation, Magnitude, Method, Random, Registered, Taylor, Vector,
                                      Wanda, Fisher, as_method)
 
 __all__ = ["ESTIMATORS", "AGGREGATIONS", "NEEDS", "UnitStats", "GradientStats", "HyWIAResult", "register_estimator",
            "unit_sum", "compute_gradients", "score", "hywia", "output_projection_members", "planned_fractions",
-           "Method", "Fluctuation", "Wanda", "Magnitude", "Taylor", "Vector", "Fisher", "Random", "Registered", "HyWIA", "as_method",
+           "Method", "Fluctuation", "Wanda", "OBS", "Magnitude", "Taylor", "Vector", "Fisher", "Random", "Registered", "HyWIA", "as_method",
            "lm_loss", "batches", "MASKABLE_KINDS"]

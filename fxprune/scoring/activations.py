@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxprune.passes.reconstruct_layers import first_projections, step
+from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step
 from fxprune.scoring.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device
 
@@ -25,6 +25,12 @@ class InputStats:
     mean: torch.Tensor
     var: torch.Tensor
     sq_norm: torch.Tensor    # sum over tokens of x**2 (Wanda's ||X_j||^2)
+    # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T, [in + 1, in + 1] float32, with w_t the
+    # reconstruction pass's token weights (`reconstruct_layers.token_weights`: 1 / mean square of the residual
+    # stream, normalised to mean 1 over all calibration tokens), and that mean before normalising: errors
+    # measured with `gram` times `weight_scale` are errors of the normalised stream, comparable across layers.
+    gram: torch.Tensor | None = None
+    weight_scale: float = 1.0
 
 
 def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple[str, int]]:
@@ -38,11 +44,30 @@ def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> di
     return out
 
 
+def weighted_gram(x, weight, dim, residual, tokens, acc):
+    """(`acc` plus sum_t e_t [x_t, 1][x_t, 1]^T, sum_t e_t) for the inputs `x` [tokens, in] of the projection
+    of `weight`, e_t the token's `inverse_energy` (normalised once all batches are in)."""
+    xf = x.float()
+    w = weight.detach().float().to(xf.device)
+    dense_out = xf @ (w.t() if dim == 1 else w)
+    if residual is not None:
+        residual = residual.reshape(-1, residual.shape[-1])[tokens]
+    energy = inverse_energy(dense_out, residual)
+    xa = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], 1)
+    xw = xa * energy.float().to(xf.device)[:, None]
+    gram = xw.t() @ xa if acc is None else acc[0].addmm_(xw.t(), xa)
+    return gram, float(energy.sum()) + (0.0 if acc is None else acc[1])
+
+
 @torch.no_grad()
-def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[str, InputStats]:
+def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) -> dict[str, InputStats]:
     """Statistics of the projections reading the weights `names` (all when None), keyed by canonical
-    weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time."""
+    weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time. `gram`:
+    (weight name, dim) pairs whose projection, when `dim` is its input dimension, also gets the weighted
+    Gram matrix of its inputs (the refit-aware estimator reads it; [in, in] floats each, so only where
+    asked). The token weights are the refit's, so that both weigh an output error alike."""
     stops = projection_inputs(dg.gm, dg.aliases, names)
+    partners = {n: residual_partner(n) for n, key in stops.items() if key in set(gram)}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
     for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
@@ -50,20 +75,26 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8) -> dict[s
         ids, mask = ids.to(device), mask.to(device)
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        run = step(dg.gm, inputs, {n: key for n, key in stops.items()})
-        for (name, _), x, _ in run:
+        run = step(dg.gm, inputs, {n: key for n, key in stops.items()}, partners)
+        for (name, dim), x, residual in run:
             x = x.reshape(-1, x.shape[-1])[tokens].double()
-            acc = sums.setdefault(name, [0, 0.0, 0.0])
+            acc = sums.setdefault(name, [0, 0.0, 0.0, None])
             acc[0] += x.shape[0]
             acc[1] = acc[1] + x.sum(0)
             acc[2] = acc[2] + x.pow(2).sum(0)
+            if (name, dim) in gram:
+                acc[3] = weighted_gram(x, dg.parameters[name], dim, residual, tokens, acc[3])
             if len(sums) == len(stops) and name == list(stops.values())[-1][0]:
                 break
         run.close()
     dims = dict(stops.values())
     out = {}
-    for name, (n, s, sq) in sums.items():
+    for name, (n, s, sq, xx) in sums.items():
         mean = s / n
         var = (sq / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)
-        out[name] = InputStats(dims[name], n, mean.float().cpu(), var.float().cpu(), sq.float().cpu())
+        stats = InputStats(dims[name], n, mean.float().cpu(), var.float().cpu(), sq.float().cpu())
+        if xx is not None:  # normalised as the refit's token weights are: mean 1 over the tokens
+            stats.weight_scale = xx[1] / n
+            stats.gram = (xx[0] / stats.weight_scale).cpu()
+        out[name] = stats
     return out

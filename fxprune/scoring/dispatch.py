@@ -11,6 +11,7 @@ from fxprune.scoring.activations import input_statistics
 from fxprune.scoring.gradients import GradientStats, gradients_for, member_names
 from fxprune.scoring.hybrid import hywia
 from fxprune.scoring.methods import HyWIA, Method, as_method
+import fxprune.scoring.obs  # noqa: F401  (registers "obs")
 
 
 def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibration=None, aggregation: str = "sum",
@@ -50,5 +51,10 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
     elif inputs is None:
         if calibration is None:
             raise ValueError(f"method {method!r} reads calibration activations: pass calibration=[input_ids, ...]")
-        inputs = input_statistics(dg, calibration, member_names(dg, groups))
+        gram = {(m.name, m.dim) for g in groups for m in g.members} if "gram" in needs else ()
+        inputs = input_statistics(dg, calibration, member_names(dg, groups), gram=gram)
+    elif "gram" in needs and not any(s.gram is not None for s in inputs.values()):
+        # without it every member would fall back to l2, silently
+        raise ValueError(f"method {method!r} reads the Gram matrix of the projections' inputs, which the given "
+                         "inputs lack: compute them with input_statistics(..., gram=...) or pass calibration only")
     return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method, inputs)

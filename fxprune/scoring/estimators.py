@@ -15,8 +15,9 @@ from fxprune.groups import Group, Member
 ESTIMATORS: dict[str, Callable] = {}
 # What an estimator may read besides the weight, each filled by the scorer before the estimators run:
 # "grad" (the gradient of the calibration loss), "sq_grad" (the Fisher diagonal: per-sample passes).
-# "inputs" (per-input-channel statistics of the projection the member's weight feeds, one forward pass).
-NEEDS = ("grad", "sq_grad", "inputs")
+# "inputs" (per-input-channel statistics of the projection the member's weight feeds, one forward pass),
+# "gram" (with "inputs": also the full Gram matrix of that projection's inputs).
+NEEDS = ("grad", "sq_grad", "inputs", "gram")
 
 
 def unit_sum(x: torch.Tensor, dim: int, unit_of: torch.Tensor, n_units: int) -> torch.Tensor:

@@ -114,6 +114,23 @@ class Wanda(Method):
         return "wanda"
 
 
+@dataclass(frozen=True)
+class OBS(Method):
+    """Refit-aware importance ("obs", `fxprune.scoring.obs`): the output error a unit's removal leaves once
+    the projection's other inputs are refitted by least squares, removed greedily (structured optimal brain
+    surgeon, as ZipLM / SlimGPT); `damp` regularises the inputs' Gram matrix by that fraction of its mean
+    diagonal. The ranking the `reconstruct="lstsq"` refit is made for; activations only, no backward pass."""
+    damp: float = 0.01
+
+    def __post_init__(self):
+        _check(isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and self.damp > 0,
+               "OBS.damp must be > 0", self.damp)
+
+    @property
+    def estimator(self) -> str:
+        return "obs"
+
+
 RELAXATIONS = ("soft", "hard")
 
 
@@ -159,7 +176,7 @@ class HyWIA(Method):
 
 SHORTHANDS = {"l1": Magnitude(1), "l2": Magnitude(2), "vector": Vector(), "element1": Taylor(1),
               "element2": Taylor(2), "mix": Taylor(2), "second": Fisher(), "random": Random(), "hywia": HyWIA(),
-              "flap": Fluctuation(), "wanda": Wanda()}
+              "flap": Fluctuation(), "wanda": Wanda(), "obs": OBS()}
 
 
 def as_method(method, known=(), seed: int = 0, **hywia) -> Method:
