@@ -69,7 +69,8 @@ def cmd_prune(args) -> int:
         fxprune.save(gm, args.output, base_model=model)
         tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
-             ("importance", str(plan.config.importance)), ("reconstruct", plan.config.reconstruct),
+             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
+             ("reconstruct", plan.config.reconstruct),
              ("targets", " ".join(args.targets)), ("parameters before", f"{plan.params_before:,}"),
              ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
              (f"wikitext-2 ppl before ({args.eval_tokens} tok, w{args.window})", fmt(ppl_before)),
