@@ -41,7 +41,8 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
     from fxprune.data import calibration_samples
     from fxprune.plan import target_groups
     from fxprune.scoring import HyWIA, compute_gradients, hywia, score
-    from fxprune.scoring.activations import input_statistics
+    from fxprune.scoring.activations import gram_members, input_statistics
+    from fxprune.scoring.gradients import member_names
     source = data_dir(args.data_dir) / args.calib_source
     calib = calibration_samples(source, tok, args.calib_samples, args.calib_len, seed=draw)
     # The refit reads its own windows, as compile() does with reconstruct_samples (same seed as the scoring draw).
@@ -57,10 +58,9 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
         log(f"draw {draw}: gradient pass {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"gradients/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
     if {"wanda", "flap", "flap+AL", "hywia", "obs", "obs+AB"} & set(args.methods):
-        gram = {(m.name, m.dim) for g in groups for m in g.members} if {"obs", "obs+AB"} & set(args.methods) else ()
+        gram = gram_members(groups) if {"obs", "obs+AB"} & set(args.methods) else ()
         with Phase() as p:  # obs also reads the Gram matrix of each projection's inputs
-            shared["inputs"] = input_statistics(dg, calib.split(8), {m.name for g in groups for m in g.members},
-                                                gram=gram)
+            shared["inputs"] = input_statistics(dg, calib.split(8), member_names(dg, groups), gram=gram)
         phase = "inputs+gram" if gram else "inputs"
         log(f"draw {draw}: activation statistics ({phase}) {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"{phase}/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}

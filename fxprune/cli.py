@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fxprune.capture import CaptureError
-from fxprune.config import ALLOCATIONS, TARGETS
+from fxprune.config import ALLOCATIONS, RECONSTRUCTIONS, TARGETS
 from fxprune.tasks import TASKS
 
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
@@ -239,7 +239,7 @@ def add_prune_parser(sub) -> None:
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
     r.add_argument("--importance", default=None, help="importance estimator (default: the library's, hywia)")
-    r.add_argument("--reconstruct", default=None, choices=["none", "bias", "lstsq"],
+    r.add_argument("--reconstruct", default=None, choices=list(RECONSTRUCTIONS),
                    help="refit the projections that lost inputs on the calibration text (default: none; lstsq "
                         "helps text like the calibration's, see docs/reconstruction.md)")
     r.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),

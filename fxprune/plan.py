@@ -121,7 +121,7 @@ def select(dg: DependencyGraph, groups, scores, cfg: PruneConfig) -> dict[int, i
                                  rounds=rounding_steps(groups, cfg))
     else:
         best = global_counts(groups, scores, removed, target, TOLERANCE * total / 2,
-                             scale={"global": "mean", "flap": "standardise"}.get(cfg.allocation, "per_parameter"),
+                             scale=GLOBAL_SCALES[cfg.allocation],
                              rounds=rounding_steps(groups, cfg))
     return dict(zip((g.id for g in groups), best))
 
@@ -172,6 +172,10 @@ def rounding_steps(groups, cfg: PruneConfig) -> list[int]:
 def step_down(count: int, multiple: int) -> int:
     """The next smaller kept count that is a multiple of `multiple`."""
     return (count - 1) // multiple * multiple
+
+
+# How global_counts puts each allocation's scores of different groups on one scale.
+GLOBAL_SCALES = {"global": "mean", "flap": "standardise", "absolute": "per_parameter"}
 
 
 def global_counts(groups, scores, removed, target, slack, start=None, scale="mean", rounds=None):

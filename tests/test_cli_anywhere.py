@@ -103,7 +103,8 @@ def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, caps
 
 def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, capsys):
     """The documented in-domain recipe: `--importance obs --allocation absolute --calib-data my_text.txt
-    --reconstruct lstsq` scores and refits on windows of that text (the refit on `reconstruct_samples` of them), and the saved model keeps the refit."""
+    --reconstruct lstsq` scores and refits on windows of that text (the refit on `reconstruct_samples` of
+    them), and the saved model keeps the refit."""
     import fxprune
     from fxprune.data import calibration_samples
     monkeypatch.delenv(DATA_ENV, raising=False)

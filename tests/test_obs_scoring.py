@@ -97,7 +97,12 @@ def test_scoring_a_model_reads_each_output_projection_and_plans_with_the_refit()
     damped = score(dg, groups, OBS(damp=1.0), calibration=CAL)
     assert any(not torch.equal(scores[k], damped[k]) for k in scores)   # the setting reaches the estimator
     gm = fxprune.compile(model, 0.3, calibration=CAL, importance="obs", reconstruct="lstsq")
-    assert gm(CAL).logits.shape == (*CAL.shape, model.config.vocab_size)
+    plan = gm.meta[fxprune.PLAN_KEY]
+    pruned = [g for g in groups if g.id in plan.units]
+    assert pruned
+    for g in pruned:   # each group keeps exactly its highest obs scores (the greedy removal's survivors)
+        kept = plan.units[g.id]
+        assert sorted(kept) == sorted(torch.topk(scores[g.id], len(kept)).indices.tolist())
 
 
 def test_statistics_without_the_gram_matrix_are_refused_not_scored_by_l2():

@@ -44,6 +44,12 @@ def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> di
     return out
 
 
+def gram_members(groups) -> set[tuple[str, int]]:
+    """The (weight name, dim) pairs of the groups' members: `input_statistics(gram=...)` for every member
+    that is the input dimension of a projection."""
+    return {(m.name, m.dim) for g in groups for m in g.members}
+
+
 def weighted_gram(x, weight, dim, residual, tokens, acc):
     """(`acc` plus sum_t e_t [x_t, 1][x_t, 1]^T, sum_t e_t) for the inputs `x` [tokens, in] of the projection
     of `weight`, e_t the token's `inverse_energy` (normalised once all batches are in)."""
@@ -67,7 +73,8 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     Gram matrix of its inputs (the refit-aware estimator reads it; [in, in] floats each, so only where
     asked). The token weights are the refit's, so that both weigh an output error alike."""
     stops = projection_inputs(dg.gm, dg.aliases, names)
-    partners = {n: residual_partner(n) for n, key in stops.items() if key in set(gram)}
+    gram = set(gram)
+    partners = {n: residual_partner(n) for n, key in stops.items() if key in gram}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
     for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):

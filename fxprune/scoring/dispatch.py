@@ -7,7 +7,7 @@ from fxprune.groups import DependencyGraph
 from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device
-from fxprune.scoring.activations import input_statistics
+from fxprune.scoring.activations import gram_members, input_statistics
 from fxprune.scoring.gradients import GradientStats, gradients_for, member_names
 from fxprune.scoring.hybrid import hywia
 from fxprune.scoring.methods import HyWIA, Method, as_method
@@ -51,8 +51,8 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
     elif inputs is None:
         if calibration is None:
             raise ValueError(f"method {method!r} reads calibration activations: pass calibration=[input_ids, ...]")
-        gram = {(m.name, m.dim) for g in groups for m in g.members} if "gram" in needs else ()
-        inputs = input_statistics(dg, calibration, member_names(dg, groups), gram=gram)
+        inputs = input_statistics(dg, calibration, member_names(dg, groups),
+                                  gram=gram_members(groups) if "gram" in needs else ())
     elif "gram" in needs and not any(s.gram is not None for s in inputs.values()):
         # without it every member would fall back to l2, silently
         raise ValueError(f"method {method!r} reads the Gram matrix of the projections' inputs, which the given "
