@@ -41,8 +41,9 @@ def main(argv=None):
     lines = report_head("The headline call on SmolLM2-135M-Instruct", report)
     lines += [f"WikiText-2 perplexity, first {args.eval_tokens:,} tokens, 128-token windows; no tuning. Settings the "
               f"call used (library defaults): importance {cfg['importance']}, allocation {cfg['allocation']}, "
-              f"protect_layers {cfg['protect_layers']}, round_to {cfg['round_to']}, reconstruct {cfg['reconstruct']}, "
-              f"calibration {cfg['calibration_samples']} x {cfg['calibration_len']} tokens of the packaged C4 sample.",
+              f"protect_layers {cfg['protect_layers']}, round_to {cfg['round_to']}, reconstruct {cfg['reconstruct']} "
+              f"(target {cfg.get('refit_target', 'output')}, on {cfg['reconstruct_samples']} windows), calibration "
+              f"{cfg['calibration_samples']} x {cfg['calibration_len']} tokens of the packaged C4 sample.",
               "", md_table(["model", "parameters", "ppl", "compile time", "peak RSS"], rows), ""]
     (RESULTS / "headline.md").write_text("\n".join(lines))
 

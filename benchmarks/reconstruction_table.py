@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
+from fxprune.config import REFIT_TARGETS
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
@@ -86,7 +87,8 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                     scores = fixed[importance]
             for mode in todo:
                 cfg = base.__class__(**{**base.to_dict(), "ratio": ratio, "importance": importance,
-                                        "allocation": allocation, "reconstruct": mode})
+                                        "allocation": allocation, "reconstruct": mode,
+                                        "refit_target": args.refit_target})
                 plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
                 with Phase() as ap:
                     gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
@@ -127,7 +129,8 @@ def write_report(report, path: Path):
     lines += [f"WikiText-2 perplexity (first {s['eval_tokens']:,} tokens, 128-token windows; dense "
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
               f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` "
-              f"(refit on {s.get('refit_samples') or s['calib_samples']} windows of the same draw); targets "
+              f"(refit on {s.get('refit_samples') or s['calib_samples']} windows of the same draw, matching the dense "
+              f"{s.get('refit_target', 'output')}); targets "
               f"{' '.join(s['targets'])}; layers {report['protected']} protected; no tuning. Methods: importance "
               "(allocation uniform unless `+AL`, FLAP's adaptive allocation, or `+AB`, the absolute allocation: one "
               "ranking of obs's errors per parameter; hywia2: HyWIA with the paper's two granularities). Modes: "
@@ -219,6 +222,8 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--refit-samples", type=int, default=0,
                    help="windows the reconstruction refits on (0: the scoring calibration itself)")
+    p.add_argument("--refit-target", default=REFIT_TARGETS[0], choices=list(REFIT_TARGETS),
+                   help="what the refit matches: the dense residual stream (default) or the dense output")
     p.add_argument("--calib-source", default="c4/c4_sample.json",
                    help="calibration text under the data dir (a JSON of {text} records or a plain text file)")
     p.add_argument("--c4-eval", type=int, default=0,

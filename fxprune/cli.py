@@ -240,8 +240,8 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--ratio", type=float, default=0.2)
     r.add_argument("--importance", default=None, help="importance estimator (default: the library's, hywia)")
     r.add_argument("--reconstruct", default=None, choices=list(RECONSTRUCTIONS),
-                   help="refit the projections that lost inputs on the calibration text (default: none; lstsq "
-                        "helps text like the calibration's, see docs/reconstruction.md)")
+                   help="refit the projections that lost inputs on the calibration text so the residual stream "
+                        "matches the dense model's (default: lstsq; none skips it, see docs/reconstruction.md)")
     r.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
                    help="how widths are shared out between layers (default: uniform; absolute ranks obs's "
                         "errors across layers, see docs/reconstruction.md)")

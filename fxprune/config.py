@@ -13,6 +13,7 @@ ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per gro
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)
+REFIT_TARGETS = ("stream", "output")  # what the refit matches: the dense residual stream, or the dense output only
 AUTO = "auto"
 
 
@@ -27,10 +28,11 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "none"   # "lstsq" refits the projections that lost inputs: on SmolLM2 it helps text like the
-                                # refit's and hurts other text at 50% (benchmarks/results/reconstruction_smollm2.md)
+    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream: on SmolLM2 with the
+                                # packaged C4 it helps WikiText-2 at 20% and 50% on every draw (reconstruction_smollm2.md)
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
+    refit_target: str = "stream"  # stream: also take back the drift earlier layers left in the stream it is added to
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
@@ -67,6 +69,8 @@ class PruneConfig:
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.refit_target not in REFIT_TARGETS:
+            raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {self.refit_target!r}")
         if self.reconstruct_samples < 1:
             raise ValueError(f"reconstruct_samples must be >= 1, got {self.reconstruct_samples!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2:

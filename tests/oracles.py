@@ -53,3 +53,15 @@ def prune_random(model, ratio, targets=("heads", "mlp"), seed=0, allocation="glo
     plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, seed), dg=dg,
                         allocation=allocation, **kw)
     return dg, plan, fxprune.apply(model, plan, dg=dg)
+
+
+def module_inputs(module, model_call):
+    """The first input `module` receives while `model_call()` runs, as [tokens, features]."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            model_call()
+    finally:
+        handle.remove()
+    return seen[0]

@@ -131,3 +131,10 @@ def test_rounded_mlp_widths_stay_multiples_where_the_top_up_meets_the_ratio(allo
     assert abs(plan.removed_fraction - 0.2) <= 0.01
     unrounded = fxprune.plan(model, 0.2, importance="l2", round_to=None, allocation=allocation, protect_layers=None)
     assert any(len(k[0]) % 16 for n, k in unrounded.kept.items() if n.endswith("up_proj.weight"))
+
+
+@pytest.mark.parametrize("field,value", [("reconstruct", "ols"), ("weighting", "sink"), ("refit_target", "logits"),
+                                         ("ridge", -1)])
+def test_bad_reconstruction_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        PruneConfig(**{field: value})

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fxprune
 from families import FAMILIES, falcon, falcon_mqa, gemma2, gpt2, gpt_neox, mistral, mixtral, opt, phi3, qwen2
-from oracles import OUTPUT_PROJECTION_KINDS, inputs, random_scores, rel_err
+from oracles import OUTPUT_PROJECTION_KINDS, inputs, module_inputs, random_scores, rel_err
 from test_config_twin import uniform_plan
 
 EAGER_ONLY = {"gemma2"}  # transformers has no sdpa path for Gemma-2
@@ -247,3 +247,47 @@ def test_constant_index_keeps_the_positions_it_counts(index, prunable):
         with torch.no_grad():
             expected = zero_masked(model, dg, plan)(ids)
             assert rel_err(gm(ids, attention_mask=mask).logits, expected) < 1e-5
+
+
+CAL = torch.randint(1, 128, (8, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reconstruction_refits_and_brings_every_family_closer_to_dense(family):
+    """The refit finds each projection's input (GPT-2's Conv1D is addmm(bias, x, W): x is its second
+    argument) and the stream it is added to, or none (parallel branches, post-norms), in every family."""
+    model, dg = analysed(family, "eager" if family in EAGER_ONLY else "sdpa")
+    errors = {}
+    # heads scored low so that every family loses some (Mixtral's experts are 3-D parameters, which no refit reaches)
+    scores = {g.id: torch.rand(g.n_units, generator=torch.Generator().manual_seed(g.id))
+              * (0.01 if g.kind in ("heads", "kv_groups") else 1) for g in dg.groups}
+    for mode in ("none", "lstsq"):
+        plan = fxprune.plan(model, 0.25, targets=("heads", "mlp"), scores=scores, allocation="global",
+                            dg=dg, reconstruct=mode, ridge=0.1, calibration=CAL)
+        gm = fxprune.apply(model, plan, calibration=CAL, dg=dg)
+        with torch.no_grad():
+            errors[mode] = rel_err(gm(CAL).logits, model(CAL).logits)
+    assert errors["lstsq"] < errors["none"]
+
+
+def test_conv1d_input_statistics_are_those_of_its_input_not_its_bias():
+    from fxprune.scoring.activations import input_statistics
+    model, dg = analysed("gpt2", "sdpa")
+    x = module_inputs(model.transformer.h[1].mlp.c_proj, lambda: model(CAL))
+    stats = input_statistics(dg, CAL.split(4))["transformer.h.1.mlp.c_proj.weight"]
+    assert stats.tokens == x.shape[0]
+    assert torch.allclose(stats.mean.double(), x.double().mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_obs_scores_conv1d_and_parallel_residual_families(family):
+    """obs reads each projection's Gram matrix weighted by the stream it is added to, when there is one."""
+    from fxprune.plan import target_groups
+    from fxprune.scoring import score
+    from fxprune.scoring.activations import gram_members, input_statistics
+    from fxprune.scoring.gradients import member_names
+    model, dg = analysed(family, "sdpa")
+    groups = target_groups(dg, fxprune.PruneConfig(ratio=0.2))
+    stats = input_statistics(dg, CAL.split(4), member_names(dg, groups), gram=gram_members(groups))
+    scores = score(dg, groups, "obs", CAL.split(4), inputs=stats)
+    assert all(torch.isfinite(scores[g.id]).all() for g in groups if g.kind in ("mlp", "heads"))

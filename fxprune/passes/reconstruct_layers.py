@@ -3,9 +3,12 @@
 After the rewrite, a projection whose input dimension lost units (o_proj over the kept heads,
 down_proj over the kept channels, every reader of the hidden stream when hidden channels go) sees
 fewer inputs than the dense one did. This pass refits its kept weights and gives it a bias so that
-its output matches the dense projection's output on calibration text:
+the residual stream its output is added to matches the dense model's stream on calibration text
+(target "stream"), or its output alone matches the dense projection's output (target "output"):
 
-    target   Y  = X_d W_d^T + b_d          dense input X_d, dense weight (kept output rows only)
+    target   Y  = X_d W_d^T + b_d - (R_p - R_d)    "stream": R_d, R_p the stream the output is added to in
+                                                   the dense and in the pruned model (kept rows only)
+             Y  = X_d W_d^T + b_d                  "output", and for an output not added to a stream
     input    X_p                           the pruned model's own input to this projection
     weights  w_t = 1 / mean_c(h_t,c^2)     h: the dense residual stream this output is added to
     "bias"   W  = W_0 (the sliced weight),  b = mean_w(Y) - W_0 mean_w(X_p)        (FLAP-style)
@@ -14,6 +17,12 @@ its output matches the dense projection's output on calibration text:
              weights, which keeps a small calibration set from over-fitting a wide layer.
     ridge="auto": per projection, the candidate (unchanged, bias, lstsq at each of RIDGES) with the
              lowest weighted error on held-out calibration rows, refitted on all rows.
+
+With "stream", each refit also takes back the drift R_p - R_d that the layers before it left in the
+stream, as far as a linear map of its own inputs predicts it: errors are corrected where they can be
+instead of only not being added to. The stream is the other operand of the add the output flows into;
+where there is none (a post-norm before the add, a parallel branch computed later) the target is the
+output.
 
 Layers are refitted in graph order and each is fed the pruned model's activations *after* the
 earlier refits, so errors do not pile up. The dense and the pruned graph are stepped node by node in
@@ -90,16 +99,23 @@ def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node
     return found
 
 
+def projection_input(node: torch.fx.Node) -> torch.fx.Node:
+    """The input x of a projection node (addmm(bias, x, W) takes it second; linear, matmul and a lifted
+    module first)."""
+    return node.args[1] if node.target is torch.ops.aten.addmm.default else node.args[0]
+
+
 def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict, partners: dict | None = None):
     """Run `gm` node by node; before each node in `stops`, yield (stops[node], its input value, the value of
-    partners[node] or None). Nothing after the last stop runs: the rest of the graph (a large vocabulary's
+    partners[node], or None when that is not computed yet (a parallel branch the graph computes later)).
+    Nothing after the last stop runs: the rest of the graph (a large vocabulary's
     logits, above all) would cost time and memory for values no refit reads."""
     interp = torch.fx.Interpreter(gm, garbage_collect_values=True)
     env, partners, remaining = interp.env, partners or {}, len(stops)
     for node in gm.graph.nodes:
         if node in stops:
             partner = partners.get(node)
-            yield stops[node], env[node.args[0]], None if partner is None else env[partner]
+            yield stops[node], env[projection_input(node)], env.get(partner)
             remaining -= 1
             if remaining == 0:
                 return
@@ -129,11 +145,22 @@ def residual_partner(node: torch.fx.Node) -> torch.fx.Node | None:
             return None
         if user.target == torch.ops.aten.add.Tensor:
             other = [a for a in user.args[:2] if a is not current]
+            if other and isinstance(other[0], torch.fx.Node) and other[0].op == "get_attr":
+                current = user  # the projection's own bias (x @ W^T + b as matmul, add): part of its output
+                continue
             return other[0] if other and isinstance(other[0], torch.fx.Node) else None
         if user.target not in _PASS_THROUGH:
             return None
         current = user
     return None
+
+
+def stream_like(value, n_tokens: int, width: int) -> torch.Tensor | None:
+    """`value` as [n_tokens, width] when it holds a `width`-wide vector for each of the projection's
+    `n_tokens` input positions, else None: an add's other operand may be a broadcast bias, not the stream."""
+    ok = (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == width
+          and value.numel() == n_tokens * width)
+    return value.reshape(-1, width) if ok else None
 
 
 def inverse_energy(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -157,6 +184,7 @@ def token_weights(dense_out: torch.Tensor, residual: torch.Tensor | None) -> tor
 
 RIDGES = (0.01, 0.1, 0.3, 1.0, 3.0)  # the strengths ridge="auto" chooses among (x the mean input energy)
 WEIGHTINGS = ("residual", "uniform")
+FIT_TARGETS = ("stream", "output")
 
 
 class Stats:
@@ -236,12 +264,13 @@ class ReconstructLayersPass(PassBase):
     `kept` the plan's kept positions, `calibration` (input_ids [B, L], attention_mask or None): one
     batch, all of whose unmasked tokens are fitted on. `ridge`: a strength, or "auto" to choose per
     projection on held-out calibration rows (every fourth row); `weighting`: "residual" weighs each token by
-    the inverse mean square of the residual stream the output is added to, "uniform" weighs all alike.
-    `choices` records, per refitted weight, what was kept ("keep", "bias", "lstsq:<ridge>").
+    the inverse mean square of the residual stream the output is added to, "uniform" weighs all alike;
+    `target`: "stream" or "output" (see the module docstring). `choices` records, per refitted weight,
+    what was kept ("keep", "bias", "lstsq:<ridge>").
     """
 
     def __init__(self, dense_gm, aliases: dict, kept: dict, calibration, mode: str = "lstsq", ridge=AUTO,
-                 weighting: str = "residual"):
+                 weighting: str = "residual", target: str = "stream"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"reconstruct must be one of {MODES}, got {mode!r}")
@@ -249,9 +278,11 @@ class ReconstructLayersPass(PassBase):
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if ridge != AUTO and not (isinstance(ridge, (int, float)) and ridge >= 0):
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
+        if target not in FIT_TARGETS:
+            raise ValueError(f"target must be one of {FIT_TARGETS}, got {target!r}")
         self.dense_gm, self.aliases, self.kept = dense_gm, aliases, kept
         self.ids, self.mask = calibration
-        self.mode, self.ridge, self.weighting = mode, ridge, weighting
+        self.mode, self.ridge, self.weighting, self.target = mode, ridge, weighting, target
         self.refitted: list[str] = []
         self.choices: dict[str, str] = {}
 
@@ -278,26 +309,31 @@ class ReconstructLayersPass(PassBase):
         tokens = mask.reshape(-1).bool()
         rows = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])[tokens]
         held_out = rows % 4 == 3 if mask.shape[0] >= 4 else torch.arange(rows.numel()) % 4 == 3
-        partners = {}
-        if self.weighting == "residual":
-            partners = {n: r for n in dense if (r := residual_partner(n)) is not None}
+        partners = {n: r for n in dense if (r := residual_partner(n)) is not None}
+        own = {n: r for n in pruned if (r := residual_partner(n)) is not None} if self.target == "stream" else {}
         dense_steps = step(self.dense_gm, inputs, {n: p.weight for n, p in dense.items()}, partners)
-        for name, xp, _ in step(gm, inputs, pruned):
+        for name, xp, own_residual in step(gm, inputs, pruned, own):
             for dense_name, xd, residual in dense_steps:
                 if dense_name == name:
                     break
             else:
                 raise RuntimeError(f"projection {name} was not reached in the dense graph")
-            module = gm.get_submodule(paths[name])
-            xp = xp.reshape(-1, xp.shape[-1])[tokens]
-            xd = xd.reshape(-1, xd.shape[-1])[tokens]
-            if residual is not None:
-                residual = residual.reshape(-1, residual.shape[-1])[tokens]
-            proj = by_name[name]
+            module, proj = gm.get_submodule(paths[name]), by_name[name]
+            residual = stream_like(residual, xd.numel() // xd.shape[-1], proj.dense_weight.shape[0])
+            own_residual = stream_like(own_residual, xp.numel() // xp.shape[-1], module.out_features)
+            xp, xd = xp.reshape(-1, xp.shape[-1])[tokens], xd.reshape(-1, xd.shape[-1])[tokens]
+            residual = None if residual is None else residual[tokens]
             dense_out = proj.output(xd)  # all rows: the residual stream's weights need the whole output
             y = dense_out if proj.rows is None else dense_out[:, proj.rows]
+            if own_residual is not None and residual is not None:
+                # "stream": the output that makes the pruned stream after the add equal the dense one, so the
+                # fit also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
+                drift = own_residual[tokens].float() - (
+                    residual if proj.rows is None else residual[:, proj.rows]).float()
+                y = y - drift
+            weights = token_weights(dense_out, residual if self.weighting == "residual" else None)
             weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, self.mode, self.ridge,
-                                                   token_weights(dense_out, residual), held_out)
+                                                   weights, held_out)
             set_weight_and_bias(module, weight, bias)
             self.refitted.append(name)
             del xp, xd, residual, dense_out, y

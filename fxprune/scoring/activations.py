@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step
+from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
 from fxprune.scoring.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device
 
@@ -56,8 +56,9 @@ def weighted_gram(x, weight, dim, residual, tokens, acc):
     xf = x.float()
     w = weight.detach().float().to(xf.device)
     dense_out = xf @ (w.t() if dim == 1 else w)
+    residual = stream_like(residual, tokens.numel(), dense_out.shape[-1])
     if residual is not None:
-        residual = residual.reshape(-1, residual.shape[-1])[tokens]
+        residual = residual[tokens]
     energy = inverse_energy(dense_out, residual)
     xa = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], 1)
     xw = xa * energy.float().to(xf.device)[:, None]

@@ -6,7 +6,7 @@ import fxprune
 from fxprune.passes.reconstruct_layers import Projection, ReconstructLayersPass
 from fxprune.rewrite import rewrite
 from models import llama
-from oracles import inputs, random_scores, rel_err, zero_masked
+from oracles import inputs, module_inputs, random_scores, rel_err, zero_masked
 
 CAL = torch.randint(1, 128, (24, 12), generator=torch.Generator().manual_seed(5))
 
@@ -21,24 +21,19 @@ def setup():
 _CACHE = {}
 
 
-def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL, weighting="uniform"):
+def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL, weighting="uniform", target="stream"):
     """(plan, pruned gm), made once per setting: the tests only read them."""
-    key = (mode, ridge, targets, ratio, calibration.shape, weighting)
+    key = (mode, ridge, targets, ratio, calibration.shape, weighting, target)
     if key not in _CACHE:
         model, dg = setup
         plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, 1), dg=dg, allocation="global",
-                            reconstruct=mode, ridge=ridge, weighting=weighting, calibration=calibration)
+                            reconstruct=mode, ridge=ridge, weighting=weighting, calibration=calibration,
+                            refit_target=target)
         _CACHE[key] = plan, fxprune.apply(model, plan, calibration=calibration, dg=dg)
     return _CACHE[key]
 
 
-def inputs_of(module, model_call):
-    seen = []
-    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        model_call()
-    handle.remove()
-    return seen[0]
+inputs_of = module_inputs
 
 
 def dense_io(model, layer):
@@ -127,12 +122,64 @@ def test_first_refit_is_the_least_squares_optimum_and_lowers_the_error(setup):
 
 def test_later_layers_are_fitted_on_the_pruned_models_own_activations(setup):
     model, _ = setup
-    _, gm = pruned(setup, "lstsq")
+    _, gm = pruned(setup, "lstsq", target="output")
     down = gm.get_submodule("model.layers.1.mlp.down_proj")
     xp = inputs_of(down, lambda: gm(CAL))  # the reconstructed model's input to layer 1's down_proj
     _, y = dense_io(model, 1)
     w, b = closed_form(xp, y)
     assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
+
+
+def stream_before_mlp_add(gm, layer):
+    """The residual stream layer `layer`'s MLP output is added to: its post-attention norm's input, taken
+    by running the graph with an Interpreter (the norm is inlined in the exported graph), as [tokens, hidden]."""
+    from fxprune.passes.reconstruct_layers import first_projections, residual_partner
+    path = f"model.layers.{layer}.mlp.down_proj"
+    lifted = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]  # the pruned graph's
+    down = lifted[0] if lifted else next(n for n, name, *_ in first_projections(gm) if name == path + ".weight")
+    partner, seen = residual_partner(down), {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n is partner:
+                seen["stream"] = value
+            return value
+    with torch.no_grad():
+        Recorder(gm).run(CAL, torch.ones_like(CAL), False)
+    return seen["stream"].reshape(-1, seen["stream"].shape[-1])
+
+
+def test_the_stream_target_also_takes_back_the_drift_earlier_layers_left_in_the_stream(setup):
+    model, dg = setup
+    _, gm = pruned(setup, "lstsq")  # target "stream", the default
+    down = gm.get_submodule("model.layers.1.mlp.down_proj")
+    xp = inputs_of(down, lambda: gm(CAL))
+    _, y = dense_io(model, 1)
+    drift = stream_before_mlp_add(gm, 1) - stream_before_mlp_add(dg.gm, 1)  # layer 0's pruned MLP moved it
+    assert drift.norm() > 1e-3 * y.norm()
+    w, b = closed_form(xp, y - drift)  # the stream after the add, R_p + out, as close as it gets to R_d + y
+    assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
+    first = gm.get_submodule("model.layers.0.mlp.down_proj")  # no drift before it: both targets fit it alike
+    other = pruned(setup, "lstsq", target="output")[1].get_submodule("model.layers.0.mlp.down_proj")
+    assert torch.allclose(first.weight, other.weight, atol=1e-6)
+
+
+MANY = torch.randint(1, 128, (160, 12), generator=torch.Generator().manual_seed(7))  # 1,920 calibration tokens
+HELD_OUT = torch.randint(1, 128, (16, 12), generator=torch.Generator().manual_seed(9))  # not calibrated on
+
+
+def held_out_error(setup, mode, **settings) -> float:
+    """Norm of the pruned model's logits minus the dense model's on HELD_OUT, refitted on MANY."""
+    model, _ = setup
+    with torch.no_grad():
+        return float((pruned(setup, mode, ridge=0.05, calibration=MANY, **settings)[1](HELD_OUT).logits
+                      - model(HELD_OUT).logits).norm())
+
+
+def test_the_stream_target_ends_closer_to_the_dense_model_than_the_output_target(setup):
+    errors = {t: held_out_error(setup, "lstsq", targets=("heads", "mlp"), target=t) for t in ("output", "stream")}
+    assert errors["stream"] < errors["output"]
 
 
 def test_bias_mode_keeps_the_sliced_weights_and_matches_the_mean(setup):
@@ -177,13 +224,7 @@ def test_heads_and_hidden_readers_are_refitted_too(setup):
 
 
 def test_reconstruction_lowers_the_output_error_on_held_out_text(setup):
-    model, _ = setup
-    many = torch.randint(1, 128, (160, 12), generator=torch.Generator().manual_seed(7))  # 1,920 tokens
-    ids = torch.randint(1, 128, (16, 12), generator=torch.Generator().manual_seed(9))  # not calibrated on
-    with torch.no_grad():
-        ref = model(ids).logits
-        errors = {m: float((pruned(setup, m, ridge=0.05, calibration=many)[1](ids).logits - ref).norm())
-                  for m in ("none", "bias", "lstsq")}
+    errors = {m: held_out_error(setup, m) for m in ("none", "bias", "lstsq")}
     assert errors["lstsq"] < errors["bias"] < errors["none"]
 
 
