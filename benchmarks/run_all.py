@@ -58,6 +58,8 @@ SECTIONS = [
     ("headline", "The headline call with nothing else given"),
     ("reconstruction_table", "Importance x reconstruction over calibration draws (issue 13)"),
     ("reconstruction_table_wikitext", "The same, calibrated on WikiText-2 validation text (issue 13)"),
+    ("reconstruction_table_stream", "Refit to the dense stream, obs + absolute allocation, in-domain (issue 13)"),
+    ("reconstruction_table_stream_c4", "Refit to the dense stream, C4 calibration: the default's setting (issue 13)"),
     ("reconstruction_cost", "Cost of the least-squares refit beside scoring (issue 13)"),
     ("e2e_smollm2", "Prune, recover, evaluate: perplexity and the seven tasks (issue 16)"),
 ]

@@ -89,7 +89,8 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
         if units and max(units) >= group.n_units:
             raise PlanError(f"plan keeps unit {max(units)} of group g{gid} which has {group.n_units} units")
         kept[group.atom_id] = units
-    mode = plan.config.reconstruct if reconstruct else "none"
+    # A plan that removes nothing has nothing to refit: it needs no calibration (PrunePlan.keep_all)
+    mode = plan.config.reconstruct if reconstruct and plan.kept else "none"
     if mode != "none":
         tok = find_tokenizer(model, tokenizer) if calibration is None else None
         batches = calibration if tok is None else default_calibration(tok, plan.config, plan.config.reconstruct_samples)

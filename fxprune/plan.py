@@ -60,7 +60,7 @@ class PrunePlan:
         """A plan that removes nothing: `apply` then gives the dense model as a fxprune program (a baseline
         for speed and numerics, e.g. the dense model's KV-cache generation)."""
         n = dg.num_parameters()
-        return cls(PruneConfig(), {}, {}, n, n, fingerprint(dg))
+        return cls(PruneConfig(reconstruct="none"), {}, {}, n, n, fingerprint(dg))
 
     @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
