@@ -279,6 +279,23 @@ def test_conv1d_input_statistics_are_those_of_its_input_not_its_bias():
     assert torch.allclose(stats.mean.double(), x.double().mean(0), atol=1e-6)
 
 
+def test_conv1d_gram_is_weighted_by_the_stream_after_its_biased_output():
+    """GPT-2's MLP c_proj: x is addmm's second argument, the output includes its bias, and the token weights
+    are 1 / mean square of the stream after the add (ln_2's input plus the output), as the refit's."""
+    from fxprune.scoring.activations import input_statistics
+    model, dg = analysed("gpt2", "sdpa")
+    block = model.transformer.h[1]
+    x = module_inputs(block.mlp.c_proj, lambda: model(CAL)).double()
+    stream = module_inputs(block.ln_2, lambda: model(CAL)).double()
+    out = x @ block.mlp.c_proj.weight.detach().double() + block.mlp.c_proj.bias.detach().double()
+    energy = 1.0 / (stream + out).pow(2).mean(-1)
+    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    name = "transformer.h.1.mlp.c_proj.weight"
+    stats = input_statistics(dg, CAL.split(4), {name}, gram={(name, 0)})[name]
+    assert stats.weight_scale == pytest.approx(float(energy.mean()), rel=1e-4)
+    assert torch.allclose(stats.gram.double(), (xa * energy[:, None]).t() @ xa / energy.mean(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_obs_scores_conv1d_and_parallel_residual_families(family):
     """obs reads each projection's Gram matrix weighted by the stream it is added to, when there is one."""

@@ -323,12 +323,13 @@ class ReconstructLayersPass(PassBase):
             own_residual = stream_like(own_residual, xp.numel() // xp.shape[-1], module.out_features)
             xp, xd = xp.reshape(-1, xp.shape[-1])[tokens], xd.reshape(-1, xd.shape[-1])[tokens]
             residual = None if residual is None else residual[tokens]
+            own_residual = None if own_residual is None else own_residual[tokens]
             dense_out = proj.output(xd)  # all rows: the residual stream's weights need the whole output
             y = dense_out if proj.rows is None else dense_out[:, proj.rows]
             if own_residual is not None and residual is not None:
                 # "stream": the output that makes the pruned stream after the add equal the dense one, so the
                 # fit also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
-                drift = own_residual[tokens].float() - (
+                drift = own_residual.float() - (
                     residual if proj.rows is None else residual[:, proj.rows]).float()
                 y = y - drift
             weights = token_weights(dense_out, residual if self.weighting == "residual" else None)

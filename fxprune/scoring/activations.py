@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fxprune.fx_util import get_attr_path
+from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
 from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
 from fxprune.scoring.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device
@@ -50,12 +52,14 @@ def gram_members(groups) -> set[tuple[str, int]]:
     return {(m.name, m.dim) for g in groups for m in g.members}
 
 
-def weighted_gram(x, weight, dim, residual, tokens, acc):
+def weighted_gram(x, weight, bias, dim, residual, tokens, acc):
     """(`acc` plus sum_t e_t [x_t, 1][x_t, 1]^T, sum_t e_t) for the inputs `x` [tokens, in] of the projection
-    of `weight`, e_t the token's `inverse_energy` (normalised once all batches are in)."""
+    of `weight` (and `bias` or None), e_t the token's `inverse_energy` (normalised once all batches are in)."""
     xf = x.float()
     w = weight.detach().float().to(xf.device)
     dense_out = xf @ (w.t() if dim == 1 else w)
+    if bias is not None:  # the refit's weights see the whole output, bias included
+        dense_out = dense_out + bias.detach().float().to(xf.device)
     residual = stream_like(residual, tokens.numel(), dense_out.shape[-1])
     if residual is not None:
         residual = residual[tokens]
@@ -76,6 +80,9 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     stops = projection_inputs(dg.gm, dg.aliases, names)
     gram = set(gram)
     partners = {n: residual_partner(n) for n, key in stops.items() if key in gram}
+    matcher = LiftLinearModulesPass()
+    biases = {key[0]: None if (b := matcher.match(dg.gm, n)[2]) is None else get_attr_path(dg.gm, b.target)
+              for n, key in stops.items() if key in gram}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
     for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
@@ -91,7 +98,7 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
             acc[1] = acc[1] + x.sum(0)
             acc[2] = acc[2] + x.pow(2).sum(0)
             if (name, dim) in gram:
-                acc[3] = weighted_gram(x, dg.parameters[name], dim, residual, tokens, acc[3])
+                acc[3] = weighted_gram(x, dg.parameters[name], biases[name], dim, residual, tokens, acc[3])
             if len(sums) == len(stops) and name == list(stops.values())[-1][0]:
                 break
         run.close()
