@@ -102,15 +102,30 @@ def test_refusals_write_nothing(tmp_path):
     assert (tmp_path / "d.gguf").read_bytes() == b"mine"
 
 
+def refitted(vocab_size=49152, ratio=0.01):
+    """A per-layer heads + MLP plan with the default least-squares refit: o_proj and down_proj gain biases.
+    (With llama.cpp's vocabulary the embedding is most of the tiny model: 1% is what heads and MLP allow.)"""
+    model = llama(vocab_size=vocab_size)
+    dg = fxprune.analyze(model)
+    calibration = torch.randint(0, vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    plan = fxprune.plan(model, ratio, scores=random_scores(dg, 4), dg=dg, allocation="global", reconstruct="lstsq",
+                        calibration=calibration)
+    return fxprune.apply(model, plan, dg=dg, calibration=calibration)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plan_kind", ["uniform", "per_layer"])
+@pytest.mark.parametrize("plan_kind", ["uniform", "per_layer", "refit"])
 def test_llama_cpp_reproduces_pruned_logits(tmp_path, plan_kind):
     import llama_cpp  # the optional extra: pip install -e '.[llamacpp]' (builds llama.cpp from source)
-    gm = non_uniform(49152, 0.3) if plan_kind == "per_layer" else uniform_plan(llama(vocab_size=49152), GQA_KEEP)[1]
+    gm = {"per_layer": lambda: non_uniform(49152, 0.3), "refit": refitted,
+          "uniform": lambda: uniform_plan(llama(vocab_size=49152), GQA_KEEP)[1]}[plan_kind]()
     widths = layer_widths(gm)
-    assert (widths[0] != widths[1]) == (plan_kind == "per_layer")  # the per-layer case really differs per layer
+    assert (widths[0] != widths[1]) == (plan_kind != "uniform")  # the per-layer cases really differ per layer
     path = fxprune.export_gguf(gm, tmp_path / "m.gguf", dtype="f32", tokenizer_gguf=embedded_gguf())
-    assert read(path)[0]["general.architecture"] == ("deci" if plan_kind == "per_layer" else "llama")
+    fields, tensors = read(path)
+    assert fields["general.architecture"] == ("llama" if plan_kind == "uniform" else "deci")
+    if plan_kind == "refit":  # the refit's biases travel, and llama.cpp must add them for the logits below to match
+        assert {"blk.0.attn_output.bias", "blk.0.ffn_down.bias"} <= set(tensors)
     tokens = [1, 523, 2001, 77, 4096, 31000, 12, 9]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(tokens)
@@ -121,3 +136,10 @@ def test_llama_cpp_reproduces_pruned_logits(tmp_path, plan_kind):
     err = float((got - expected).abs().max() / expected.abs().max())
     assert err < 1e-3, err
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    if plan_kind == "refit":  # and without its biases the model would be measurably another one
+        with torch.no_grad():
+            for name, p in gm.named_parameters():
+                if name.endswith(("o_proj.bias", "down_proj.bias")):
+                    p.zero_()
+            unbiased = gm(torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens), dtype=torch.long)).logits[0]
+        assert float((unbiased - expected).abs().max() / expected.abs().max()) > 10 * max(err, 1e-3)
