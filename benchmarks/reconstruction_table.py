@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
-from fxprune.config import REFIT_TARGETS
+from fxprune.config import REFIT_PRECISIONS, REFIT_TARGETS
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
@@ -88,7 +88,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
             for mode in todo:
                 cfg = base.__class__(**{**base.to_dict(), "ratio": ratio, "importance": importance,
                                         "allocation": allocation, "reconstruct": mode,
-                                        "refit_target": args.refit_target})
+                                        "refit_target": args.refit_target, "refit_precision": args.refit_precision})
                 plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
                 with Phase() as ap:
                     gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
@@ -130,7 +130,9 @@ def write_report(report, path: Path):
               f"{report['dense_ppl']:.2f}), mean [min-max] over calibration draws {draws} of "
               f"{s['calib_samples']} x {s['calib_len']} tokens of `{s.get('calib_source', 'c4/c4_sample.json')}` "
               f"(refit on {s.get('refit_samples') or s['calib_samples']} windows of the same draw, matching the dense "
-              f"{s.get('refit_target', 'output')}); targets "
+              f"{s.get('refit_target', 'output')}"
+              f"{', forward passes in ' + s['refit_precision'] if s.get('refit_precision', 'float32') != 'float32' else ''}"
+              "); targets "
               f"{' '.join(s['targets'])}; layers {report['protected']} protected; no tuning. Methods: importance "
               "(allocation uniform unless `+AL`, FLAP's adaptive allocation, or `+AB`, the absolute allocation: one "
               "ranking of obs's errors per parameter; hywia2: HyWIA with the paper's two granularities). Modes: "
@@ -224,6 +226,8 @@ def main(argv=None):
                    help="windows the reconstruction refits on (0: the scoring calibration itself)")
     p.add_argument("--refit-target", default=REFIT_TARGETS[0], choices=list(REFIT_TARGETS),
                    help="what the refit matches: the dense residual stream (default) or the dense output")
+    p.add_argument("--refit-precision", default=REFIT_PRECISIONS[0], choices=list(REFIT_PRECISIONS),
+                   help="the refit's forward passes in float32 (default) or under bfloat16 autocast (faster)")
     p.add_argument("--calib-source", default="c4/c4_sample.json",
                    help="calibration text under the data dir (a JSON of {text} records or a plain text file)")
     p.add_argument("--c4-eval", type=int, default=0,

@@ -100,7 +100,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
     gm = rewrite(dg, kept)
     if mode != "none":
         ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration_batch(batches), mode, plan.config.ridge,
-                              plan.config.weighting, plan.config.refit_target)(gm)
+                              plan.config.weighting, plan.config.refit_target, plan.config.refit_precision)(gm)
     gm.meta[PLAN_KEY] = plan
     gm.meta[BASE_KEY] = base_description(model)  # what save() needs to rebuild the architecture
     return gm

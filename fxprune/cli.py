@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fxprune.capture import CaptureError
-from fxprune.config import ALLOCATIONS, RECONSTRUCTIONS, TARGETS
+from fxprune.config import ALLOCATIONS, RECONSTRUCTIONS, REFIT_PRECISIONS, TARGETS
 from fxprune.tasks import TASKS
 
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
@@ -97,6 +97,10 @@ def prune_config(args):
         options["protect_layers"] = tuple(args.protect) or None
     if args.round_to is not None:
         options["round_to"] = None if args.round_to == "none" else args.round_to
+    if args.refit_samples is not None:
+        options["reconstruct_samples"] = args.refit_samples
+    if args.refit_precision is not None:
+        options["refit_precision"] = args.refit_precision
     return fxprune.PruneConfig(ratio=args.ratio, targets=tuple(args.targets), uniform_widths=args.uniform_widths,
                                calibration_samples=args.calib_samples, calibration_len=args.calib_len,
                                batch_size=args.batch, **options)
@@ -242,6 +246,11 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--reconstruct", default=None, choices=list(RECONSTRUCTIONS),
                    help="refit the projections that lost inputs on the calibration text so the residual stream "
                         "matches the dense model's (default: lstsq; none skips it, see docs/reconstruction.md)")
+    r.add_argument("--refit-samples", type=int, default=None,
+                   help="calibration windows the refit reads (default: 64); more fit better and cost forward passes")
+    r.add_argument("--refit-precision", default=None, choices=list(REFIT_PRECISIONS),
+                   help="the refit's forward passes in float32 (default) or under bfloat16 autocast: about as good, "
+                        "several times faster on a CPU with bfloat16 instructions (docs/reconstruction.md)")
     r.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
                    help="how widths are shared out between layers (default: uniform; absolute ranks obs's "
                         "errors across layers, see docs/reconstruction.md)")

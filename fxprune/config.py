@@ -14,6 +14,7 @@ RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_l
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)
 REFIT_TARGETS = ("stream", "output")  # what the refit matches: the dense residual stream, or the dense output only
+REFIT_PRECISIONS = ("float32", "bfloat16")  # what the refit's forward passes compute in (its fits stay float64)
 AUTO = "auto"
 
 
@@ -33,6 +34,7 @@ class PruneConfig:
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     refit_target: str = "stream"  # stream: also take back the drift earlier layers left in the stream it is added to
+    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, ~2.8x faster on a bf16 CPU
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
@@ -71,6 +73,8 @@ class PruneConfig:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.refit_target not in REFIT_TARGETS:
             raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {self.refit_target!r}")
+        if self.refit_precision not in REFIT_PRECISIONS:
+            raise ValueError(f"refit_precision must be one of {REFIT_PRECISIONS}, got {self.refit_precision!r}")
         if self.reconstruct_samples < 1:
             raise ValueError(f"reconstruct_samples must be >= 1, got {self.reconstruct_samples!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2:

@@ -103,8 +103,8 @@ def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, caps
 
 def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, capsys):
     """The documented in-domain recipe: `--importance obs --allocation absolute --calib-data my_text.txt
-    --reconstruct lstsq` scores and refits on windows of that text (the refit on `reconstruct_samples` of
-    them), and the saved model keeps the refit."""
+    --reconstruct lstsq` scores and refits on windows of that text (the refit on `--refit-samples` of them,
+    its forward passes in `--refit-precision`), and the saved model keeps the refit."""
     import fxprune
     from fxprune.data import calibration_samples
     monkeypatch.delenv(DATA_ENV, raising=False)
@@ -120,12 +120,14 @@ def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, ca
     out = tmp_path / "pruned"
     assert cli.main(["prune", str(model_dir), "--importance", "obs", "--allocation", "absolute", "--calib-data",
                      str(text), "--reconstruct", "lstsq", "--calib-samples", "4", "--calib-len", "32",
+                     "--refit-samples", "6", "--refit-precision", "bfloat16",
                      "--eval-tokens", "0", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert str(text) in printed and "absolute" in printed   # the report names the allocation it used
     tok = tiny_tokenizer()
     cfg = seen["config"]
     assert (cfg.importance, cfg.allocation, cfg.reconstruct) == ("obs", "absolute", "lstsq")
+    assert (cfg.reconstruct_samples, cfg.refit_precision) == (6, "bfloat16")
     # both draws are windows of the user's text (the refit's `reconstruct_samples` of them), not the packaged sample
     expected = calibration_samples(text, tok, n_samples=cfg.reconstruct_samples, seq_len=32)
     assert torch.equal(seen["refit_calibration"], expected)

@@ -134,7 +134,7 @@ def test_rounded_mlp_widths_stay_multiples_where_the_top_up_meets_the_ratio(allo
 
 
 @pytest.mark.parametrize("field,value", [("reconstruct", "ols"), ("weighting", "sink"), ("refit_target", "logits"),
-                                         ("ridge", -1)])
+                                         ("ridge", -1), ("refit_precision", "float16")])
 def test_bad_reconstruction_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field} must be"):
         PruneConfig(**{field: value})

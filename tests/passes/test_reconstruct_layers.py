@@ -21,14 +21,15 @@ def setup():
 _CACHE = {}
 
 
-def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL, weighting="uniform", target="stream"):
+def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL, weighting="uniform", target="stream",
+           precision="float32"):
     """(plan, pruned gm), made once per setting: the tests only read them."""
-    key = (mode, ridge, targets, ratio, calibration.shape, weighting, target)
+    key = (mode, ridge, targets, ratio, calibration.shape, weighting, target, precision)
     if key not in _CACHE:
         model, dg = setup
         plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, 1), dg=dg, allocation="global",
                             reconstruct=mode, ridge=ridge, weighting=weighting, calibration=calibration,
-                            refit_target=target)
+                            refit_target=target, refit_precision=precision)
         _CACHE[key] = plan, fxprune.apply(model, plan, calibration=calibration, dg=dg)
     return _CACHE[key]
 
@@ -294,3 +295,39 @@ def test_stepping_stops_after_the_last_projection_it_was_asked_for():
         torch.fx.Interpreter.run_node = orig
     assert seen == [("a", (3, 4)), ("b", (3, 4))]
     assert ran == ["a", "relu"]  # neither b nor what follows it ran
+
+
+def test_bfloat16_forward_passes_refit_about_as_float32_does_with_the_fits_in_full_precision(setup):
+    """precision="bfloat16": the graphs' matmuls under autocast, the sums and solves not (their weights and biases
+    stay float32 and land within bfloat16's rounding of the float32 refit, yet not on it)."""
+    ratio = 0.3
+    _, exact = pruned(setup, "lstsq", ridge=0.1, ratio=ratio)
+    plan, fast = pruned(setup, "lstsq", ridge=0.1, ratio=ratio, precision="bfloat16")
+    assert plan.config.refit_precision == "bfloat16"
+    for name, p in fast.named_parameters():
+        if name.endswith(("down_proj.weight", "down_proj.bias")):
+            q = exact.get_parameter(name)
+            assert p.dtype == torch.float32
+            assert 0 < rel_err(p, q) < 0.05, (name, rel_err(p, q))
+
+
+def test_autocast_covers_only_the_forward_steps():
+    """The items come from autocast-ed matmuls; the caller's work between two items runs without autocast."""
+    from fxprune.passes.reconstruct_layers import autocast_steps, step
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    gm = torch.fx.symbolic_trace(Net())
+    stops = {n: n.name for n in gm.graph.nodes if n.target == "b"}  # b's input is a's output
+    seen = []
+    for _, x, _ in autocast_steps(step(gm, {"x": torch.randn(3, 4)}, stops), "cpu", torch.bfloat16):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+    assert seen == [(torch.bfloat16, False)]
+    (_, x, _), = list(autocast_steps(step(gm, {"x": torch.randn(3, 4)}, stops), "cpu", None))
+    assert x.dtype == torch.float32
