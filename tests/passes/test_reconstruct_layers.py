@@ -271,19 +271,20 @@ def test_kv_cache_generation_uses_the_refitted_weights_and_biases(setup):
     assert torch.equal(cached, recomputed)
 
 
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.special.entr(self.b(torch.relu(self.a(x))))
+
+
 def test_stepping_stops_after_the_last_projection_it_was_asked_for():
     """The refit never runs what follows its last projection (a large vocabulary's logits, say)."""
     from fxprune.passes.reconstruct_layers import step
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            return torch.special.entr(self.b(torch.relu(self.a(x))))
-
-    gm = torch.fx.symbolic_trace(Net())
+    gm = torch.fx.symbolic_trace(TwoLinears())
     ran = []
     orig = torch.fx.Interpreter.run_node
     torch.fx.Interpreter.run_node = lambda self, n: ran.append(n.name) or orig(self, n)
@@ -315,16 +316,8 @@ def test_autocast_covers_only_the_forward_steps():
     """The items come from autocast-ed matmuls; the caller's work between two items runs without autocast."""
     from fxprune.passes.reconstruct_layers import autocast_steps, step
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
-    gm = torch.fx.symbolic_trace(Net())
-    stops = {n: n.name for n in gm.graph.nodes if n.target == "b"}  # b's input is a's output
+    gm = torch.fx.symbolic_trace(TwoLinears())
+    stops = {n: n.name for n in gm.graph.nodes if n.target == "b"}  # b reads relu(a(x))
     seen = []
     for _, x, _ in autocast_steps(step(gm, {"x": torch.randn(3, 4)}, stops), "cpu", torch.bfloat16):
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
