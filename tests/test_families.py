@@ -298,13 +298,24 @@ def test_conv1d_gram_is_weighted_by_the_stream_after_its_biased_output():
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_obs_scores_conv1d_and_parallel_residual_families(family):
-    """obs reads each projection's Gram matrix weighted by the stream it is added to, when there is one."""
+    """obs reads each projection's Gram matrix weighted by the stream it is added to, when there is one; each
+    MLP group's scores are the greedy OBS errors of its down projection, the weight read as [out, in] (GPT-2's
+    Conv1D stores it [in, out]), in the units of the normalised stream."""
     from fxprune.plan import target_groups
     from fxprune.scoring import score
     from fxprune.scoring.activations import gram_members, input_statistics
     from fxprune.scoring.gradients import member_names
+    from fxprune.scoring.obs import greedy_scores
     model, dg = analysed(family, "sdpa")
     groups = target_groups(dg, fxprune.PruneConfig(ratio=0.2))
     stats = input_statistics(dg, CAL.split(4), member_names(dg, groups), gram=gram_members(groups))
     scores = score(dg, groups, "obs", CAL.split(4), inputs=stats)
     assert all(torch.isfinite(scores[g.id]).all() for g in groups if g.kind in ("mlp", "heads"))
+    mlp = [g for g in groups if g.kind == "mlp"]
+    assert mlp
+    for g in mlp:
+        (member,) = [m for m in g.members if m.name in stats and stats[m.name].dim == m.dim]  # the down projection
+        weight = dg.parameters[member.name].detach()
+        weight = weight.t() if member.dim == 0 else weight
+        expected = greedy_scores(weight, stats[member.name].gram, member.unit_of, g.n_units, 0.01)
+        assert torch.allclose(scores[g.id], expected * stats[member.name].weight_scale, rtol=1e-5)

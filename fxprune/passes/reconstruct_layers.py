@@ -63,6 +63,10 @@ class Projection:
         y = xd.float() @ self.dense_weight.t().float()
         return y if self.dense_bias is None else y + self.dense_bias.float()
 
+    def kept_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The columns of `t` [tokens, out] at the kept output positions."""
+        return t if self.rows is None else t[:, self.rows]
+
 
 def first_projections(gm: torch.fx.GraphModule):
     """(node, name the weight is read under, weight node, bias node or None, weight stored [in, out]) for
@@ -351,13 +355,11 @@ class ReconstructLayersPass(PassBase):
             residual = None if residual is None else residual[tokens]
             own_residual = None if own_residual is None else own_residual[tokens]
             dense_out = proj.output(xd)  # all rows: the residual stream's weights need the whole output
-            y = dense_out if proj.rows is None else dense_out[:, proj.rows]
+            y = proj.kept_rows(dense_out)
             if own_residual is not None and residual is not None:
                 # "stream": the output that makes the pruned stream after the add equal the dense one, so the
                 # fit also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
-                drift = own_residual.float() - (
-                    residual if proj.rows is None else residual[:, proj.rows]).float()
-                y = y - drift
+                y = y - (own_residual.float() - proj.kept_rows(residual).float())
             weights = token_weights(dense_out, residual if self.weighting == "residual" else None)
             weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, self.mode, self.ridge,
                                                    weights, held_out)

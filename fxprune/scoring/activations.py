@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from fxprune.fx_util import get_attr_path
-from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
 from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
 from fxprune.scoring.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device
@@ -35,14 +34,14 @@ class InputStats:
     weight_scale: float = 1.0
 
 
-def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple[str, int]]:
-    """The first projection node reading each weight (canonical name, input dim of the weight)."""
+def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple]:
+    """The first projection node reading each weight: (canonical name, input dim of the weight, bias node or None)."""
     out, seen = {}, set()
-    for node, name, _, _, transposed in first_projections(gm):
+    for node, name, _, bias, transposed in first_projections(gm):
         name = aliases.get(name, name)
         if (names is None or name in names) and name not in seen:
             seen.add(name)
-            out[node] = (name, 0 if transposed else 1)
+            out[node] = (name, 0 if transposed else 1, bias)
     return out
 
 
@@ -77,12 +76,11 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     (weight name, dim) pairs whose projection, when `dim` is its input dimension, also gets the weighted
     Gram matrix of its inputs (the refit-aware estimator reads it; [in, in] floats each, so only where
     asked). The token weights are the refit's, so that both weigh an output error alike."""
-    stops = projection_inputs(dg.gm, dg.aliases, names)
+    found = projection_inputs(dg.gm, dg.aliases, names)
+    stops = {n: (name, dim) for n, (name, dim, _) in found.items()}
     gram = set(gram)
     partners = {n: residual_partner(n) for n, key in stops.items() if key in gram}
-    matcher = LiftLinearModulesPass()
-    biases = {key[0]: None if (b := matcher.match(dg.gm, n)[2]) is None else get_attr_path(dg.gm, b.target)
-              for n, key in stops.items() if key in gram}
+    biases = {name: None if b is None else get_attr_path(dg.gm, b.target) for name, _, b in found.values()}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
     for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
@@ -90,7 +88,7 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
         ids, mask = ids.to(device), mask.to(device)
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        run = step(dg.gm, inputs, {n: key for n, key in stops.items()}, partners)
+        run = step(dg.gm, inputs, stops, partners)
         for (name, dim), x, residual in run:
             x = x.reshape(-1, x.shape[-1])[tokens].double()
             acc = sums.setdefault(name, [0, 0.0, 0.0, None])

@@ -34,12 +34,10 @@ def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL,
     return _CACHE[key]
 
 
-inputs_of = module_inputs
-
 
 def dense_io(model, layer):
     proj = model.model.layers[layer].mlp.down_proj
-    x = inputs_of(proj, lambda: model(CAL))
+    x = module_inputs(proj, lambda: model(CAL))
     return x, x @ proj.weight.detach().t()
 
 
@@ -125,7 +123,7 @@ def test_later_layers_are_fitted_on_the_pruned_models_own_activations(setup):
     model, _ = setup
     _, gm = pruned(setup, "lstsq", target="output")
     down = gm.get_submodule("model.layers.1.mlp.down_proj")
-    xp = inputs_of(down, lambda: gm(CAL))  # the reconstructed model's input to layer 1's down_proj
+    xp = module_inputs(down, lambda: gm(CAL))  # the reconstructed model's input to layer 1's down_proj
     _, y = dense_io(model, 1)
     w, b = closed_form(xp, y)
     assert torch.allclose(down.weight.double(), w, atol=1e-4) and torch.allclose(down.bias.double(), b, atol=1e-4)
@@ -155,7 +153,7 @@ def test_the_stream_target_also_takes_back_the_drift_earlier_layers_left_in_the_
     model, dg = setup
     _, gm = pruned(setup, "lstsq")  # target "stream", the default
     down = gm.get_submodule("model.layers.1.mlp.down_proj")
-    xp = inputs_of(down, lambda: gm(CAL))
+    xp = module_inputs(down, lambda: gm(CAL))
     _, y = dense_io(model, 1)
     drift = stream_before_mlp_add(gm, 1) - stream_before_mlp_add(dg.gm, 1)  # layer 0's pruned MLP moved it
     assert drift.norm() > 1e-3 * y.norm()
