@@ -41,6 +41,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
     import fxprune
     from fxprune.data import calibration_samples
     from fxprune.plan import target_groups
+    from fxprune.refit_validation import choose_after_refit
     from fxprune.scoring import HyWIA, compute_gradients, hywia, score
     from fxprune.scoring.activations import gram_members, input_statistics
     from fxprune.scoring.gradients import member_names
@@ -75,7 +76,8 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
             with Phase() as sp:
                 chosen = {}
                 if importance.startswith("hywia"):
-                    importance = HyWIA(**PAPER_PAIR) if importance == "hywia2" else HyWIA()
+                    importance = HyWIA(**({**PAPER_PAIR} if importance == "hywia2" else {}),
+                                       after_refit=args.hywia_after_refit)
                     res = hywia(dg, groups, calib.split(8), ratio=ratio, gradients=shared.get("gradients"),
                                 inputs=shared.get("inputs"), settings=importance)
                     scores = res.scores
@@ -89,13 +91,20 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                 cfg = base.__class__(**{**base.to_dict(), "ratio": ratio, "importance": importance,
                                         "allocation": allocation, "reconstruct": mode,
                                         "refit_target": args.refit_target, "refit_precision": args.refit_precision})
-                plan = fxprune.plan(model, config=cfg, scores=scores, dg=dg)
+                plan_scores, judged = scores, chosen
+                if chosen and mode != "none" and importance.after_refit:  # as fxprune.plan does when it refits
+                    with Phase() as vp:
+                        pick = choose_after_refit(dg, cfg, res.candidates(), calib.split(8), importance.holdout)
+                    plan_scores = pick.scores
+                    judged = {"choice": pick.name, "validation": pick.losses, "judged": "after refit",
+                              "validation_s": vp.wall_s}
+                plan = fxprune.plan(model, config=cfg, scores=plan_scores, dg=dg)
                 with Phase() as ap:
                     gm = fxprune.apply(model, plan, calibration=refit, dg=dg)
                 ppl = {ppl_key(k): perplexity(gm, w) for k, w in windows.items()}
                 cells[f"{method}/{mode}/{ratio}/{draw}"] = {
                     **ppl, "removed": plan.removed_fraction, "params_after": plan.params_after,
-                    "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb, **chosen}
+                    "score_s": sp.wall_s, "apply_s": ap.wall_s, "apply_peak_gb": ap.peak_gb, **judged}
                 log(f"{method:9s} {mode:5s} r={ratio} draw {draw}: apply {ap.wall_s:5.1f} s  removed "
                     f"{plan.removed_fraction:.4f}" + "".join(f"  {k} {v:.2f}" for k, v in ppl.items()))
                 save()
@@ -145,13 +154,16 @@ def write_report(report, path: Path):
                   "calibration source is not the C4 sample.", "",
                   md_table(["method", "reconstruction"] + [f"{r:.0%}" for r in ratios],
                            summary(cells, methods, modes, ratios, draws, "ppl_c4")), ""]
-    chosen = sorted({(m, float(r), int(d)): c for (m, _, r, d), c in measured.items() if "choice" in c}.items())
+    chosen = sorted({(m, o, float(r), int(d)): c for (m, o, r, d), c in measured.items() if "choice" in c}.items())
     if chosen:
-        lines += ["HyWIA's validated choice (the ranking returned; mean LM loss of each candidate's pruned model on "
-                  "the held-out quarter of the calibration rows, the lowest wins):", "",
-                  md_table(["method", "ratio", "draw", "choice", "held-out losses"],
-                           [[m, f"{r:.0%}", d, c["choice"], ", ".join(f"{k} {v:.4f}" for k, v in c["validation"].items())]
-                            for (m, r, d), c in chosen]), ""]
+        lines += ["HyWIA's validated choice (the ranking returned, and the mean LM loss of each candidate's pruned "
+                  "model on the held-out quarter of the calibration rows, the lowest wins; judged masked, the "
+                  "units zeroed at their output projection, or after the plan's refit on the other rows, as "
+                  "`fxprune.plan` does when it refits):", "",
+                  md_table(["method", "reconstruction", "ratio", "draw", "judged", "choice", "held-out losses"],
+                           [[m, o, f"{r:.0%}", d, c.get("judged", "masked"), c["choice"],
+                             ", ".join(f"{k} {v:.4f}" for k, v in c["validation"].items())]
+                            for (m, o, r, d), c in chosen]), ""]
     cost = [(k, f"{v['s']:.1f} s", f"{v['peak_gb']:.2f} GB") for k, v in cells.get("_cost", {}).items()]
     for m in modes:
         applies = [c for k, c in measured.items() if k[1] == m]
@@ -226,6 +238,8 @@ def main(argv=None):
                    help="windows the reconstruction refits on (0: the scoring calibration itself)")
     p.add_argument("--refit-target", default=REFIT_TARGETS[0], choices=list(REFIT_TARGETS),
                    help="what the refit matches: the dense residual stream (default) or the dense output")
+    p.add_argument("--hywia-after-refit", action="store_true",
+                   help="judge HyWIA's candidates after the refit (HyWIA(after_refit=True)) in the refit modes")
     p.add_argument("--refit-precision", default=REFIT_PRECISIONS[0], choices=list(REFIT_PRECISIONS),
                    help="the refit's forward passes in float32 (default) or under bfloat16 autocast (faster)")
     p.add_argument("--calib-source", default="c4/c4_sample.json",

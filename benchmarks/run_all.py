@@ -60,6 +60,9 @@ SECTIONS = [
     ("reconstruction_table_wikitext", "The same, calibrated on WikiText-2 validation text (issue 13)"),
     ("reconstruction_table_stream", "Refit to the dense stream, obs + absolute allocation, in-domain (issue 13)"),
     ("reconstruction_table_stream_c4", "Refit to the dense stream, C4 calibration: the default's setting (issue 13)"),
+    ("reconstruction_table_stream_c4_refitchoice", "HyWIA validated after the refit (an option), C4 calibration (issue 13)"),
+    ("reconstruction_table_stream_bf16_refit160", "Best configuration: obs + absolute, 160 bfloat16 refit windows (issue 13)"),
+    ("reconstruction_table_stream_bf16_refit160_eval20k", "The same on the first 20,480 tokens, the goals' span (issue 13)"),
     ("reconstruction_cost", "Cost of the least-squares refit beside scoring (issue 13)"),
     ("e2e_smollm2", "Prune, recover, evaluate: perplexity and the seven tasks (issue 16)"),
 ]

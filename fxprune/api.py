@@ -8,9 +8,8 @@ import torch
 from fxprune.analyze import analyze
 from fxprune.config import PruneConfig
 from fxprune.defaults import calibration_batch, default_calibration, find_tokenizer, resolve_data
-from fxprune.passes.reconstruct_layers import ReconstructLayersPass
 from fxprune.plan import PlanError, PrunePlan, fingerprint, make_plan, target_groups
-from fxprune.rewrite import rewrite
+from fxprune.rewrite import prune
 
 PLAN_KEY = "fxprune.plan"
 BASE_KEY = "fxprune.base"
@@ -57,15 +56,22 @@ def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig
     to the scorer as they are (see `fxprune.scoring.score`).
     """
     cfg = _config(ratio, config, options)
-    from fxprune.scoring import ESTIMATORS, as_method, score
+    from fxprune.refit_validation import choose_after_refit
+    from fxprune.scoring import ESTIMATORS, HyWIA, as_method, hywia, score
     method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # a bad name fails before the analysis
     cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=scores is not None, draw=scores is None)
     dg = dg or analyze(model, example_inputs)
     if scores is None:
         method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # the data-free fallback, if it applied
-        scores = score(dg, target_groups(dg, cfg), method=method, calibration=batches,
-                       aggregation=cfg.aggregation, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                       dtype=dtype, checkpoint=checkpoint, gradients=gradients, ratio=cfg.ratio)
+        groups = target_groups(dg, cfg)
+        common = dict(aggregation=cfg.aggregation, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                      dtype=dtype, checkpoint=checkpoint, gradients=gradients, ratio=cfg.ratio)
+        if isinstance(method, HyWIA) and method.validate and method.after_refit and cfg.reconstruct != "none":
+            # HyWIA's candidates are judged after the refit this plan will get (fxprune/refit_validation.py)
+            result = hywia(dg, groups, batches, settings=dataclasses.replace(method, validate=False), **common)
+            scores = choose_after_refit(dg, cfg, result.candidates(), batches, method.holdout).scores
+        else:
+            scores = score(dg, groups, method=method, calibration=batches, **common)
     return make_plan(dg, cfg, scores)
 
 
@@ -83,24 +89,21 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
     if fingerprint(dg) != plan.fingerprint:
         raise PlanError(f"this plan was made for another model (fingerprint {plan.fingerprint}, "
                         f"{type(model).__name__} has {fingerprint(dg)})")
-    kept = {}
     for gid, units in plan.units.items():
         group = dg.groups[gid]
         if units and max(units) >= group.n_units:
             raise PlanError(f"plan keeps unit {max(units)} of group g{gid} which has {group.n_units} units")
-        kept[group.atom_id] = units
     # A plan that removes nothing has nothing to refit: it needs no calibration (PrunePlan.keep_all)
     mode = plan.config.reconstruct if reconstruct and plan.kept else "none"
+    batches = None
     if mode != "none":
         tok = find_tokenizer(model, tokenizer) if calibration is None else None
         batches = calibration if tok is None else default_calibration(tok, plan.config, plan.config.reconstruct_samples)
         if batches is None:
             raise PlanError(f"the plan asks for reconstruct={mode!r}, which needs calibration: pass calibration= "
                             "(token ids) or tokenizer= to apply, or plan with reconstruct='none'")
-    gm = rewrite(dg, kept)
-    if mode != "none":
-        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration_batch(batches), mode, plan.config.ridge,
-                              plan.config.weighting, plan.config.refit_target, plan.config.refit_precision)(gm)
+        batches = calibration_batch(batches)
+    gm = prune(dg, plan, batches)
     gm.meta[PLAN_KEY] = plan
     gm.meta[BASE_KEY] = base_description(model)  # what save() needs to rebuild the architecture
     return gm

@@ -10,6 +10,7 @@ from fxprune.passes.contracts import check_graph
 from fxprune.passes.insert_gathers import InsertGathersPass
 from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
+from fxprune.passes.reconstruct_layers import ReconstructLayersPass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
 from fxprune.passes.slice_parameters import SliceParametersPass
 
@@ -65,4 +66,16 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> 
     manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
     gm = manager(gm).graph_module
     gm.recompile()
+    return gm
+
+
+def prune(dg: DependencyGraph, plan, calibration=None) -> torch.fx.GraphModule:
+    """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` (a LongTensor
+    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction."""
+    kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
+    gm = rewrite(dg, kept)
+    cfg = plan.config
+    if calibration is not None and cfg.reconstruct != "none" and plan.kept:
+        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, cfg.reconstruct, cfg.ridge, cfg.weighting,
+                              cfg.refit_target, cfg.refit_precision)(gm)
     return gm

@@ -48,7 +48,8 @@ def test_every_scorer_setting_reaches_score(analysed, monkeypatch):
 
     monkeypatch.setattr(fxprune.scoring, "score", fake_score)
     calibration, grads = [torch.zeros(2, 4, dtype=torch.long)], object()
-    cfg = PruneConfig(ratio=0.2, importance=HyWIA(steps=3, lr=0.2), aggregation="max", seed=5, batch_size=4)
+    cfg = PruneConfig(ratio=0.2, importance=HyWIA(steps=3, lr=0.2), aggregation="max", seed=5, batch_size=4,
+                      reconstruct="none")  # HyWIA(after_refit=True) with a refit: the test below
     fxprune.plan(model, cfg, calibration=calibration, dg=dg, gradients=grads, device="cpu", dtype=torch.float64,
                  checkpoint=3)
     assert seen["dg"] is dg and seen["method"] == HyWIA(steps=3, lr=0.2)
@@ -56,6 +57,39 @@ def test_every_scorer_setting_reaches_score(analysed, monkeypatch):
         "aggregation": "max", "seed": 5, "batch_size": 4, "device": "cpu", "dtype": torch.float64, "checkpoint": 3,
         "ratio": 0.2}
     assert seen["calibration"] is calibration and seen["gradients"] is grads
+
+
+def test_every_scorer_setting_reaches_hywia_when_the_plan_refits(analysed, monkeypatch):
+    import fxprune.refit_validation
+    import fxprune.scoring
+    from fxprune.refit_validation import RefitChoice
+    from fxprune.scoring import HyWIAResult
+    model, dg = analysed
+    seen, chosen = {}, random_scores(dg)
+
+    def fake_hywia(dg_, groups, calibration, **kwargs):
+        seen.update(kwargs, dg=dg_, calibration=calibration)
+        return HyWIAResult({}, {}, {"fine": random_scores(dg_)}, learned=random_scores(dg_))
+
+    def fake_choice(dg_, cfg, candidates, calibration, holdout):
+        seen.update(candidates=set(candidates), holdout=holdout, choice_calibration=calibration)
+        return RefitChoice("fine", chosen, {})
+
+    monkeypatch.setattr(fxprune.scoring, "hywia", fake_hywia)
+    monkeypatch.setattr(fxprune.refit_validation, "choose_after_refit", fake_choice)
+    calibration, grads = [torch.zeros(2, 4, dtype=torch.long)], object()
+    cfg = PruneConfig(ratio=0.2, importance=HyWIA(steps=3, lr=0.2, holdout=0.5, after_refit=True), aggregation="max",
+                      seed=5, batch_size=4)
+    plan = fxprune.plan(model, cfg, calibration=calibration, dg=dg, gradients=grads, device="cpu",
+                        dtype=torch.float64, checkpoint=3)
+    assert seen["settings"] == HyWIA(steps=3, lr=0.2, holdout=0.5, after_refit=True, validate=False)  # refit validates
+    assert {k: seen[k] for k in ("aggregation", "seed", "batch_size", "device", "dtype", "checkpoint", "ratio")} == {
+        "aggregation": "max", "seed": 5, "batch_size": 4, "device": "cpu", "dtype": torch.float64, "checkpoint": 3,
+        "ratio": 0.2}
+    assert seen["calibration"] is calibration and seen["gradients"] is grads
+    assert seen["candidates"] == {"learned", "fine"} and seen["holdout"] == 0.5
+    assert seen["choice_calibration"] is calibration
+    assert plan.units == fxprune.plan(model, cfg, scores=chosen, dg=dg, calibration=calibration).units
 
 
 def test_a_bad_importance_is_refused_before_the_analysis(monkeypatch):

@@ -29,7 +29,9 @@ alone, e.g. alpha_fine = 1: element1's ranking) prune the model (hard masks); th
 mean LM loss on the held-out calibration rows is returned (`validation` holds every loss, `choice` the
 winner). The last `holdout` fraction of the calibration rows is kept out of the attention's training
 for that (the gradients and activation statistics behind the granularities still use every row), so
-the choice is not made on the rows the blend was fitted to.
+the choice is not made on the rows the blend was fitted to. This masked validation is what `score` and
+`hywia` do; `fxprune.plan`, when its plan refits the pruned projections, judges the same candidates
+(`HyWIAResult.candidates`) after that refit instead (`fxprune.refit_validation`, `HyWIA.after_refit`).
 """
 from __future__ import annotations
 
@@ -72,6 +74,11 @@ class HyWIAResult:
     losses: list[float] = field(default_factory=list)  # masked LM loss at each step
     validation: dict = field(default_factory=dict)     # held-out loss of the pruned model: "learned" and each corner
     choice: str = "learned"                  # what was returned: "learned" or the winning corner's granularity
+    learned: dict[int, torch.Tensor] = field(default_factory=dict)  # the learned blend, whatever was returned
+
+    def candidates(self) -> dict[str, dict[int, torch.Tensor]]:
+        """What a validation chooses from: the learned blend and each granularity alone (a corner)."""
+        return {"learned": self.learned or self.scores, **self.levels}
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -151,7 +158,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     run = lambda tensors, ids, attn: lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn)
     losses = _train(attention, masker, samples, settings, device, run)
     with torch.no_grad():
-        scores = {g.id: attention.blended(g).detach().cpu() for g in groups}
+        scores = learned = {g.id: attention.blended(g).detach().cpu() for g in groups}
         alpha = {g.id: attention.weights(g).detach().cpu() for g in groups}
         validation, choice = {}, "learned"
         if settings.validate and masker.maskable and samples:
@@ -167,7 +174,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
                 scores = {g.id: levels[choice][g.id].clone() for g in groups}
                 corner = torch.tensor([float(k == choice) for k in kinds])
                 alpha = {g.id: corner.clone() for g in groups}
-    return HyWIAResult(scores, alpha, levels, losses, validation, choice)
+    return HyWIAResult(scores, alpha, levels, losses, validation, choice, learned)
 
 
 def split_rows(pairs, holdout: float):
