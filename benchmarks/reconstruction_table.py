@@ -76,7 +76,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
             with Phase() as sp:
                 chosen = {}
                 if importance.startswith("hywia"):
-                    importance = HyWIA(**({**PAPER_PAIR} if importance == "hywia2" else {}),
+                    importance = HyWIA(**(PAPER_PAIR if importance == "hywia2" else {}),
                                        after_refit=args.hywia_after_refit)
                     res = hywia(dg, groups, calib.split(8), ratio=ratio, gradients=shared.get("gradients"),
                                 inputs=shared.get("inputs"), settings=importance)
