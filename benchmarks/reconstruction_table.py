@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
@@ -78,8 +79,10 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                 if importance.startswith("hywia"):
                     importance = HyWIA(**(PAPER_PAIR if importance == "hywia2" else {}),
                                        after_refit=args.hywia_after_refit)
+                    # the masked validation only decides the cells without a refit when the refit judges the rest
+                    masked = "none" in todo or not importance.after_refit
                     res = hywia(dg, groups, calib.split(8), ratio=ratio, gradients=shared.get("gradients"),
-                                inputs=shared.get("inputs"), settings=importance)
+                                inputs=shared.get("inputs"), settings=replace(importance, validate=masked))
                     scores = res.scores
                     chosen = {"choice": res.choice, "validation": res.validation}  # which ranking won, and why
                 else:
@@ -92,7 +95,7 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                                         "allocation": allocation, "reconstruct": mode,
                                         "refit_target": args.refit_target, "refit_precision": args.refit_precision})
                 plan_scores, judged = scores, chosen
-                if chosen and mode != "none" and importance.after_refit:  # as fxprune.plan does when it refits
+                if isinstance(importance, HyWIA) and importance.after_refit and mode != "none":  # as fxprune.plan
                     with Phase() as vp:
                         pick = choose_after_refit(dg, cfg, res.candidates(), calib.split(8), importance.holdout)
                     plan_scores = pick.scores

@@ -57,7 +57,7 @@ def choose_after_refit(dg: DependencyGraph, cfg: PruneConfig, candidates: dict[s
                          "reconstruct='none'")
     train, held = split_rows(batches(calibration, vocab_size(dg)), holdout)
     held = held or train  # one calibration row (or holdout=0): judged on the rows it was fitted on, as HyWIA does
-    fit = calibration_batch([ids if mask is None else {"input_ids": ids, "attention_mask": mask} for ids, mask in train])
+    fit = calibration_batch([{"input_ids": ids, "attention_mask": mask} for ids, mask in train])  # one padded batch
     losses, seen = {}, {}
     for name, scores in candidates.items():
         plan = make_plan(dg, cfg, scores)
@@ -68,4 +68,3 @@ def choose_after_refit(dg: DependencyGraph, cfg: PruneConfig, candidates: dict[s
         losses[name] = seen[key]
     name = min(losses, key=lambda k: (losses[k], k != "learned"))
     return RefitChoice(name, candidates[name], losses)
-
