@@ -378,7 +378,12 @@ def select_rule(node, L):
     x, dim = node.args[0], node.args[1]
     dims = list(L.dims(x))
     d = norm_dim(dim, len(dims))
-    L.table.freeze(dims[d], f"select {node.name}")
+    size, index = shape(x)[d], node.args[2]
+    why = f"{node.name} selects position {index} of dim {d} of {x.name}"
+    if size.is_number and isinstance(index, int):  # one constant position: the same as indexing with [index]
+        constant_positions(L, dims[d], int(size), torch.tensor([index]), why)
+    else:
+        L.table.freeze(dims[d], why)
     return dims[:d] + dims[d + 1:]
 
 
