@@ -20,6 +20,15 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """Frozen, validated settings of `fxprune.plan` and `fxprune.compile`; a bad value raises `ValueError` naming
+    the field.
+
+    Main fields: `ratio` (fraction of parameters to remove, in (0, 1)), `importance` (an estimator name or a
+    `fxprune.scoring.Method`), `targets` (of "heads", "mlp", "hidden", "experts"), `protect_layers` (indices, None
+    or "auto"), `round_to` (MLP width multiple, None or "auto"), `gqa`, `allocation` (how widths are shared across
+    groups), `reconstruct` ("none", "bias", "lstsq") with `ridge`, `weighting`, `refit_target`, `refit_precision`
+    and `reconstruct_samples`, and the packaged calibration's `calibration_samples` x `calibration_len`. `to_dict` /
+    `from_dict` round-trip it through JSON."""
     ratio: float = 0.2
     importance: str | Method = "hywia"   # settings (Taylor(order=1), HyWIA(steps=30), ...) or a shorthand name
     targets: tuple = ("heads", "mlp")
@@ -89,12 +98,14 @@ class PruneConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict (the importance method as its own dict)."""
         d = asdict(self)
         d["importance"] = method_to_dict(self.importance)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
+        """Rebuild a config from `to_dict`'s output; keys this version does not know are ignored."""
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if "importance" in d:

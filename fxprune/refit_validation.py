@@ -29,6 +29,8 @@ from fxprune.scoring.hybrid import split_rows
 
 @dataclass
 class RefitChoice:
+    """The candidate ranking chosen after the refit: its `name` ("learned" or a granularity), its `scores` per
+    group, and every candidate's held-out `losses`."""
     name: str                                  # "learned" or a granularity
     scores: dict[int, torch.Tensor]            # the chosen candidate's scores
     losses: dict[str, float]                   # held-out LM loss of every candidate's refitted model

@@ -56,18 +56,22 @@ class UnitStats:
 
     @property
     def name(self) -> str:
+        """The member's parameter name."""
         return self.member.name
 
     @property
     def dim(self) -> int:
+        """The member's pruned dimension."""
         return self.member.dim
 
     @property
     def unit_of(self) -> torch.Tensor:
+        """The unit of each position along the member's dimension (-1: none)."""
         return self.member.unit_of
 
     @property
     def n_units(self) -> int:
+        """Number of units in the group."""
         return self.group.n_units
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +79,8 @@ class UnitStats:
         return unit_sum(x, self.dim, self.unit_of, self.n_units)
 
     def need(self, what: str) -> torch.Tensor:
+        """The statistic `what` ("grad", "sq_grad", ...); raises `ValueError` when the estimator did not declare it
+        among its needs."""
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"this estimator needs `{what}`; declare it with register_estimator(name, needs=...)")

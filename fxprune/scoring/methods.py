@@ -20,6 +20,7 @@ class Method:
 
     @property
     def estimator(self) -> str:
+        """Name of the registered estimator these settings run."""
         raise NotImplementedError(f"{type(self).__name__} names no estimator")
 
 
