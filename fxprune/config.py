@@ -7,9 +7,8 @@ from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
 
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
-ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group (LLM-Pruner), one global
-    # ranking of scores over their group's mean, FLAP's standardised scores against one global threshold, or one
-    # global ranking of the scores as they are per parameter (for scores on one scale everywhere: obs's errors)
+ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group, or one global ranking of
+    # scores over their group's mean, standardised (FLAP), or as they are (absolute: obs's errors)
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)
@@ -38,12 +37,11 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream: on SmolLM2 with the
-                                # packaged C4 it helps WikiText-2 at 20% and 50% on every draw (reconstruction_smollm2.md)
+    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream (docs/reconstruction.md)
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     refit_target: str = "stream"  # stream: also take back the drift earlier layers left in the stream it is added to
-    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, ~2.8x faster on a bf16 CPU
+    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, faster on a bf16 CPU
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
