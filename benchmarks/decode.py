@@ -38,7 +38,7 @@ def parse(argv):
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
-                   help="1 by default: on the shared 2-core machine two OpenMP threads ran a forward 5-8x slower than one")
+                   help="1 by default: on a shared 2-core machine two OpenMP threads contend with other jobs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model", default=None)

@@ -31,8 +31,8 @@ def parse(argv):
                    choices=["hf", "pt2", "aoti", "gguf", "uniform"], help="aoti: the pt2 program compiled by "
                    "AOTInductor (minutes), loaded with torch._inductor.aoti_load_package")
     p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"])
-    # The library default (hywia): with l2 and no protected layers the uniform plan of SmolLM2 measured
-    # perplexity 9e5 (results/export_smollm2_uniform.md), too broken to say much about an export.
+    # The library default (hywia): l2 without protected layers breaks the model (export_smollm2_uniform.md),
+    # and a broken model says little about an export.
     p.add_argument("--uniform-importance", default=None, help="importance of the uniform-widths plan "
                                                               "(default: the library's)")
     p.add_argument("--ratio", type=float, default=0.2, help="ratio of the uniform-widths plan")

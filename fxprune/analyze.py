@@ -11,6 +11,8 @@ from fxprune.passes.recompute_shared_constants import RecomputeSharedConstantsPa
 
 
 def label(gm, exported=None, model=None) -> DependencyGraph:
+    """Run dimension propagation on an already captured `gm` and wrap its labels in a `DependencyGraph` (with the
+    exported program and the source model, when given, for later rewrites)."""
     propagate = PropagateDimensionsPass()
     propagate(gm)
     return DependencyGraph(gm, propagate.labels, exported=exported, model=model)

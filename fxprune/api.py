@@ -16,6 +16,8 @@ BASE_KEY = "fxprune.base"
 
 
 def base_description(model) -> dict:
+    """What `save` needs to rebuild the unpruned architecture: the model's class path and its transformers config as
+    a dict (attention implementation included, quantization settings left out)."""
     cls = type(model)
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else {}  # save() needs a transformers config

@@ -26,6 +26,9 @@ class AtomConflict(Exception):
 
 @dataclass(eq=False)
 class Atom:
+    """One dimension factor in the union-find of dimension propagation: its `size` (an int or a symbolic
+    expression), where it came from (`origin`), its representative (`parent`), the unit `kind` a group gives it, and
+    whether an op froze it (`frozen`, `frozen_by`) or needs `min_keep` positions."""
     id: int
     size: sympy.Expr
     origin: str = ""
@@ -39,6 +42,7 @@ class Atom:
 
     @property
     def static(self) -> bool:
+        """True when the size is a number, not a symbol (batch, sequence): only static atoms can be pruned."""
         return self.size.is_number
 
     def __repr__(self) -> str:
@@ -46,6 +50,7 @@ class Atom:
 
 
 def as_expr(size) -> sympy.Expr:
+    """`size` (an int, a `torch.SymInt` or a sympy expression) as a sympy expression."""
     if isinstance(size, torch.SymInt):
         return sympy.sympify(size.node.expr)
     if isinstance(size, sympy.Basic):
@@ -54,14 +59,18 @@ def as_expr(size) -> sympy.Expr:
 
 
 def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """True when the two size expressions are equal, symbolically if need be."""
     return a == b or sympy.simplify(a - b) == 0
 
 
 class AtomTable:
+    """The atoms of one graph: creates them (`new`), unifies the ones ops tie together (`unify`), splits them into
+    factors and segments, and freezes the ones an op cannot prune (`freeze`)."""
     def __init__(self):
         self.atoms: list[Atom] = []
 
     def new(self, size, origin: str = "", *, broadcast: bool = False) -> Atom:
+        """A fresh root atom of `size`; `broadcast` marks one born where a size-1 dimension was expanded."""
         # Symbolic sizes (batch, sequence) are never pruned, but that is a property of the leaf
         # (see `static`), not a freeze: a refinement of 4*batch into (batch, 4) leaves the 4 free.
         atom = Atom(len(self.atoms), as_expr(size), origin, broadcast=broadcast)
@@ -69,6 +78,7 @@ class AtomTable:
         return atom
 
     def find(self, a: Atom) -> Atom:
+        """The representative of `a`'s class (with path compression)."""
         root = a
         while root.parent is not None:
             root = root.parent
@@ -77,6 +87,7 @@ class AtomTable:
         return root
 
     def freeze(self, a: Atom, why: str) -> None:
+        """Mark `a`'s class unprunable, recording `why` (the op that could not follow it) for the frozen-op report."""
         a = self.find(a)
         if not a.frozen:
             a.frozen, a.frozen_by = True, why
@@ -137,6 +148,7 @@ class AtomTable:
 
     # -- unification ---------------------------------------------------------
     def unify(self, a: Atom, b: Atom) -> Atom:
+        """Join the classes of `a` and `b` (ops that tie two dimensions together) and return the representative."""
         a, b = self.find(a), self.find(b)
         if a is b:
             return a

@@ -7,16 +7,20 @@ import torch
 
 
 class CaptureError(RuntimeError):
+    """Raised when `torch.export` cannot capture the model (or its KV-cache step); the message says what failed."""
     pass
 
 
 @dataclass
 class Captured:
+    """The result of `capture`: the unlifted `GraphModule` (its parameters alias the model's) and the
+    `ExportedProgram` it came from."""
     gm: torch.fx.GraphModule          # unlifted graph; its parameters alias the model's
     exported: torch.export.ExportedProgram
 
 
 def example_inputs_for(model, batch: int = 2, seq: int = 8):
+    """Example `(input_ids, attention_mask)` of `batch` x `seq` tokens on the model's device, for the capture."""
     device = next(model.parameters()).device
     vocab = getattr(model.config, "vocab_size", 32)
     ids = torch.arange(batch * seq, device="cpu").reshape(batch, seq) % max(vocab - 1, 1) + 1

@@ -19,15 +19,19 @@ DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
 
 
 def peak_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports `ru_maxrss` in KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def table(rows) -> str:
+    """`rows` of (label, value) as aligned two-column text."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def cmd_inspect(args) -> int:
+    """`fxprune inspect`: print a model's group table, and optionally write its Graphviz file or one layer's
+    picture. Returns the exit code."""
     from fxprune import analyze
     from fxprune.models import load_model
     model, _ = load_model(args.model, tokenizer=False)
@@ -41,6 +45,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    """`fxprune prune`: check the settings and data files, load the model, prune it, print perplexity before and
+    after with the counts, time and memory, and save to `--output`. Returns the exit code."""
     import fxprune
     from fxprune.data import calibration_samples
     from fxprune.models import load_model
@@ -107,14 +113,17 @@ def prune_config(args):
 
 
 def round_to_arg(text: str):
+    """Parse `--round-to`: "auto", "none" or a positive int."""
     return text if text in ("auto", "none") else int(text)
 
 
 def fmt(x):
+    """A float to two decimals, or "-" for None."""
     return "-" if x is None else f"{x:.2f}"
 
 
 def evaluate_ppl(model, tok, path, args):
+    """WikiText-2 perplexity of `model` on the file `path`, with the CLI's window and token budget."""
     from fxprune.evaluate import perplexity
     return perplexity(model, tok, path, window=args.window, max_tokens=args.eval_tokens, progress=True)
 
@@ -160,6 +169,8 @@ def eval_sources(args) -> tuple[dict, list[str]]:
 
 
 def cmd_eval(args) -> int:
+    """`fxprune eval`: perplexity and the zero-shot tasks of a saved or Hugging Face model, skipping (and saying so)
+    what has no data. Returns the exit code."""
     from fxprune.evaluate import perplexities, zero_shot
     from fxprune.tasks import mean_over_tasks
     sources, skipped = eval_sources(args)
@@ -193,6 +204,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    """`fxprune tune`: run `fxprune.tune_script` (LoRA or distillation recovery) on a pruned directory, passing on
+    the model's own tokenizer when it has one. Returns the script's exit code."""
     from fxprune import tune_script
     rest = list(args.rest)
     if "--tokenizer" not in rest and args.model and (Path(args.model) / "tokenizer_config.json").is_file():
@@ -223,6 +236,7 @@ def cmd_generate(args) -> int:
 
 
 def add_generate_parser(sub) -> None:
+    """Register the `generate` subcommand on the argparse `sub` parsers."""
     g = sub.add_parser("generate", help="generate text from a pruned directory (KV cache)")
     g.add_argument("model", help="a directory written by fxprune prune / fxprune.save")
     g.add_argument("--prompt", required=True)
@@ -239,6 +253,7 @@ def add_generate_parser(sub) -> None:
 
 
 def add_prune_parser(sub) -> None:
+    """Register the `prune` subcommand and its options on the argparse `sub` parsers."""
     r = sub.add_parser("prune", help="prune a model, evaluate before/after, save")
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
@@ -283,6 +298,7 @@ def add_prune_parser(sub) -> None:
 
 
 def main(argv=None) -> int:
+    """Entry point of the `fxprune` command: parse `argv` and run the subcommand; returns its exit code."""
     p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="print a model's dependency groups")

@@ -7,9 +7,8 @@ from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
 
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
-ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group (LLM-Pruner), one global
-    # ranking of scores over their group's mean, FLAP's standardised scores against one global threshold, or one
-    # global ranking of the scores as they are per parameter (for scores on one scale everywhere: obs's errors)
+ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group, or one global ranking of
+    # scores over their group's mean, standardised (FLAP), or as they are (absolute: obs's errors)
 RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/passes/reconstruct_layers.py
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
 WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/passes/reconstruct_layers.py)
@@ -20,6 +19,15 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """Frozen, validated settings of `fxprune.plan` and `fxprune.compile`; a bad value raises `ValueError` naming
+    the field.
+
+    Main fields: `ratio` (fraction of parameters to remove, in (0, 1)), `importance` (an estimator name or a
+    `fxprune.scoring.Method`), `targets` (of "heads", "mlp", "hidden", "experts"), `protect_layers` (indices, None
+    or "auto"), `round_to` (MLP width multiple, None or "auto"), `gqa`, `allocation` (how widths are shared across
+    groups), `reconstruct` ("none", "bias", "lstsq") with `ridge`, `weighting`, `refit_target`, `refit_precision`
+    and `reconstruct_samples`, and the packaged calibration's `calibration_samples` x `calibration_len`. `to_dict` /
+    `from_dict` round-trip it through JSON."""
     ratio: float = 0.2
     importance: str | Method = "hywia"   # settings (Taylor(order=1), HyWIA(steps=30), ...) or a shorthand name
     targets: tuple = ("heads", "mlp")
@@ -29,12 +37,11 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream: on SmolLM2 with the
-                                # packaged C4 it helps WikiText-2 at 20% and 50% on every draw (reconstruction_smollm2.md)
+    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream (docs/reconstruction.md)
     ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
     weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
     refit_target: str = "stream"  # stream: also take back the drift earlier layers left in the stream it is added to
-    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, ~2.8x faster on a bf16 CPU
+    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, faster on a bf16 CPU
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
     reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
@@ -89,12 +96,14 @@ class PruneConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict (the importance method as its own dict)."""
         d = asdict(self)
         d["importance"] = method_to_dict(self.importance)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
+        """Rebuild a config from `to_dict`'s output; keys this version does not know are ignored."""
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if "importance" in d:

@@ -44,6 +44,7 @@ def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool, 
 
 
 def find_tokenizer(model, tokenizer=None):
+    """`tokenizer` if given, else the one found beside the model (None when there is none)."""
     from fxprune.models import tokenizer_for
     return tokenizer if tokenizer is not None else tokenizer_for(model)
 

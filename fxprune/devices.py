@@ -18,6 +18,7 @@ class UnsupportedDtypeError(ValueError):
 
 
 def resolve_dtype(dtype) -> torch.dtype:
+    """A floating-point `torch.dtype` from a dtype or its name; raises `ValueError` naming the accepted ones."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype {dtype} is not a floating-point dtype; use one of {sorted(DTYPES)}")
@@ -28,6 +29,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def resolve_device(device) -> torch.device:
+    """A `torch.device` from a name or device; raises `ValueError` for an unknown one."""
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:

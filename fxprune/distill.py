@@ -66,6 +66,7 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def vocab_size(model: torch.nn.Module) -> int:
+    """Number of logits the model's output head produces; raises `ValueError` when the head is not a linear layer."""
     head = output_head(model)
     if not hasattr(head, "out_features"):
         raise ValueError(f"the output head of {type(model).__name__} is a {type(head).__name__}, not a linear layer")
@@ -97,12 +98,15 @@ class HeadInput:
         self.value = args[0]
 
     def pop(self) -> torch.Tensor:
+        """The recorded head input of the last forward pass (cleared); raises `RuntimeError` when the head did not
+        run."""
         value, self.value = self.value, None
         if value is None:
             raise RuntimeError("the output head did not run in this forward pass")
         return value
 
     def remove(self):
+        """Remove the forward hook."""
         self._handle.remove()
 
 
@@ -129,6 +133,7 @@ class Teacher:
         return logits, (self.hidden.pop() if self.hidden is not None else None)
 
     def close(self):
+        """Give back the teacher's requires_grad flags and training mode, and remove its hook."""
         if self.hidden is not None:
             self.hidden.remove()
         for p, flag in self._flags.items():

@@ -32,17 +32,21 @@ class Program:
     max_len: int
 
     def cache_buffers(self) -> dict[str, torch.Tensor]:
+        """The KV-cache buffers of the step program, by name."""
         return {n: t for n, t in self.step.named_buffers() if n.startswith(CACHE_PREFIXES[:2])}
 
     def cache_bytes(self) -> int:
+        """Memory the KV cache takes, in bytes."""
         return sum(t.numel() * t.element_size() for t in self.cache_buffers().values())
 
 
 def original_name(name: str) -> str | None:
+    """The model's own tensor name for a name in the cached program, or None for the program's own buffers."""
     return name[len(WRAPPED):] if name.startswith(WRAPPED) else None
 
 
 def model_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `gm` by name, tied ones under each of their names."""
     return dict(list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)))
 
 
@@ -82,6 +86,8 @@ def analysed_capture(base: dict, dtype, batch: int, max_len: int):
 
 
 def build_program(dg, plan, state, batch: int, max_len: int, device) -> Program:
+    """Capture the KV-cache step of `dg`'s model, replay `plan` on it, copy the pruned weights from `state`, zero
+    the cache and move it to `device`; batch and cache length are fixed."""
     from fxprune.kv_capture import family_of
     kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(dg.model)}")
     program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, max_len)
@@ -110,6 +116,8 @@ def pick_next(logits, do_sample, temperature, top_k, top_p, rng) -> torch.Tensor
 
 
 def check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p):
+    """Raise `ValueError` for bad generation arguments (ids shape, mask shape or right padding, token count,
+    sampling settings), before any work."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be a [batch, prompt length >= 1] tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")

@@ -17,6 +17,8 @@ SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
 @dataclass
 class Member:
+    """One dimension of one parameter or buffer coupled into a group: its canonical `name` in the original model,
+    the `dim`, and `unit_of`, the unit each position along `dim` belongs to (-1: none)."""
     name: str            # canonical parameter or buffer name in the original model
     dim: int
     unit_of: torch.Tensor  # for each position along `dim`, the unit it belongs to (-1: none)
@@ -30,6 +32,9 @@ class Member:
 
 @dataclass
 class Group:
+    """A set of dimensions that must be pruned together, unit by unit (a head, a KV group, an MLP channel, a hidden
+    channel, an expert): its `kind`, `n_units`, `layer`, `members`, `params_per_unit`, the fewest units that must
+    stay (`min_units`), the fx `nodes` it spans, and the ops that renormalise over its units (`renormalised_by`)."""
     id: int
     kind: str
     n_units: int
@@ -46,10 +51,12 @@ class Group:
 
     @property
     def renormalising(self) -> bool:
+        """True when some op takes statistics over the units, so pruning is not the same as zeroing them."""
         return bool(self.renormalised_by)
 
     @property
     def unit_size(self) -> int:
+        """Positions per unit in the narrowest member (head_dim for heads, 1 for channels)."""
         return min(m.width for m in self.members)
 
     @property
@@ -65,6 +72,7 @@ class Group:
         return g
 
     def describe(self) -> str:
+        """One summary line: id, kind, layer, units x size, parameters per unit, members and renormalising ops."""
         layer = "-" if self.layer is None else str(self.layer)
         return (f"g{self.id:<4} {self.kind:<11} layer {layer:>3}  units {self.n_units:>5} x {self.unit_size:<4} "
                 f"params/unit {self.params_per_unit:>7}  members {len(self.members)}"
@@ -109,10 +117,12 @@ class DependencyGraph:
         return params, buffers, aliases
 
     def dims_of(self, name):
+        """The atoms labelling each dimension of the parameter or buffer `name`, or None when it has no labels."""
         t = self.parameters.get(name, self.buffers.get(name))
         return self.labels.tensor_atoms.get(id(t))
 
     def num_parameters(self) -> int:
+        """Number of parameters of the analysed model (each tensor counted once)."""
         return sum(t.numel() for t in self.parameters.values())
 
     def count_parameters(self, kept_counts: dict[int, int]) -> int:
@@ -250,9 +260,11 @@ class DependencyGraph:
 
     # -- views -------------------------------------------------------------------
     def by_kind(self, *kinds):
+        """The groups whose kind is one of `kinds`."""
         return [g for g in self.groups if g.kind in kinds]
 
     def summary(self) -> str:
+        """A text table: group count, counts per kind, then one `Group.describe` line per group."""
         lines = [f"{len(self.groups)} groups over {self.num_parameters():,} parameters"]
         counts = {k: len(self.by_kind(k)) for k in KINDS if self.by_kind(k)}
         lines.append("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -275,6 +287,7 @@ class DependencyGraph:
         return g
 
     def to_dot(self, groups=None) -> str:
+        """Graphviz source of `groups` (default all) and the parameters they couple."""
         groups = self.groups if groups is None else groups
         lines = ["graph fxprune {", "  rankdir=LR; node [fontsize=10];"]
         for grp in groups:

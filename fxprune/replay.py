@@ -14,6 +14,7 @@ from fxprune.rewrite import kept_positions
 
 
 def units_of_member(group, member, positions) -> list[int]:
+    """Sorted units of `member` that the kept `positions` along its dimension belong to."""
     units = member.unit_of[torch.as_tensor(positions, dtype=torch.long)]
     return sorted(set(units[units >= 0].tolist()))
 

@@ -96,6 +96,9 @@ def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> to
 
 
 def load(directory) -> torch.fx.GraphModule:
+    """Rebuild a pruned model saved by `fxprune.save` in `directory`: the architecture from config.json on the meta
+    device, the plan replayed on it, then the weights from model.safetensors. Returns the `GraphModule`; raises
+    `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
     directory = Path(directory)
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:

@@ -137,6 +137,8 @@ def _hellaswag(r, label):
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """Where one zero-shot task's data is and how to read it: candidate `records` files, an optional `labels` file,
+    the `parse` function of a record and the expected `schema` for error messages."""
     records: tuple[str, ...]   # candidate file names, first found wins
     labels: str | None         # labels file beside the records (line i labels record i), or None
     parse: object

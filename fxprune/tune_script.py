@@ -29,6 +29,7 @@ from fxprune.lora import LoraSettings, linear_targets, merge, tune
 
 
 def parse_args(argv=None):
+    """The recovery script's options (LoRA, distillation, data, steps, output) from `argv`."""
     d = LoraSettings()
     p = argparse.ArgumentParser(prog="python -m fxprune.tune_script", description=__doc__.split("\n\n")[0])
     p.add_argument("--gm", required=True, help="a pruned GraphModule: a directory written by fxprune.save, "
@@ -111,6 +112,8 @@ def load_examples(path, tokenizer=None, cutoff_len=256, train_on_inputs=False):
 
 
 def load_graph_module(path) -> torch.fx.GraphModule:
+    """A pruned GraphModule from a `fxprune.save` directory or a `torch.save` file; exits with a message for
+    anything else."""
     path = Path(path)
     if path.is_dir():
         from fxprune.serialization import load
@@ -123,6 +126,7 @@ def load_graph_module(path) -> torch.fx.GraphModule:
 
 
 def save_graph_module(gm: torch.fx.GraphModule, path) -> None:
+    """Save `gm` with `fxprune.save` when it carries a plan, else with `torch.save`."""
     from fxprune.api import PLAN_KEY
     if PLAN_KEY in gm.meta and "fxprune.base" in gm.meta:
         from fxprune.serialization import save
@@ -132,6 +136,8 @@ def save_graph_module(gm: torch.fx.GraphModule, path) -> None:
 
 
 def main(argv=None) -> int:
+    """Run recovery training on a pruned model (LoRA or full weights, cross-entropy or distillation) and save it.
+    Returns the exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from accelerate import PartialState

@@ -10,6 +10,7 @@ FORMATS = ("hf", "gguf", "pt2")
 
 
 def add_parser(sub) -> None:
+    """Register the `export` subcommand and its options on the argparse `sub` parsers."""
     x = sub.add_parser("export", help="write a pruned directory as a Hugging Face checkpoint, GGUF or .pt2 program")
     x.add_argument("model", help="fxprune directory (from fxprune prune / fxprune.save / fxprune tune --merged)")
     x.add_argument("--format", required=True, choices=FORMATS)
@@ -37,6 +38,8 @@ def saved_description(directory: Path) -> tuple[dict, dict]:
 
 
 def default_tokenizer_gguf(vocab: int):
+    """The embedded SmolLM2 GGUF file when its tokenizer has `vocab` entries (to copy into an exported GGUF), else
+    None."""
     from fxprune.export.gguf import tokenizer_fields
     from fxprune.models import embedded_gguf
     try:
@@ -48,6 +51,8 @@ def default_tokenizer_gguf(vocab: int):
 
 
 def cmd_export(args) -> int:
+    """`fxprune export`: write a saved pruned directory as a Hugging Face checkpoint, a GGUF file or a `.pt2`
+    program. Returns the exit code."""
     from fxprune.export.common import check_free
     directory, output = Path(args.model), check_free(args.output)
     base, shapes = saved_description(directory)

@@ -16,6 +16,8 @@ class ExportError(ValueError):
 
 
 def base_of(gm) -> dict:
+    """The unpruned architecture and config recorded on `gm` by `fxprune.apply` / `compile` / `load`; raises
+    `ExportError` for a GraphModule without them."""
     from fxprune.api import BASE_KEY
     base = getattr(gm, "meta", {}).get(BASE_KEY)
     if not base or not base.get("config"):
@@ -25,6 +27,7 @@ def base_of(gm) -> dict:
 
 
 def model_type(gm) -> str:
+    """The transformers `model_type` of the model `gm` was pruned from ("?" when unknown)."""
     return base_of(gm)["config"].get("model_type", "?")
 
 
@@ -37,11 +40,13 @@ def probe_inputs(gm, batch: int = 2, seq: int = 8):
 
 
 def pruned_logits(gm, ids, mask=None) -> torch.Tensor:
+    """Float logits of `gm` on `ids` (all-ones mask by default), without gradients."""
     with torch.no_grad():
         return gm(ids, attention_mask=mask if mask is not None else torch.ones_like(ids)).logits.float()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of `a` and `b` over the largest magnitude of `b`."""
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 

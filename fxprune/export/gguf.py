@@ -58,6 +58,7 @@ def gguf_tensors(gm, widths: list[dict], dtype: str) -> dict[str, np.ndarray]:
 
 
 def mapped(hf_name: str) -> bool:
+    """True when the Hugging Face tensor `hf_name` has a GGUF llama tensor name."""
     if hf_name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         return True
     parts = hf_name.split(".")
@@ -78,6 +79,7 @@ def tokenizer_fields(source, vocab: int):
 
 
 def check_supported(config: dict) -> None:
+    """Raise `ExportError` unless `config` is a model type and RoPE variant the GGUF llama writer handles."""
     if config.get("model_type") not in GGUF_FAMILIES:
         raise ExportError(f"export to gguf supports model types {GGUF_FAMILIES}; this model is {config.get('model_type')!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}

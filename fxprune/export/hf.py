@@ -39,12 +39,14 @@ class Family:
 
 
 def llama_widths(w, d):
+    """LLaMA-like attention and MLP widths of one layer, read by `w(parameter, dim)`, with head size `d`."""
     return {"num_attention_heads": w("self_attn.o_proj.weight", 1) // d,
             "num_key_value_heads": w("self_attn.k_proj.weight", 0) // d,
             "intermediate_size": w("mlp.up_proj.weight", 0)}
 
 
 def phi3_widths(w, d):  # fused qkv_proj = [q heads | k heads | v heads], gate_up_proj = [gate | up]
+    """Phi-3 attention and MLP widths of one layer, read from its fused projections by `w(parameter, dim)`."""
     heads = w("self_attn.o_proj.weight", 1) // d
     return {"num_attention_heads": heads, "num_key_value_heads": (w("self_attn.qkv_proj.weight", 0) // d - heads) // 2,
             "intermediate_size": w("mlp.gate_up_proj.weight", 0) // 2}
@@ -72,6 +74,7 @@ FAMILIES = {
 
 
 def family_of(config: dict) -> Family:
+    """The export description of `config`'s model type; raises `ExportError` for a type hf export does not handle."""
     kind = config.get("model_type")
     if kind not in FAMILIES:
         raise ExportError(f"export to hf supports model types {sorted(FAMILIES)}; this model is {kind!r} "
@@ -80,19 +83,24 @@ def family_of(config: dict) -> Family:
 
 
 def model_class(base: dict):
+    """The transformers class named by the base description's `architecture`."""
     module, _, name = base["architecture"].rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
 def head_size(config: dict, family: Family) -> int:
+    """Attention head size of `config` (its `head_dim`, or hidden size over heads)."""
     return int(config.get("head_dim") or config[family.hidden_keys[0]] // config[family.heads_key])
 
 
 def n_layers(config: dict) -> int:
+    """Number of transformer layers in `config`."""
     return int(config.get("num_hidden_layers") or config.get("n_layer"))
 
 
 def per_layer_widths(config: dict, family: Family, shapes: dict) -> list[dict]:
+    """Each layer's pruned widths, read from the saved tensor `shapes`; raises `ExportError` for a missing
+    parameter."""
     d = head_size(config, family)
     widths = []
     for i in range(n_layers(config)):
@@ -108,6 +116,7 @@ def per_layer_widths(config: dict, family: Family, shapes: dict) -> list[dict]:
 
 
 def describe_differences(widths: list[dict]) -> str:
+    """Text listing each width that differs across layers, for the error when a class needs one width for all."""
     lines = []
     for key in widths[0]:
         values = [w[key] for w in widths]
@@ -147,11 +156,13 @@ def exported_config(base: dict, family: Family, shapes: dict) -> dict:
 
 
 def meta_model(cls, config: dict):
+    """An instance of `cls` built from `config` on the meta device (no memory for weights)."""
     with torch.device("meta"):
         return cls(cls.config_class.from_dict(dict(config)))
 
 
 def meta_state_shapes(cls, config: dict) -> dict:
+    """The state dict shapes `cls` would have with `config`, without allocating it."""
     return {k: tuple(v.shape) for k, v in meta_model(cls, config).state_dict().items()}
 
 

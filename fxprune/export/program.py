@@ -20,10 +20,12 @@ class LogitsOnly(torch.nn.Module):
         self.gm = gm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the wrapped GraphModule, as a plain tensor for `torch.export`."""
         return self.gm(input_ids, attention_mask=attention_mask).logits
 
 
 def max_positions(gm) -> int:
+    """Longest sequence the base config allows (4096 when it does not say)."""
     config = base_of(gm)["config"]
     return int(config.get("max_position_embeddings") or config.get("n_positions") or 4096)
 

@@ -22,6 +22,8 @@ RULES: dict = {}
 
 
 def rule(*ops):
+    """Decorator: register the decorated function as the dimension rule of each of `ops` (ATen ops, packets or
+    qualified names)."""
     def register(fn):
         for op in ops:
             RULES[op] = fn
@@ -30,6 +32,8 @@ def rule(*ops):
 
 
 def find_rule(target):
+    """The rule for an op: by overload, by its packet, by qualified name, else the broadcast rule for pointwise ops;
+    None when the op has no rule (what it touches is then frozen)."""
     if target in RULES:
         return RULES[target]
     packet = getattr(target, "overloadpacket", None)
@@ -44,10 +48,12 @@ def find_rule(target):
 
 
 def shape(node) -> list:
+    """The node's output shape as sympy expressions."""
     return [as_expr(s) for s in node.meta["val"].shape]
 
 
 def norm_dim(d: int, rank: int) -> int:
+    """A possibly negative dimension index `d` as its index in a tensor of `rank` dimensions."""
     return d + rank if d < 0 else d
 
 
@@ -63,6 +69,7 @@ def broadcast_into(L, out_dims, out_shape, arg) -> None:
 
 
 def tensor_args(node):
+    """The node's arguments (flattened one level) that are tensor-valued fx nodes."""
     flat = list(node.args) + list(node.kwargs.values())
     out = []
     for a in flat:
@@ -73,6 +80,7 @@ def tensor_args(node):
 
 
 def broadcast_rule(node, L):
+    """Pointwise ops: every input dimension is united with the output dimension it broadcasts to."""
     out = L.fresh(node)
     for arg in tensor_args(node):
         broadcast_into(L, out, shape(node), arg)
@@ -93,12 +101,15 @@ rule(*IDENTITY_OPS)(broadcast_rule)
 
 @rule(aten.to, aten.type_as)
 def cast_rule(node, L):
+    """Casts and device moves: the output carries the first argument's labels."""
     # A second tensor argument only lends its dtype/device: its shape is unrelated.
     return list(L.dims(node.args[0]))
 
 
 # -- contractions ------------------------------------------------------------
 def batched_matmul(L, node, a, b):
+    """Labels of `a @ b`: the contracted dimensions united, rows from `a`, columns from `b`, equal batch dimensions
+    united."""
     out = L.fresh(node)
     da, db = L.dims(a), L.dims(b)
     if len(da) < 2 or len(db) < 2:
@@ -117,6 +128,7 @@ def batched_matmul(L, node, a, b):
 
 @rule(aten.matmul, aten.bmm, aten.mm)
 def matmul_rule(node, L):
+    """`matmul`, `bmm`, `mm`: as `batched_matmul`, recorded among the graph's matmuls."""
     out = batched_matmul(L, node, node.args[0], node.args[1])
     L.matmuls.append(node)
     return out
@@ -124,6 +136,7 @@ def matmul_rule(node, L):
 
 @rule(aten.baddbmm, aten.addmm, aten.addbmm)
 def addmm_rule(node, L):
+    """`addmm`, `baddbmm`, `addbmm`: the product's labels, with the added term broadcast into them."""
     out = batched_matmul(L, node, node.args[1], node.args[2])
     broadcast_into(L, out, shape(node), node.args[0])
     L.matmuls.append(node)
@@ -151,6 +164,8 @@ def einsum_rule(node, L):
 
 @rule(aten.linear)
 def linear_rule(node, L):
+    """`linear(x, w, b)`: the input's last dimension is `w`'s columns; the output's last dimension is `w`'s rows and
+    `b`."""
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     dx, dw = L.dims(x), L.dims(w)
@@ -183,6 +198,9 @@ def grouped_mm_rule(node, L):
 
 @rule(aten.scaled_dot_product_attention)
 def sdpa_rule(node, L):
+    """Scaled dot-product attention: query and key share the head size and the heads (query heads a product of KV
+    heads and heads per group under GQA), key and value share positions and heads; the output takes the value's head
+    size. Records the attention for the head groups."""
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     dq, dk, dv = L.dims(q), L.dims(k), L.dims(v)
@@ -209,6 +227,8 @@ def sdpa_rule(node, L):
 
 # -- shape ops ---------------------------------------------------------------
 def reshape_dims(L, node, in_dims, in_shape, out_shape):
+    """Output labels of a reshape from `in_shape` to `out_shape`: dimensions kept as they are, merged into products
+    or split into factors."""
     out = [None] * len(out_shape)
     src = [(d, s) for d, s in zip(in_dims, in_shape) if s != 1]
     dst = [j for j, s in enumerate(out_shape) if s != 1]
@@ -249,12 +269,14 @@ def reshape_dims(L, node, in_dims, in_shape, out_shape):
 @rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
       aten.reshape_as)
 def reshape_rule(node, L):
+    """`view`, `reshape` and the like: see `reshape_dims`."""
     x = node.args[0]
     return reshape_dims(L, node, L.dims(x), shape(x), shape(node))
 
 
 @rule(aten.transpose, aten.swapaxes)
 def transpose_rule(node, L):
+    """`transpose`: the two labels swapped."""
     dims = list(L.dims(node.args[0]))
     a, b = (norm_dim(d, len(dims)) for d in node.args[1:3])
     dims[a], dims[b] = dims[b], dims[a]
@@ -263,17 +285,20 @@ def transpose_rule(node, L):
 
 @rule(aten.permute)
 def permute_rule(node, L):
+    """`permute`: the labels in the permuted order."""
     dims = L.dims(node.args[0])
     return [dims[norm_dim(p, len(dims))] for p in node.args[1]]
 
 
 @rule(aten.t, aten.numpy_T)
 def t_rule(node, L):
+    """`t`: the labels reversed."""
     return list(reversed(L.dims(node.args[0])))
 
 
 @rule(aten.unsqueeze)
 def unsqueeze_rule(node, L):
+    """`unsqueeze`: a fresh size-1 label inserted."""
     dims = list(L.dims(node.args[0]))
     d = norm_dim(node.args[1], len(dims) + 1)
     return dims[:d] + [L.table.new(1, node.name)] + dims[d:]
@@ -281,6 +306,7 @@ def unsqueeze_rule(node, L):
 
 @rule(aten.squeeze)
 def squeeze_rule(node, L):
+    """`squeeze`: the size-1 labels removed (all, or the ones named)."""
     x = node.args[0]
     dims, sizes = L.dims(x), shape(x)
     which = node.args[1] if len(node.args) > 1 else None
@@ -290,6 +316,7 @@ def squeeze_rule(node, L):
 
 @rule(aten.expand, aten.expand_as, aten.broadcast_to)
 def expand_rule(node, L):
+    """`expand`, `broadcast_to`: kept dimensions keep their labels; expanded or new ones get fresh broadcast labels."""
     x = node.args[0]
     dims, sizes, out_shape = L.dims(x), shape(x), shape(node)
     lead = len(out_shape) - len(dims)
@@ -301,6 +328,7 @@ def expand_rule(node, L):
 
 @rule(aten.repeat)
 def repeat_rule(node, L):
+    """`repeat`: a tiled dimension becomes the product of its copies and the original label."""
     x = node.args[0]
     dims, reps = L.dims(x), list(node.args[1])
     lead = len(reps) - len(dims)
@@ -316,6 +344,7 @@ def repeat_rule(node, L):
 
 @rule(aten.repeat_interleave)
 def repeat_interleave_rule(node, L):
+    """`repeat_interleave` by an int along a dim: that dimension becomes the product of the label and its copies."""
     x = node.args[0]
     repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
@@ -330,6 +359,8 @@ def repeat_interleave_rule(node, L):
 
 @rule(aten.slice)
 def slice_rule(node, L):
+    """`slice`: a whole-range slice keeps the label; a slice of a static dimension splits it into segments and keeps
+    the sliced one; along a symbolic dimension a fresh label."""
     x = node.args[0]
     dims, sizes = list(L.dims(x)), shape(x)
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(dims))
@@ -364,6 +395,7 @@ def slice_rule(node, L):
 
 @rule(aten.narrow)
 def narrow_rule(node, L):
+    """`narrow`: the dimension split into segments, the narrowed one kept."""
     x, dim, start, length = node.args[:4]
     dims = list(L.dims(x))
     d = norm_dim(dim, len(dims))
@@ -375,6 +407,7 @@ def narrow_rule(node, L):
 
 @rule(aten.select)
 def select_rule(node, L):
+    """`select`: the selected dimension is frozen (one position is read) and dropped."""
     x, dim = node.args[0], node.args[1]
     dims = list(L.dims(x))
     d = norm_dim(dim, len(dims))
@@ -459,6 +492,7 @@ def indexed(L, node, x, indices):
 
 @rule(aten.index)
 def index_rule(node, L):
+    """`index` with tensor indices: see `indexed`."""
     return indexed(L, node, node.args[0], list(node.args[1]))[0]
 
 
@@ -542,6 +576,7 @@ def split_rule(node, L):
 
 @rule(aten.unbind)
 def unbind_rule(node, L):
+    """`unbind`: the unbound dimension is frozen and dropped from each output."""
     x = node.args[0]
     dims = L.dims(x)
     d = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(dims))
@@ -560,6 +595,8 @@ def reassembled(L, tensors, d):
 
 @rule(aten.cat)
 def cat_rule(node, L):
+    """`cat`: other dimensions united; the cat dimension is the split dimension when the pieces of a split come back
+    in order, else the sum of the inputs' labels."""
     tensors = [t for t in node.args[0] if shape(t) != [0]]
     out_shape = shape(node)
     d = norm_dim(schema_arg(node, "dim", 0), len(out_shape))
@@ -581,6 +618,7 @@ def cat_rule(node, L):
 
 @rule(aten.stack)
 def stack_rule(node, L):
+    """`stack`: the inputs' labels united, the new dimension frozen."""
     tensors = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out = L.fresh(node)
@@ -596,6 +634,8 @@ def stack_rule(node, L):
 # -- embeddings, norms, reductions --------------------------------------------
 @rule(aten.embedding)
 def embedding_rule(node, L):
+    """`embedding`: the table's rows (vocabulary) frozen; the output is the indices' labels plus the table's columns
+    (the hidden size)."""
     w, idx = node.args[0], node.args[1]
     dw = L.dims(w)
     L.table.freeze(dw[0], f"embedding rows indexed by {idx.name}")
@@ -605,6 +645,8 @@ def embedding_rule(node, L):
 
 @rule(aten.layer_norm, aten.rms_norm, aten.native_layer_norm, aten._fused_rms_norm)
 def norm_rule(node, L):
+    """Layer and RMS norms: the weight and bias united with the normalised dimensions, which are recorded as
+    renormalised."""
     x = node.args[0]
     dims = L.dims(x)
     n = len(node.args[1])
@@ -626,6 +668,8 @@ REDUCTIONS = [aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, ate
 
 @rule(*REDUCTIONS)
 def reduction_rule(node, L):
+    """Sums, means, maxima and the like: the reduced dimensions recorded as renormalised, and size 1 or dropped in
+    the output."""
     x = node.args[0]
     dims = L.dims(x)
     which = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -668,9 +712,11 @@ FACTORIES = [aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.sca
 
 @rule(*FACTORIES)
 def factory_rule(node, L):
+    """Tensor factories: fresh labels, tied to nothing."""
     return L.fresh(node)
 
 
 @rule(operator.getitem)
 def getitem_rule(node, L):
+    """`getitem` on a multi-output op: the labels of that output."""
     return L.dims(node.args[0])[node.args[1]]

@@ -17,6 +17,8 @@ from fxprune.passes.dimension_rules import PIECES
 
 
 class DropPiecesPass(PassBase):
+    """Removes a pruned unit's piece of a `split` into single positions: its ops up to the `cat`, its `cat` input
+    and the parameters only it reads (`unit_parameters`), for the units not in `kept`."""
     def __init__(self, table, kept: dict, unit_parameters: dict):
         super().__init__()
         self.T, self.kept, self.unit_parameters = table, kept, unit_parameters

@@ -20,6 +20,8 @@ aten = torch.ops.aten
 
 
 class InsertGathersPass(PassBase):
+    """Where a pruned dimension is born in a computed tensor (Bloom's ALiBi slopes from an `arange`), builds the
+    full tensor and inserts an `index_select` of the kept positions (`kept`: atom id -> positions)."""
     def __init__(self, table, kept: dict):
         super().__init__()
         self.T, self.kept = table, kept

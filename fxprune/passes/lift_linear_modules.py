@@ -32,6 +32,8 @@ def is_attr(gm, node, rank=None) -> bool:
 
 
 class LiftLinearModulesPass(PassBase):
+    """Turns each projection on a parameter (`linear`, `matmul` on a transposed weight, GPT-2's `addmm`) into a call
+    of an `nn.Linear` submodule at the weight's owner path, so peft, the refit and the exports find it."""
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
         modules = {}

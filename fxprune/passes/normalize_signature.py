@@ -17,6 +17,8 @@ aten = torch.ops.aten
 
 
 class NormalizeSignaturePass(PassBase):
+    """Gives the rewritten graph the signature `gm(input_ids, attention_mask=None)` (a missing mask is all ones)
+    returning an output with `.logits`, and makes devices baked into factory ops follow `input_ids`."""
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}

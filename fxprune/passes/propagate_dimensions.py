@@ -26,6 +26,8 @@ NO_TENSOR_OPS = {"_assert_tensor_metadata", "sym_size", "_set_grad_enabled", "sy
 
 @dataclass
 class Labels:
+    """What dimension propagation learns: the `AtomTable` and the structures groups are built from (attentions,
+    matmuls, embeddings, renormalising ops, pieces of splits, experts, frozen ops)."""
     table: AtomTable = field(default_factory=AtomTable)
     attention: list = field(default_factory=list)   # (node, query dims, key dims)
     matmuls: list = field(default_factory=list)
@@ -46,9 +48,11 @@ class Labels:
         self.renormalising += [(atom, node.name) for atom in dims]
 
     def dims(self, node):
+        """The labels (atoms) of `node`'s output."""
         return node.meta[DIMS]
 
     def fresh(self, node):
+        """New labels for each dimension of `node`'s output."""
         return [self.table.new(s, node.name) for s in node.meta["val"].shape]
 
     def value_label(self, node, reader, kind):
@@ -60,9 +64,11 @@ class Labels:
         return None
 
     def unify(self, a, b):
+        """Unite two labels (see `AtomTable.unify`)."""
         return self.table.unify(a, b)
 
     def freeze_all(self, dims, why):
+        """Freeze every label in `dims` (nested lists too), recording `why`."""
         if dims is None:
             return
         if is_multi(dims):
@@ -86,6 +92,7 @@ def settle_pieces(L: Labels) -> None:
 
 
 def fresh_like(L: Labels, val, origin: str):
+    """Fresh labels for a value: a tensor's dimensions, or a list for each tensor in a tuple (None for non-tensors)."""
     if isinstance(val, torch.Tensor):
         return [L.table.new(s, origin) for s in val.shape]
     if isinstance(val, (list, tuple)):
@@ -94,6 +101,7 @@ def fresh_like(L: Labels, val, origin: str):
 
 
 def op_name(target) -> str:
+    """A readable name of an fx call target, for messages."""
     return getattr(target, "__name__", None) or str(target)
 
 

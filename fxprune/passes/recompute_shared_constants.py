@@ -15,6 +15,7 @@ from fxprune.passes.contracts import DIMS, require_dims
 
 
 def parameter_dependent(gm: torch.fx.GraphModule) -> set:
+    """The nodes of `gm` whose value depends on a parameter."""
     params = {id(p) for p in gm.parameters()}
     dependent = set()
     for node in gm.graph.nodes:
@@ -27,6 +28,8 @@ def parameter_dependent(gm: torch.fx.GraphModule) -> set:
 
 
 class RecomputeSharedConstantsPass(PassBase):
+    """Gives each consumer its own copy of a shared, parameter-free computed tensor (Bloom's ALiBi bias) whose
+    dimensions carry one of `atom_ids`, so each layer keeps its own heads."""
     def __init__(self, table, atom_ids: set[int]):
         super().__init__()
         self.T, self.atom_ids = table, atom_ids

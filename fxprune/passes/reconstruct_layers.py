@@ -371,6 +371,8 @@ class ReconstructLayersPass(PassBase):
 
 
 def set_weight_and_bias(module: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Set `module`'s weight and bias to the refitted values, in its own dtype and device (adding a bias when it had
+    none)."""
     dtype, device = module.weight.dtype, module.weight.device
     module.weight.data = weight.to(dtype=dtype, device=device).contiguous()
     if module.bias is None:

@@ -25,6 +25,8 @@ SIZE_LIST_AT = {  # op packet -> index of the argument holding one size per outp
 
 
 class RewriteShapeLiteralsPass(PassBase):
+    """Rewrites int size arguments (view sizes, split sizes, slice bounds, ...) that belong to a pruned dimension to
+    that dimension's kept size, from the labels (`counts`: kept units per atom)."""
     def __init__(self, table, counts: dict[int, int], kept: dict):
         super().__init__()
         self.T, self.counts, self.kept = table, counts, kept

@@ -13,6 +13,7 @@ from fxprune.passes.contracts import ContractError
 
 
 def slice_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A copy of `t` holding only the `keep` positions (dim -> index tensor), in its own storage."""
     out = t.detach()
     for dim, index in keep.items():
         out = out.index_select(dim, index.to(out.device))
@@ -20,6 +21,8 @@ def slice_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor
 
 
 class SliceParametersPass(PassBase):
+    """Replaces every parameter and buffer of the graph by a freshly allocated copy of its kept slice (`keep`: name
+    -> {dim: positions}); buffers keep their persistence."""
     def __init__(self, source: torch.fx.GraphModule, params: dict, buffers: dict, aliases: dict, keep: dict):
         super().__init__()
         self.source, self.params, self.buffers, self.aliases, self.keep = source, params, buffers, aliases, keep

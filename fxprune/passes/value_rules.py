@@ -40,6 +40,7 @@ SELECTIONS = {aten.topk, aten.kthvalue, aten.sort, aten.argsort}
 
 
 def label_of(node):
+    """The value label (kind, atom) of an fx node (router indices, counts, offsets), or None."""
     return node.meta.get(VALUES) if isinstance(node, torch.fx.Node) else None
 
 

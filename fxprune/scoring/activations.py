@@ -26,10 +26,8 @@ class InputStats:
     mean: torch.Tensor
     var: torch.Tensor
     sq_norm: torch.Tensor    # sum over tokens of x**2 (Wanda's ||X_j||^2)
-    # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T, [in + 1, in + 1] float32, with w_t the
-    # reconstruction pass's token weights (`reconstruct_layers.token_weights`: 1 / mean square of the residual
-    # stream, normalised to mean 1 over all calibration tokens), and that mean before normalising: errors
-    # measured with `gram` times `weight_scale` are errors of the normalised stream, comparable across layers.
+    # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T with the refit's token weights
+    # (`reconstruct_layers.token_weights`), so errors compare across layers once scaled by `weight_scale`.
     gram: torch.Tensor | None = None
     weight_scale: float = 1.0
 

@@ -31,6 +31,7 @@ def _first_use(dg) -> dict[str, int]:
 
 
 def resolve_groups(dg, groups) -> list[Group]:
+    """The groups to score: all of `dg`'s when `groups` is None, else the given groups or group ids."""
     if groups is None:
         return list(dg.groups)
     if isinstance(groups, (Group, int)):

@@ -61,6 +61,7 @@ def vocab_size(dg) -> int | None:
 
 
 def chunks(batches, size):
+    """Split each (ids, mask) batch into batches of at most `size` rows."""
     for ids, mask in batches:
         for start in range(0, ids.shape[0], size):
             yield ids[start:start + size], None if mask is None else mask[start:start + size]

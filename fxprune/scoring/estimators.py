@@ -13,10 +13,8 @@ import torch
 from fxprune.groups import Group, Member
 
 ESTIMATORS: dict[str, Callable] = {}
-# What an estimator may read besides the weight, each filled by the scorer before the estimators run:
-# "grad" (the gradient of the calibration loss), "sq_grad" (the Fisher diagonal: per-sample passes).
-# "inputs" (per-input-channel statistics of the projection the member's weight feeds, one forward pass),
-# "gram" (with "inputs": also the full Gram matrix of that projection's inputs).
+# What an estimator may read besides the weight, filled by the scorer: loss gradient, Fisher diagonal,
+# per-input-channel statistics of the projection fed, and that projection's input Gram matrix.
 NEEDS = ("grad", "sq_grad", "inputs", "gram")
 
 
@@ -56,18 +54,22 @@ class UnitStats:
 
     @property
     def name(self) -> str:
+        """The member's parameter name."""
         return self.member.name
 
     @property
     def dim(self) -> int:
+        """The member's pruned dimension."""
         return self.member.dim
 
     @property
     def unit_of(self) -> torch.Tensor:
+        """The unit of each position along the member's dimension (-1: none)."""
         return self.member.unit_of
 
     @property
     def n_units(self) -> int:
+        """Number of units in the group."""
         return self.group.n_units
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,8 @@ class UnitStats:
         return unit_sum(x, self.dim, self.unit_of, self.n_units)
 
     def need(self, what: str) -> torch.Tensor:
+        """The statistic `what` ("grad", "sq_grad", ...); raises `ValueError` when the estimator did not declare it
+        among its needs."""
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"this estimator needs `{what}`; declare it with register_estimator(name, needs=...)")
@@ -147,9 +151,8 @@ def _second(stats: UnitStats) -> torch.Tensor:
 
 
 # -- activation-aware estimators (no backward pass; see docs/reconstruction.md) ----------------------------
-# Both score a member only where it is the input dimension of a projection (o_proj over heads,
-# down_proj over channels, every reader of the hidden stream); other members return None, which
-# the aggregation skips. A group no projection reads falls back to l2 (aggregate.estimate).
+# They score a member only as a projection's input dimension; other members return None, which the
+# aggregation skips, and a group no projection reads falls back to l2 (aggregate.estimate).
 
 def _channel_view(stats: UnitStats, v: torch.Tensor) -> torch.Tensor:
     """A per-input-channel vector shaped to broadcast along the member's dimension of the weight."""

@@ -88,6 +88,8 @@ def _forward_checkpointed(dg, tensors, ids, mask, segments=None):
 
 
 def forward(dg, tensors, ids, mask, checkpoint=False):
+    """Logits of the analysed graph on `ids` with `tensors` in place of its parameters (so gradients flow to them);
+    `checkpoint` recomputes activations in the backward pass."""
     if mask is None:
         mask = torch.ones_like(ids)
     if checkpoint:
@@ -98,6 +100,7 @@ def forward(dg, tensors, ids, mask, checkpoint=False):
 
 
 def compute_device(dg, device):
+    """The device scoring runs on: `device` when given, else the model's."""
     if device is not None:
         return torch.device(device)
     first = next(iter(dg.parameters.values()), None)

@@ -19,11 +19,13 @@ class GradientStats:
     loss: float
 
     def covers(self, names, second_order: bool) -> bool:
+        """True when the stored gradients (and squared gradients when `second_order`) cover every name in `names`."""
         return all(n in self.grad for n in names) and (
             not second_order or (self.sq_grad is not None and all(n in self.sq_grad for n in names)))
 
 
 def member_names(dg, groups) -> list[str]:
+    """Names of the parameters the groups' members read, in order, without repeats."""
     return list(dict.fromkeys(m.name for g in groups for m in g.members if m.name in dg.parameters))
 
 
@@ -74,6 +76,8 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
 
 
 def gradients_for(dg, groups, needs, method, calibration, gradients, batch_size, device, dtype, checkpoint):
+    """Gradient statistics for the estimator's `needs`: the `gradients` given when they cover the groups, else
+    computed on `calibration` (`ValueError` when there is none); None when no gradient is needed."""
     if not {"grad", "sq_grad"} & set(needs):
         return None
     names = member_names(dg, groups)

@@ -68,6 +68,8 @@ def output_projection_members(dg: DependencyGraph, group: Group) -> list[Member]
 
 @dataclass
 class HyWIAResult:
+    """What `hywia` returns: the blended `scores` per group, the learned weights `alpha` of each granularity, the
+    granularity scores, and the validation's choice and held-out losses."""
     scores: dict[int, torch.Tensor]          # blended, with the learned attention (or the validated corner)
     alpha: dict[int, torch.Tensor]           # per group: the weight of each granularity, in `granularities` order
     levels: dict[str, dict[int, torch.Tensor]]  # per granularity: the normalised scores
@@ -82,6 +84,7 @@ class HyWIAResult:
 
     @property
     def granularities(self) -> tuple[str, ...]:
+        """The granularities blended, in the order of `alpha`."""
         return tuple(self.levels)
 
 

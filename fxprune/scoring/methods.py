@@ -20,6 +20,7 @@ class Method:
 
     @property
     def estimator(self) -> str:
+        """Name of the registered estimator these settings run."""
         raise NotImplementedError(f"{type(self).__name__} names no estimator")
 
 
@@ -134,9 +135,8 @@ class OBS(Method):
 RELAXATIONS = ("soft", "hard")
 
 
-# HyWIA's granularities and the estimator behind each. The paper blends the first two (per-weight and
-# per-structure Taylor); the activation-aware pair needs no backward pass and ranks better at some ratios
-# (benchmarks/results/reconstruction_table.md), so the validation can pick them.
+# HyWIA's granularities and their estimators: the paper's Taylor pair, plus an activation-aware pair that
+# ranks better at some ratios (reconstruction_table.md), so the validation can pick it.
 HYWIA_GRANULARITIES = {"fine": "element1", "coarse": "vector", "wanda": "wanda", "flap": "flap"}
 
 
@@ -154,9 +154,8 @@ class HyWIA(Method):
     relaxation: str = "hard"
     validate: bool = True
     holdout: float = 0.25   # fraction of calibration rows kept out of training, for the validation
-    # True: when the plan refits the pruned projections (reconstruct != "none"), fxprune.plan judges the
-    # candidates after that refit (fxprune.refit_validation) instead of by the masked model's loss. Off by
-    # default: five refits for no gain on SmolLM2's WikiText-2 over four C4 draws (docs/hywia.md).
+    # True: when the plan refits, judge the candidates after that refit (fxprune.refit_validation).
+    # Off by default: the extra refits cost more than they gained (docs/hywia.md).
     after_refit: bool = False
     granularities: tuple = tuple(HYWIA_GRANULARITIES)
 
