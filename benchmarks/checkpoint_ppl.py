@@ -49,7 +49,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     import fxprune
-    from fxprune.evaluate import perplexity
+    from fxprune.evaluation.evaluate import perplexity
     wiki = data_dir(a.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
     folders = sorted(Path(a.checkpoints).glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
     if not folders:

@@ -157,7 +157,7 @@ def report_head(title: str, report: dict) -> list[str]:
 
 
 def data_dir(arg=None) -> Path:
-    from fxprune.data import data_dir as resolve
+    from fxprune.data.loaders import data_dir as resolve
     return resolve(arg)
 
 
@@ -189,8 +189,8 @@ def write_outputs(report: dict, out: Path, plot, render) -> dict:
 
 
 def perplexity(model, windows) -> float:
-    """exp(mean next-token NLL) over token windows [n, L] (fxprune.evaluate's per-window sums)."""
+    """exp(mean next-token NLL) over token windows [n, L] (fxprune.evaluation.evaluate's per-window sums)."""
     import torch
-    from fxprune.evaluate import window_nlls
+    from fxprune.evaluation.evaluate import window_nlls
     with torch.inference_mode():
         return math.exp(sum(window_nlls(model, windows)) / windows[:, 1:].numel())

@@ -2,7 +2,7 @@
 
 Dense = Hugging Face `model.generate` with its own cache (DynamicCache in eager; for torch.compile its static
 cache, `cache_implementation="static"`, with the forward compiled, the setting transformers documents for
-compiled generation). Pruned = `fxprune.generation.Generator` (one captured KV-cache program for prefill and
+compiled generation). Pruned = `fxprune.serving.generation.Generator` (one captured KV-cache program for prefill and
 decode), eager or with its program compiled. Greedy, exactly `--new` tokens (EOS ignored), prompt of `--prompt`
 random tokens. Time to first token = generation of 1 token (prefill + one pick); decode tokens/s =
 batch x (new - 1) / (time of `new` tokens - time to first token). Every variant at each batch size is timed
@@ -117,7 +117,7 @@ def prune_variants(model, args, report):
     """The pruned GraphModules by name, after the dense model through fxprune's own program (a plan that
     removes nothing): the baseline that separates the pruning's speedup from the program's."""
     import fxprune
-    from fxprune.plan import PrunePlan
+    from fxprune.planning.plan import PrunePlan
     dg = fxprune.analyze(model)
     report["params_dense"] = dg.num_parameters()
     out = {DENSE_PROGRAM: fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)}
@@ -210,7 +210,7 @@ def render(report: dict, png: Path) -> str:
         f"{s['importance']} importance, heads + MLP, protected layers {tuple(s['protect'])}. Prompt {s['prompt']} random "
         f"tokens, {s['new']} new tokens, greedy; {s['runs']} rounds alternating dense and every pruned variant, "
         "medians. Dense: Hugging Face `generate` with its cache (eager: DynamicCache; compile: static cache and "
-        "`torch.compile`d forward). Pruned: `fxprune.generation.Generator` (static KV cache holding the kept KV "
+        "`torch.compile`d forward). Pruned: `fxprune.serving.generation.Generator` (static KV cache holding the kept KV "
         "heads only; compile: its program `torch.compile(dynamic=True)`). Goals (issue 14, batch-1 decode on "
         "this CPU): 1.2x at 20%, 1.8x at 50%. The dense side includes Hugging Face's generation loop (logits "
         "processors, stopping criteria, a DynamicCache that grows by concatenation) while the pruned side runs one "
@@ -251,8 +251,8 @@ def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     import torch
     torch.set_num_threads(args.threads)
-    from fxprune.generation import Generator
-    from fxprune.models import load_model
+    from fxprune.serving.generation import Generator
+    from fxprune.data.models import load_model
 
     out = Path(args.out)
     if args.render_only:

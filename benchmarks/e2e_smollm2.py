@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS as OUT, finish, header, load_average, md_table, report_head
 
-from fxprune.tasks import REPORTED as METRIC, TASKS  # noqa: E402  (the metric the seeds report per task)
+from fxprune.evaluation.tasks import REPORTED as METRIC, TASKS  # noqa: E402  (the metric the seeds report per task)
 
 ALPACA, C4 = ("alpaca", "alpaca_cleaned_5k.json"), ("c4", "c4_sample.json")
 RECOVERIES = {  # name -> (label, extra `fxprune tune` options, training data under the data directory)

@@ -73,7 +73,7 @@ def llama_cpp_logits(path, n_ctx, threads):
 
 
 def measure(name, model, tok, args, rows, reference=None, note=""):
-    from fxprune.evaluate import perplexity
+    from fxprune.evaluation.evaluate import perplexity
     t0 = time.time()
     ppl = perplexity(model, tok, data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw", window=args.window,
                      max_tokens=args.eval_tokens)
@@ -101,7 +101,7 @@ def run_formats(gm, tok, args, work, reference, rows, label, formats):
                 path = fxprune.export_program(gm, work / "model-aoti.pt2", aoti=True)
                 model = LogitsOf(torch._inductor.aoti_load_package(str(path)))
             else:
-                from fxprune.models import embedded_gguf
+                from fxprune.data.models import embedded_gguf
                 path = fxprune.export_gguf(gm, work / f"model-{args.gguf_dtype}.gguf", dtype=args.gguf_dtype,
                                            tokenizer_gguf=embedded_gguf())
                 model = LogitsOf(llama_cpp_logits(path, args.window, args.threads))
@@ -118,7 +118,7 @@ def run_uniform(tok, args, work, rows):
     """The uniform-widths plan, which a Hugging Face config can hold, to hf (and gguf as `llama`)."""
     import torch
     import fxprune
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     model, own_tok = load_model()
     tok = tok or own_tok
     options = {"importance": args.uniform_importance} if args.uniform_importance else {}
@@ -165,7 +165,7 @@ def main(argv=None):
                       for r in rows])
     lines = report_head("Pruned SmolLM2-135M-Instruct exported to standard formats", report)
     lines += [f"First {args.eval_tokens} WikiText-2 test tokens, {args.window}-token windows "
-              f"(`fxprune.evaluate.perplexity`). Each export is loaded the way its users load it: "
+              f"(`fxprune.evaluation.evaluate.perplexity`). Each export is loaded the way its users load it: "
               "`AutoModelForCausalLM.from_pretrained`, `torch.export.load(...).module()`, "
               "`torch._inductor.aoti_load_package`, "
               f"`llama_cpp.Llama` (GGUF {args.gguf_dtype}).", "", table, ""]

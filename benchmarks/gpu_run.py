@@ -60,7 +60,7 @@ class Timer:
 
 def setup(a):
     """(model, tokenizer, device, alpaca records, WikiText-2 text, calibration windows) for the run."""
-    from fxprune.data import alpaca_records, calibration_samples, data_dir, packaged_calibration_texts
+    from fxprune.data.loaders import alpaca_records, calibration_samples, data_dir, packaged_calibration_texts
     if a.dry_run:
         from tests.models import llama
         from tests.tiny_tokenizer import tiny_tokenizer
@@ -70,7 +70,7 @@ def setup(a):
         wiki = "the cat sat on the mat and the dog ran after it. " * 40
         calib = calibration_samples(packaged_calibration_texts()[:8], tok, n_samples=4, seq_len=32)
         return model, tok, torch.device("cpu"), records, wiki, calib
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     if not torch.cuda.is_available():
         raise SystemExit("gpu_run needs a CUDA device (use --dry-run to check the steps on CPU)")
     root = data_dir()  # FXPRUNE_DATA_DIR; checked before the model is loaded
@@ -85,7 +85,7 @@ def setup(a):
 
 
 def ppl(model, tok, wiki, a, device):
-    from fxprune.evaluate import perplexity
+    from fxprune.evaluation.evaluate import perplexity
     window, tokens = (16, 256) if a.dry_run else (128, a.eval_tokens)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return perplexity(model, tok, wiki, window=window, max_tokens=tokens, device=device)
@@ -106,7 +106,7 @@ def taylor_gradient_pass(model, calib, device, dtype) -> dict:
 
 
 def recover(name, pruned, dense, examples, a, device) -> tuple[dict, torch.nn.Module]:
-    from fxprune.lora import LoraSettings, merge, tune
+    from fxprune.recovery.lora import LoraSettings, merge, tune
     from tests.test_lora import clone
     spec = RECOVERIES[name]
     settings = LoraSettings(trainable=spec["trainable"], lr=a.lr, batch_size=a.batch_size, epochs=1,
@@ -121,7 +121,7 @@ def recover(name, pruned, dense, examples, a, device) -> tuple[dict, torch.nn.Mo
 
 def main(argv=None):
     import fxprune
-    from fxprune.data import tokenize_alpaca
+    from fxprune.data.loaders import tokenize_alpaca
     a = parse(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

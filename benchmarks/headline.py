@@ -19,8 +19,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     import fxprune
-    from fxprune.evaluate import perplexity
-    from fxprune.models import load_model
+    from fxprune.evaluation.evaluate import perplexity
+    from fxprune.data.models import load_model
     wiki = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
     model, tok = load_model()
     report = {**header(), "dense_ppl": perplexity(model, tok, wiki, max_tokens=args.eval_tokens), "rows": []}

@@ -171,11 +171,11 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.data import calibration_samples
-    from fxprune.evaluate import eval_windows, perplexity
-    from fxprune.models import load_model
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.data.loaders import calibration_samples
+    from fxprune.evaluation.evaluate import eval_windows, perplexity
+    from fxprune.data.models import load_model
+    from fxprune.planning.plan import target_groups
     from fxprune.scoring import ESTIMATORS, compute_gradients, hywia, score
     from fxprune.scoring.gradients import member_names as _member_names
 

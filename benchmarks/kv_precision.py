@@ -45,13 +45,13 @@ def hf_cached(model, ids, n, **kwargs):
 def keep_everything(model):
     """fxprune.apply with a plan that removes nothing (the dense model through fxprune's programs)."""
     import fxprune
-    from fxprune.plan import PrunePlan
+    from fxprune.planning.plan import PrunePlan
     dg = fxprune.analyze(model)
     return fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)
 
 
 def program_rows(gm, what, ids, n, dtype_name, lengths):
-    from fxprune.generation import Generator
+    from fxprune.serving.generation import Generator
     ref_ids, ref = recompute(gm, ids, n)
     rows = []
     for length in lengths:
@@ -72,7 +72,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import fxprune
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     dest = RESULTS / ("kv_precision" if args.threads == 1 else f"kv_precision_{args.threads}threads")
     report = {**header(args.threads), "new": args.new, "prompt": PROMPT, "rows": []}
     model, tok = load_model()

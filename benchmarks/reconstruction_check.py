@@ -44,10 +44,10 @@ def main(argv=None):
     if args.render:
         return render(Path(args.out))
     import fxprune
-    from fxprune.data import calibration_samples
-    from fxprune.evaluate import eval_windows
-    from fxprune.models import load_model
-    from fxprune.passes.reconstruct_layers import ReconstructLayersPass
+    from fxprune.data.loaders import calibration_samples
+    from fxprune.evaluation.evaluate import eval_windows
+    from fxprune.data.models import load_model
+    from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
     torch.set_num_threads(args.threads)
     root = data_dir(args.data_dir)
     model, tok = load_model()

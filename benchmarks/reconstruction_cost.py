@@ -29,7 +29,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     import fxprune
     from fxprune.defaults import default_calibration
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     report = {**header(a.threads), "rows": []}
     model, tok = load_model()
     dg = fxprune.analyze(model)

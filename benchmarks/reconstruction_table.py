@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
-from fxprune.config import REFIT_PRECISIONS, REFIT_TARGETS
+from fxprune.planning.config import REFIT_PRECISIONS, REFIT_TARGETS
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
@@ -40,9 +40,9 @@ def ppl_key(text: str) -> str:
 
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
     import fxprune
-    from fxprune.data import calibration_samples
-    from fxprune.plan import target_groups
-    from fxprune.refit_validation import choose_after_refit
+    from fxprune.data.loaders import calibration_samples
+    from fxprune.planning.plan import target_groups
+    from fxprune.planning.refit_choice import choose_after_refit
     from fxprune.scoring import HyWIA, compute_gradients, hywia, score
     from fxprune.scoring.activations import gram_members, input_statistics
     from fxprune.scoring.gradients import member_names
@@ -256,10 +256,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     import json
     import fxprune
-    from fxprune.config import protected_layers
-    from fxprune.data import calibration_samples
-    from fxprune.evaluate import eval_windows
-    from fxprune.models import load_model
+    from fxprune.planning.config import protected_layers
+    from fxprune.data.loaders import calibration_samples
+    from fxprune.evaluation.evaluate import eval_windows
+    from fxprune.data.models import load_model
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
     windows_path = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"  # checked before loading

@@ -30,9 +30,9 @@ def main(argv=None):
     import torch
     torch.set_num_threads(1)
     import fxprune
-    from fxprune.evaluate import perplexity
-    from fxprune.generation import Generator
-    from fxprune.models import load_model
+    from fxprune.evaluation.evaluate import perplexity
+    from fxprune.serving.generation import Generator
+    from fxprune.data.models import load_model
     wiki = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
     model, tok = load_model()
     out = RESULTS / "rounding_quality"

@@ -186,7 +186,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import fxprune
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
 
     out = Path(args.out)
     report = header(args.threads)

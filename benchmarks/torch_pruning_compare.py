@@ -236,13 +236,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import torch_pruning as tp
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.evaluate import perplexity
-    from fxprune.models import load_model
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.evaluation.evaluate import perplexity
+    from fxprune.data.models import load_model
+    from fxprune.planning.plan import target_groups
     from fxprune.scoring import score
 
-    analyze_module = sys.modules["fxprune.analyze"]
+    analyze_module = sys.modules["fxprune.analysis.analyze"]
     root = data_dir(args.data_dir)
     wiki = root / "wikitext-2-raw" / "wiki.test.raw"
     out = Path(args.out)

@@ -1,11 +1,11 @@
 """fxprune: structured pruning of causal LMs by compiler passes over torch.fx graphs."""
-from fxprune.analyze import analyze
+from fxprune.analysis.analyze import analyze
 from fxprune.api import PLAN_KEY, apply, compile, plan
-from fxprune.capture import CaptureError, capture
-from fxprune.config import PruneConfig
-from fxprune.generation import Generator, generate
-from fxprune.groups import DependencyGraph, Group, Member
-from fxprune.plan import PlanError, PrunePlan
+from fxprune.analysis.capture import CaptureError, capture
+from fxprune.planning.config import PruneConfig
+from fxprune.serving.generation import Generator, generate
+from fxprune.analysis.groups import DependencyGraph, Group, Member
+from fxprune.planning.plan import PlanError, PrunePlan
 from fxprune.serialization import load, save
 from fxprune.export import ExportError, export_gguf, export_hf, export_program
 

@@ -5,11 +5,11 @@ import dataclasses
 
 import torch
 
-from fxprune.analyze import analyze
-from fxprune.config import PruneConfig
+from fxprune.analysis.analyze import analyze
+from fxprune.planning.config import PruneConfig
 from fxprune.defaults import calibration_batch, default_calibration, find_tokenizer, resolve_data
-from fxprune.plan import PlanError, PrunePlan, fingerprint, make_plan, target_groups
-from fxprune.rewrite import prune
+from fxprune.planning.plan import PlanError, PrunePlan, fingerprint, make_plan, target_groups
+from fxprune.rewrite.emit import prune
 
 PLAN_KEY = "fxprune.plan"
 BASE_KEY = "fxprune.base"
@@ -58,7 +58,7 @@ def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig
     to the scorer as they are (see `fxprune.scoring.score`).
     """
     cfg = _config(ratio, config, options)
-    from fxprune.refit_validation import choose_after_refit
+    from fxprune.planning.refit_choice import choose_after_refit
     from fxprune.scoring import ESTIMATORS, HyWIA, as_method, hywia, score
     method = as_method(cfg.importance, ESTIMATORS, cfg.seed)  # a bad name fails before the analysis
     cfg, batches = resolve_data(model, cfg, calibration, tokenizer, scored=scores is not None, draw=scores is None)
@@ -69,7 +69,7 @@ def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig
         common = dict(aggregation=cfg.aggregation, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
                       dtype=dtype, checkpoint=checkpoint, gradients=gradients, ratio=cfg.ratio)
         if isinstance(method, HyWIA) and method.validate and method.after_refit and cfg.reconstruct != "none":
-            # HyWIA's candidates are judged after the refit this plan will get (fxprune/refit_validation.py)
+            # HyWIA's candidates are judged after the refit this plan will get (fxprune/planning/refit_choice.py)
             result = hywia(dg, groups, batches, settings=dataclasses.replace(method, validate=False), **common)
             scores = choose_after_refit(dg, cfg, result.candidates(), batches, method.holdout).scores
         else:

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from fxprune.config import PruneConfig
+from fxprune.planning.config import PruneConfig
 
 
 def importance_needs_data(method) -> bool:
@@ -45,20 +45,20 @@ def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool, 
 
 def find_tokenizer(model, tokenizer=None):
     """`tokenizer` if given, else the one found beside the model (None when there is none)."""
-    from fxprune.models import tokenizer_for
+    from fxprune.data.models import tokenizer_for
     return tokenizer if tokenizer is not None else tokenizer_for(model)
 
 
 def default_calibration(tokenizer, cfg: PruneConfig, samples: int | None = None) -> torch.Tensor:
     """`samples` (default `cfg.calibration_samples`) windows of the packaged C4 sample, drawn with `cfg.seed`."""
-    from fxprune.data import PACKAGED_C4, calibration_samples
+    from fxprune.data.loaders import PACKAGED_C4, calibration_samples
     return calibration_samples(PACKAGED_C4, tokenizer, samples or cfg.calibration_samples, cfg.calibration_len,
                                cfg.seed)
 
 
 def calibration_batch(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All calibration batches as one (input_ids, attention_mask) pair, right-padded to one length."""
-    from fxprune.scoring.calibration import batches as validated
+    from fxprune.data.calibration import batches as validated
     batches = validated(calibration)
     if len({ids.shape[1] for ids, _ in batches}) == 1 and all(m is None for _, m in batches):
         return torch.cat([ids for ids, _ in batches]), None

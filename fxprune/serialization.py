@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fxprune.analyze import analyze
+from fxprune.analysis.analyze import analyze
 from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
-from fxprune.fx_util import owner_and_leaf
-from fxprune.plan import PrunePlan
+from fxprune.analysis.fx_util import owner_and_leaf
+from fxprune.planning.plan import PrunePlan
 
 FORMAT = 1
 FILES = ("model.safetensors", "plan.json", "config.json", "fxprune.json")

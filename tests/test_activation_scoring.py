@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.plan import target_groups
+from fxprune.planning.plan import target_groups
 from fxprune.scoring import score
 from fxprune.scoring.activations import input_statistics
 from models import llama
@@ -140,6 +140,6 @@ def test_unknown_importance_fails_before_the_analysis():
 
 
 def test_auto_protection_and_rounding():
-    from fxprune.config import mlp_rounding, protected_layers
+    from fxprune.planning.config import mlp_rounding, protected_layers
     assert protected_layers("auto", 30) == {0, 1, 2, 28, 29} and protected_layers("auto", 2) == set()
     assert mlp_rounding("auto", 1536) == 64 and mlp_rounding("auto", 96) is None and mlp_rounding(32, 96) == 32

@@ -37,7 +37,7 @@ def test_model_without_prunable_structure():
 # -- a dtype or device that cannot run ------------------------------------------------------------------
 
 def test_unknown_dtype_and_device_are_named_before_loading():
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_model(dtype="float8")
     with pytest.raises(ValueError, match="unknown device 'tpu9'"):
@@ -45,8 +45,8 @@ def test_unknown_dtype_and_device_are_named_before_loading():
 
 
 def test_dtype_the_device_cannot_run_is_refused_with_the_fix(monkeypatch):
-    from fxprune import devices
-    from fxprune.models import load_model
+    from fxprune.util import devices
+    from fxprune.data.models import load_model
 
     def refuse(dtype, device):
         raise RuntimeError(f"\"addmm_impl_cpu_\" not implemented for '{dtype}'")
@@ -61,7 +61,7 @@ def test_dtype_the_device_cannot_run_is_refused_with_the_fix(monkeypatch):
 
 
 def test_dtype_probe_runs_the_real_ops():
-    from fxprune.devices import check_runnable
+    from fxprune.util.devices import check_runnable
     assert check_runnable("bf16", "cpu") == (torch.bfloat16, torch.device("cpu"))
     assert check_runnable(torch.float32, "meta") == (torch.float32, torch.device("meta"))
     with pytest.raises(ValueError, match="not a floating-point dtype"):
@@ -69,7 +69,8 @@ def test_dtype_probe_runs_the_real_ops():
 
 
 def test_lora_refuses_a_precision_the_device_cannot_run(monkeypatch):
-    from fxprune import devices, lora
+    from fxprune.util import devices
+    from fxprune.recovery import lora
     calls = []
 
     def refuse(dtype, device):
@@ -83,7 +84,8 @@ def test_lora_refuses_a_precision_the_device_cannot_run(monkeypatch):
 
 
 def test_cli_reports_an_unrunnable_dtype_without_a_traceback(monkeypatch, capsys):
-    from fxprune import cli, devices
+    from fxprune.cli import main as cli
+    from fxprune.util import devices
 
     def refuse(dtype, device):
         raise RuntimeError("no kernel for this dtype")

@@ -11,8 +11,8 @@ import torch
 from models import llama
 from tiny_tokenizer import tiny_tokenizer
 
-from fxprune import cli
-from fxprune.data import DATA_ENV
+from fxprune.cli import main as cli
+from fxprune.data.loaders import DATA_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def no_model_loading(monkeypatch):
     """Any attempt to load a model fails the test: the error must come first."""
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the data files were checked")
-    monkeypatch.setattr("fxprune.models.load_model", refuse)
+    monkeypatch.setattr("fxprune.data.models.load_model", refuse)
     monkeypatch.setattr(cli, "load_any", refuse)
     monkeypatch.delenv(DATA_ENV, raising=False)
 
@@ -76,14 +76,14 @@ def test_eval_refuses_a_named_task_without_its_file_before_loading(model_dir, tm
 
 
 def test_tune_refuses_missing_data_before_loading(model_dir, tmp_path, capsys, no_model_loading, monkeypatch):
-    monkeypatch.setattr("fxprune.tune_script.load_graph_module", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("fxprune.recovery.tune_script.load_graph_module", lambda *a: pytest.fail("the model was loaded"))
     assert cli.main(["tune", str(model_dir), "--data", str(tmp_path / "alpaca.json")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "alpaca.json") in err and "--data" in err
 
 
 def test_hub_fallback_fails_fast_when_unreachable(monkeypatch):
-    from fxprune import sources
+    from fxprune.data import sources
     monkeypatch.delenv(DATA_ENV, raising=False)
     monkeypatch.setattr(sources, "HUB_HOST", "hub.invalid")  # a name that never resolves (RFC 2606)
     t = time.time()
@@ -93,7 +93,7 @@ def test_hub_fallback_fails_fast_when_unreachable(monkeypatch):
 
 
 def test_a_named_hub_set_that_cannot_be_had_fails_before_loading(model_dir, capsys, no_model_loading, monkeypatch):
-    from fxprune import sources
+    from fxprune.data import sources
     monkeypatch.setattr(sources, "HUB_HOST", "hub.invalid")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached either
     assert cli.main(["prune", str(model_dir), "--calib-data", "hf:allenai/c4:en:validation"]) == 2
@@ -106,7 +106,7 @@ def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, ca
     --reconstruct lstsq` scores and refits on windows of that text (the refit on `--refit-samples` of them,
     its forward passes in `--refit-precision`), and the saved model keeps the refit."""
     import fxprune
-    from fxprune.data import calibration_samples
+    from fxprune.data.loaders import calibration_samples
     monkeypatch.delenv(DATA_ENV, raising=False)
     text = tmp_path / "my_text.txt"
     text.write_text(" ".join(f"line {i} of the user's own domain text, about valves and pumps." for i in range(300)))

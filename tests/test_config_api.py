@@ -7,7 +7,7 @@ import torch
 
 import fxprune
 from fxprune import api
-from fxprune.config import PruneConfig
+from fxprune.planning.config import PruneConfig
 from fxprune.scoring import HyWIA, Magnitude, Registered, Taylor
 from models import llama
 from oracles import random_scores
@@ -60,9 +60,9 @@ def test_every_scorer_setting_reaches_score(analysed, monkeypatch):
 
 
 def test_every_scorer_setting_reaches_hywia_when_the_plan_refits(analysed, monkeypatch):
-    import fxprune.refit_validation
+    import fxprune.planning.refit_choice
     import fxprune.scoring
-    from fxprune.refit_validation import RefitChoice
+    from fxprune.planning.refit_choice import RefitChoice
     from fxprune.scoring import HyWIAResult
     model, dg = analysed
     seen, chosen = {}, random_scores(dg)
@@ -136,8 +136,8 @@ def test_compile_analyses_once_and_hands_the_analysis_on(monkeypatch):
 
 
 def test_the_analysis_has_all_its_attributes_from_the_constructor(analysed):
-    from fxprune.analyze import label
-    from fxprune.capture import capture
+    from fxprune.analysis.analyze import label
+    from fxprune.analysis.capture import capture
     model, dg = analysed
     assert dg.model is model and dg.model_config is model.config and dg.exported is not None
     assert len(dg.attention_ops) == model.config.num_hidden_layers

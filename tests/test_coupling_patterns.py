@@ -13,8 +13,8 @@ import torch
 
 import fxprune
 from coupling_models import HEAD_DIM, VOCAB, AllHeadsNorm, PerHeadNorm, all_heads_twin
-from fxprune.config import PruneConfig
-from fxprune.rewrite import rewrite
+from fxprune.planning.config import PruneConfig
+from fxprune.rewrite.emit import rewrite
 from oracles import prune_random, random_scores, rel_err, zero_masked
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
-from fxprune import data, evaluate  # noqa: E402
+from fxprune.data import loaders as data
+from fxprune.evaluation import evaluate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,8 @@ def test_perplexity_equals_direct_cross_entropy(tok, llama):
 
 
 def test_emitted_graph_module_evaluates_like_the_model(tok, llama):
-    from fxprune.analyze import analyze
-    from fxprune.rewrite import rewrite
+    from fxprune.analysis.analyze import analyze
+    from fxprune.rewrite.emit import rewrite
     gm = rewrite(analyze(llama), {})  # keeps every unit: same function, as a GraphModule
     assert isinstance(gm, torch.fx.GraphModule)
     assert evaluate.perplexity(gm, tok, TEXT, window=32) == pytest.approx(

@@ -1,4 +1,4 @@
-"""Distillation from the dense model during recovery (fxprune.distill, fxprune.lora.tune(teacher=...))."""
+"""Distillation from the dense model during recovery (fxprune.distill, fxprune.recovery.lora.tune(teacher=...))."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.distill import Teacher, hidden_loss, kd_loss
-from fxprune.lora import LoraSettings, merge, tune
+from fxprune.recovery.distill import Teacher, hidden_loss, kd_loss
+from fxprune.recovery.lora import LoraSettings, merge, tune
 from tests.test_lora import batch, clone, synthetic_instructions, tiny_llama
 
 
@@ -147,7 +147,7 @@ def test_bad_distillation_settings_are_refused():
 
 
 def test_tune_script_distils_full_weights_from_a_teacher_directory(dense, pruned, examples, tmp_path):
-    from fxprune import tune_script
+    from fxprune.recovery import tune_script
     fxprune.save(pruned, tmp_path / "pruned")
     dense.save_pretrained(tmp_path / "dense")
     (tmp_path / "data.json").write_text(json.dumps(examples[:16]))

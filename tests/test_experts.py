@@ -1,4 +1,4 @@
-"""Whole-expert pruning: router indices followed by value labels (fxprune/passes/value_rules.py).
+"""Whole-expert pruning: router indices followed by value labels (fxprune/analysis/value_rules.py).
 
 Oracle: removing experts equals the original model whose router gives the removed experts a logit
 of -inf (they are never chosen; the top-k weights renormalise over the rest). For a uniform choice,

@@ -8,7 +8,7 @@ import fxprune
 from families import gpt2
 from fxprune.export.common import base_of
 from fxprune.export.gguf import check_gguf_expressible, rotary_pairs
-from fxprune.models import embedded_gguf
+from fxprune.data.models import embedded_gguf
 from models import llama
 from oracles import random_scores
 from test_config_twin import uniform_plan

@@ -301,7 +301,7 @@ def test_obs_scores_conv1d_and_parallel_residual_families(family):
     """obs reads each projection's Gram matrix weighted by the stream it is added to, when there is one; each
     MLP group's scores are the greedy OBS errors of its down projection, the weight read as [out, in] (GPT-2's
     Conv1D stores it [in, out]), in the units of the normalised stream."""
-    from fxprune.plan import target_groups
+    from fxprune.planning.plan import target_groups
     from fxprune.scoring import score
     from fxprune.scoring.activations import gram_members, input_statistics
     from fxprune.scoring.gradients import member_names

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.analyze import analyze
-from fxprune.generation import Generator  # also fxprune.Generator
-from fxprune.plan import PrunePlan
+from fxprune.analysis.analyze import analyze
+from fxprune.serving.generation import Generator  # also fxprune.Generator
+from fxprune.planning.plan import PrunePlan
 from models import llama
 from oracles import prune_random, rel_err
 
@@ -23,7 +23,7 @@ def prompt(batch, seq, seed=0, vocab=128):
 
 @torch.no_grad()
 def recompute(gm, ids, n):
-    """Greedy tokens and per-step logits re-running the whole sequence (fxprune.evaluate.generate's method)."""
+    """Greedy tokens and per-step logits re-running the whole sequence (fxprune.evaluation.evaluate.generate's method)."""
     logits = []
     for _ in range(n):
         step = gm(ids).logits[:, -1].detach()
@@ -170,7 +170,7 @@ def test_every_cached_family_equals_recompute(family, ratio):
 
 @pytest.mark.slow
 def test_smollm2_dense_equals_hf_generate_and_pruned_equals_recompute():
-    from fxprune.models import load_model
+    from fxprune.data.models import load_model
     model, tok = load_model()
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     model.generation_config.eos_token_id = None

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.evaluate import perplexity
-from fxprune.models import load_model
+from fxprune.evaluation.evaluate import perplexity
+from fxprune.data.models import load_model
 
 # The README's headline row for `fxprune.compile(model, ratio=0.2)`: WikiText-2 perplexity on the first
 # 10,240 tokens (128-token windows) of the pruned model, measured as 122.37 in benchmarks/results/headline.md

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxprune.lm import IGNORE_INDEX, lm_loss, logits_of, model_logits
+from fxprune.util.lm import IGNORE_INDEX, lm_loss, logits_of, model_logits
 
 
 def test_loss_is_the_mean_over_valid_next_tokens():

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxprune
-from fxprune.lora import LoraSettings, checkpoints, linear_targets, merge, output_heads, tune
+from fxprune.recovery.lora import LoraSettings, checkpoints, linear_targets, merge, output_heads, tune
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -82,7 +82,7 @@ def clone(gm):
 
 
 def batch(examples, n=4):
-    from fxprune.lora import collate
+    from fxprune.recovery.lora import collate
     return collate([(torch.tensor(e["input_ids"]), torch.tensor(e["labels"])) for e in examples[:n]])
 
 
@@ -218,7 +218,7 @@ def test_resume_matches_uninterrupted_run(pruned, examples, tmp_path):
 
 def test_script_reads_alpaca_or_tokenised_data(tmp_path, examples):
     from tests.tiny_tokenizer import tiny_tokenizer
-    from fxprune.tune_script import load_examples
+    from fxprune.recovery.tune_script import load_examples
     tok = tiny_tokenizer()
     tok.save_pretrained(tmp_path / "tok")
     records = [{"instruction": "Repeat", "input": "abc", "output": "abc abc"},
@@ -238,7 +238,7 @@ def test_script_reads_alpaca_or_tokenised_data(tmp_path, examples):
 
 def test_script_packs_text_records_into_full_windows(tmp_path):
     from tests.tiny_tokenizer import tiny_tokenizer
-    from fxprune.tune_script import load_examples
+    from fxprune.recovery.tune_script import load_examples
     tok = tiny_tokenizer()
     tok.save_pretrained(tmp_path / "tok")
     texts = ["the cat sat on the mat " * 7, "a dog ran " * 11, "short"]
@@ -263,7 +263,7 @@ def test_accelerate_launch_two_cpu_processes_ddp(pruned, examples, tmp_path):
 
     `accelerate launch --cpu --num_processes 2` starts one process (on CPU accelerate launch only fans
     out through mpirun), so the processes are started by its torchrun-based launcher (--multi_gpu) with
-    the GPUs hidden; fxprune.lora.tune then joins them into a gloo group.
+    the GPUs hidden; fxprune.recovery.lora.tune then joins them into a gloo group.
     """
     fxprune.save(pruned, tmp_path / "pruned")
     (tmp_path / "data.json").write_text(json.dumps(examples[:32]))

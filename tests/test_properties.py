@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxprune
-from fxprune.config import PruneConfig
-from fxprune.plan import target_groups
+from fxprune.planning.config import PruneConfig
+from fxprune.planning.plan import target_groups
 from models import build
 from oracles import inputs, random_scores, rel_err, zero_masked
 

@@ -1,13 +1,13 @@
-"""HyWIA's candidates judged after the plan's refit (fxprune/refit_validation.py)."""
+"""HyWIA's candidates judged after the plan's refit (fxprune/planning/refit_choice.py)."""
 import dataclasses
 
 import pytest
 import torch
 
 import fxprune
-from fxprune.lm import lm_loss
-from fxprune.plan import make_plan, target_groups
-from fxprune.refit_validation import choose_after_refit, held_out_loss
+from fxprune.util.lm import lm_loss
+from fxprune.planning.plan import make_plan, target_groups
+from fxprune.planning.refit_choice import choose_after_refit, held_out_loss
 from fxprune.scoring import HyWIA, hywia, score
 from tests.models import llama
 
@@ -48,7 +48,7 @@ def test_each_candidate_is_judged_by_its_refitted_model_on_the_held_out_rows(env
 
 
 def test_candidates_with_the_same_plan_share_one_refit(env, monkeypatch):
-    import fxprune.refit_validation as rv
+    import fxprune.planning.refit_choice as rv
     model, dg, cal, cfg, result = env
     calls = []
     monkeypatch.setattr(rv, "prune", lambda *a: calls.append(a) or model)

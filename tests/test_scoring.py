@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fxprune import scoring
-from fxprune.analyze import analyze
-from fxprune.groups import Group, Member
+from fxprune.analysis.analyze import analyze
+from fxprune.analysis.groups import Group, Member
 from fxprune.scoring import (AGGREGATIONS, ESTIMATORS, UnitStats, compute_gradients, hywia, register_estimator,
                              score, unit_sum)
 
@@ -431,8 +431,8 @@ def test_hywia_does_not_depend_on_how_the_calibration_is_batched(env):
     # The CLI passes calibration.split(4), the benchmarks the [N, L] tensor itself, fxprune.plan calls
     # hywia through score(): all must give the plan of the same samples (steps go one sample at a time).
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.planning.plan import target_groups
     rows = torch.cat(env.cal)
     groups = target_groups(env.dg, PruneConfig(ratio=0.3, targets=("heads", "mlp")))
     ref = hywia(env.dg, groups, rows, ratio=0.3, steps=6, gradients=env.grads)
@@ -462,8 +462,8 @@ def test_validation_keeps_the_blend_that_prunes_with_the_lower_loss(env):
     assert all(torch.equal(res.scores[k], unvalidated.scores[k]) for k in res.scores) != corner_won
     # the recorded losses are those of the pruned models: recompute the winner's through fxprune.apply
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.planning.plan import target_groups
     groups = target_groups(env.dg, PruneConfig(ratio=0.4, targets=("heads", "mlp")))
     res = hywia(env.dg, groups, env.cal, ratio=0.4, steps=3, gradients=env.grads)
     best = min(res.validation.values())
@@ -478,8 +478,8 @@ def test_validation_keeps_the_blend_that_prunes_with_the_lower_loss(env):
 
 def test_planned_fractions_are_what_the_uniform_planner_removes(env):
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.planning.plan import target_groups
     for targets, ratio in ((("mlp",), 0.2), (("heads", "mlp"), 0.4)):  # the second needs the planner's top-up
         groups = target_groups(env.dg, PruneConfig(ratio=ratio, targets=targets))
         scores = {g.id: torch.rand(g.n_units, generator=torch.Generator().manual_seed(g.id)) for g in env.dg.groups}
@@ -494,8 +494,8 @@ def test_hard_relaxation_trains_on_the_pruned_model_itself(env):
     # The straight-through forward is the hard-pruned model: the first step's loss (equal attention
     # weights) is the LM loss of the model that fxprune.apply emits for the equal blend.
     import fxprune
-    from fxprune.config import PruneConfig
-    from fxprune.plan import target_groups
+    from fxprune.planning.config import PruneConfig
+    from fxprune.planning.plan import target_groups
     targets, ratio = ("heads", "mlp"), 0.4  # units too coarse for one fraction: the planner tops up by score
     groups = target_groups(env.dg, PruneConfig(ratio=ratio, targets=targets))
     first = env.cal[:1]

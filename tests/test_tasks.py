@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fxprune import tasks
-from fxprune.tasks import Doc, load_task, mean_over_tasks, score_docs
+from fxprune.evaluation import tasks
+from fxprune.evaluation.tasks import Doc, load_task, mean_over_tasks, score_docs
 
 
 def write(path, records):

@@ -23,8 +23,8 @@ import lm_eval.tasks  # noqa: E402
 from lm_eval.evaluator import evaluate as lm_eval_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from fxprune import evaluate  # noqa: E402
-from fxprune.tasks import TASKS, _hellaswag_docs  # noqa: E402
+from fxprune.evaluation import evaluate  # noqa: E402
+from fxprune.evaluation.tasks import TASKS, _hellaswag_docs  # noqa: E402
 
 N_DOCS = 24
 # lm-eval's own config of each task (under lm_eval/tasks/), read directly: indexing every task is slow.

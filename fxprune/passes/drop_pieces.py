@@ -2,7 +2,7 @@
 
 After SliceParametersPass the split sees only the kept units, so its pieces are renumbered: piece
 `kept[j]` is now output j. The cat takes the kept pieces' chains in order; the chains of removed
-units become dead code and go, and so do the parameters only they read (fxprune.pieces).
+units become dead code and go, and so do the parameters only they read (fxprune.analysis.pieces).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import operator
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fx_util import owner_and_leaf
-from fxprune.passes.contracts import ContractError
-from fxprune.passes.dimension_rules import PIECES
+from fxprune.analysis.fx_util import owner_and_leaf
+from fxprune.analysis.contracts import ContractError
+from fxprune.analysis.dimension_rules import PIECES
 
 
 class DropPiecesPass(PassBase):

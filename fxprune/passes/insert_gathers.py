@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fx_util import flat_dims, is_multi
-from fxprune.passes.contracts import DIMS, require_dims
-from fxprune.passes.dimension_rules import PIECES
+from fxprune.analysis.fx_util import flat_dims, is_multi
+from fxprune.analysis.contracts import DIMS, require_dims
+from fxprune.analysis.dimension_rules import PIECES
 from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
-from fxprune.passes.value_rules import VALUES
+from fxprune.analysis.value_rules import VALUES
 
 aten = torch.ops.aten
 

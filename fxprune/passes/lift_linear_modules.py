@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fx_util import get_attr_path, owner_and_leaf, set_attr_path
-from fxprune.passes.contracts import ContractError
+from fxprune.analysis.fx_util import get_attr_path, owner_and_leaf, set_attr_path
+from fxprune.analysis.contracts import ContractError
 
 aten = torch.ops.aten
 READ_AS = "fxprune.read_as"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.passes.contracts import ContractError, graphs_of
-from fxprune.runtime import CausalLMOutput, DefaultAttentionMask, device_of
+from fxprune.analysis.contracts import ContractError, graphs_of
+from fxprune.rewrite.runtime import CausalLMOutput, DefaultAttentionMask, device_of
 
 aten = torch.ops.aten
 

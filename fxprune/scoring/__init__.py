@@ -62,9 +62,9 @@ member's input (e.g. `act_norm`, shaped to broadcast against `weight`), and a co
 """
 from __future__ import annotations
 
-from fxprune.lm import lm_loss
+from fxprune.util.lm import lm_loss
 from fxprune.scoring.aggregate import AGGREGATIONS
-from fxprune.scoring.calibration import batches
+from fxprune.data.calibration import batches
 from fxprune.scoring.dispatch import score
 from fxprune.scoring.estimators import ESTIMATORS, NEEDS, UnitStats, register_estimator, unit_sum
 from fxprune.scoring.gradients import GradientStats, compute_gradients

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fxprune.fx_util import get_attr_path
-from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
-from fxprune.scoring.calibration import batches, chunks, vocab_size
+from fxprune.analysis.fx_util import get_attr_path
+from fxprune.reconstruction.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
+from fxprune.data.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.groups import DependencyGraph, Group
+from fxprune.analysis.groups import DependencyGraph, Group
 from fxprune.scoring.estimators import ESTIMATORS, UnitStats
 from fxprune.scoring.gradients import GradientStats
 

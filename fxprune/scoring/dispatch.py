@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.groups import DependencyGraph
+from fxprune.analysis.groups import DependencyGraph
 from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from fxprune.groups import Group, Member
+from fxprune.analysis.groups import Group, Member
 
 ESTIMATORS: dict[str, Callable] = {}
 # What an estimator may read besides the weight, filled by the scorer: loss gradient, Fisher diagonal,

@@ -10,8 +10,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from fxprune.groups import DependencyGraph
-from fxprune.lm import logits_of
+from fxprune.analysis.groups import DependencyGraph
+from fxprune.util.lm import logits_of
 
 class _Runner(torch.fx.Interpreter):
     """Interpreter reading parameters and buffers from a dict (for checkpointed segments)."""

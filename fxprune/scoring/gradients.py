@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fxprune.groups import DependencyGraph
-from fxprune.lm import lm_loss
-from fxprune.scoring.calibration import batches, chunks, vocab_size
+from fxprune.analysis.groups import DependencyGraph
+from fxprune.util.lm import lm_loss
+from fxprune.data.calibration import batches, chunks, vocab_size
 from fxprune.scoring.forward import compute_device, forward, model_tensors
 
 @dataclass

@@ -31,7 +31,7 @@ winner). The last `holdout` fraction of the calibration rows is kept out of the 
 for that (the gradients and activation statistics behind the granularities still use every row), so
 the choice is not made on the rows the blend was fitted to. This masked validation is what `score` and
 `hywia` do; `fxprune.plan`, when its plan refits the pruned projections, judges the same candidates
-(`HyWIAResult.candidates`) after that refit instead (`fxprune.refit_validation`, `HyWIA.after_refit`).
+(`HyWIAResult.candidates`) after that refit instead (`fxprune.planning.refit_choice`, `HyWIA.after_refit`).
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune.groups import DependencyGraph, Group, Member
-from fxprune.lm import lm_loss
+from fxprune.analysis.groups import DependencyGraph, Group, Member
+from fxprune.util.lm import lm_loss
 from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
-from fxprune.scoring.calibration import batches, chunks, to_device, vocab_size
+from fxprune.data.calibration import batches, chunks, to_device, vocab_size
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device, forward, model_tensors
 from fxprune.scoring.activations import input_statistics
@@ -111,8 +111,8 @@ def planned_fractions(dg: DependencyGraph, groups, ratio: float, scores=None) ->
     `ratio` of the parameters go. It exceeds `ratio` (embeddings, norms and protected layers stay),
     and where one fraction for all groups cannot meet the ratio, the planner's top-up by score decides
     which groups give more (so it depends on `scores`; equal scores when None)."""
-    from fxprune.config import PruneConfig
-    from fxprune.plan import select
+    from fxprune.planning.config import PruneConfig
+    from fxprune.planning.plan import select
     scores = scores or {g.id: torch.ones(g.n_units) for g in groups}
     counts = select(dg, groups, scores, PruneConfig(ratio=ratio))
     return {g.id: 1 - counts[g.id] / g.n_units for g in groups}

@@ -154,7 +154,7 @@ class HyWIA(Method):
     relaxation: str = "hard"
     validate: bool = True
     holdout: float = 0.25   # fraction of calibration rows kept out of training, for the validation
-    # True: when the plan refits, judge the candidates after that refit (fxprune.refit_validation).
+    # True: when the plan refits, judge the candidates after that refit (fxprune.planning.refit_choice).
     # Off by default: the extra refits cost more than they gained (docs/hywia.md).
     after_refit: bool = False
     granularities: tuple = tuple(HYWIA_GRANULARITIES)

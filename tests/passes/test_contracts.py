@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-import fxprune.rewrite
-from fxprune.passes.contracts import ContractError, check_graph
+import fxprune.rewrite.emit
+from fxprune.analysis.contracts import ContractError, check_graph
 from tiny import analysed, group_of, run_passes
 
 
@@ -39,7 +39,7 @@ def contract_error(exc):
 def test_the_check_names_the_broken_read():
     _, dg = analysed("mlp")
     with pytest.raises(Exception) as info:
-        run_passes(fxprune.rewrite.copy_graph_module(dg), [DropsAnAttribute()])
+        run_passes(fxprune.rewrite.emit.copy_graph_module(dg), [DropsAnAttribute()])
     assert "DropsAnAttribute" in str(info.value)
     cause = contract_error(info.value)
     assert cause is not None and "target head.weight references nonexistent attribute" in str(cause)
@@ -47,7 +47,7 @@ def test_the_check_names_the_broken_read():
 
 def test_the_check_lints():
     _, dg = analysed("mlp")
-    gm = fxprune.rewrite.copy_graph_module(dg)
+    gm = fxprune.rewrite.emit.copy_graph_module(dg)
     UsesBeforeDefining()(gm)
     with pytest.raises(ContractError, match="used before it has been defined"):
         check_graph(gm)
@@ -56,8 +56,8 @@ def test_the_check_lints():
 def test_rewrite_runs_the_check_after_each_pass(monkeypatch):
     _, dg = analysed("attention")
     heads = group_of(dg, "heads")
-    assert fxprune.rewrite.rewrite(dg, {heads.atom_id: [0, 1]}) is not None
-    monkeypatch.setattr(fxprune.rewrite, "InsertGathersPass", DropsAnAttribute)
+    assert fxprune.rewrite.emit.rewrite(dg, {heads.atom_id: [0, 1]}) is not None
+    monkeypatch.setattr(fxprune.rewrite.emit, "InsertGathersPass", DropsAnAttribute)
     with pytest.raises(Exception, match="DropsAnAttribute") as info:
-        fxprune.rewrite.rewrite(dg, {heads.atom_id: [0, 1]})
+        fxprune.rewrite.emit.rewrite(dg, {heads.atom_id: [0, 1]})
     assert contract_error(info.value) is not None

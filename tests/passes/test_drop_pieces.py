@@ -11,7 +11,7 @@ from coupling_models import PerHeadNorm, per_head_twin
 from fxprune.passes.drop_pieces import DropPiecesPass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
 from fxprune.passes.slice_parameters import SliceParametersPass
-from fxprune.rewrite import copy_graph_module, kept_positions
+from fxprune.rewrite.emit import copy_graph_module, kept_positions
 from tiny import SHAPES, calls, group_of, ids, logits, run_passes
 
 KEPT = [1, 3]

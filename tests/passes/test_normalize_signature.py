@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fxprune.capture import capture
+from fxprune.analysis.capture import capture
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
 from tiny import TinyMLP, flat, ids, run_passes
 

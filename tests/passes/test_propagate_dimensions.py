@@ -3,9 +3,9 @@ without a rule freezes what it touches; the graph itself is left as it was (eage
 import pytest
 import torch
 
-from fxprune.capture import capture, drop_input_guards
-from fxprune.passes.contracts import DIMS, ContractError
-from fxprune.passes.propagate_dimensions import PropagateDimensionsPass
+from fxprune.analysis.capture import capture, drop_input_guards
+from fxprune.analysis.contracts import DIMS, ContractError
+from fxprune.analysis.propagate_dimensions import PropagateDimensionsPass
 from tiny import SHAPES, TinyLM, flat, ids, logits
 
 aten = torch.ops.aten

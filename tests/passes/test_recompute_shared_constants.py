@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from fxprune.analyze import label
-from fxprune.capture import capture
-from fxprune.passes.recompute_shared_constants import RecomputeSharedConstantsPass
+from fxprune.analysis.analyze import label
+from fxprune.analysis.capture import capture
+from fxprune.analysis.recompute_shared_constants import RecomputeSharedConstantsPass
 from tiny import HEAD_DIM, HIDDEN, SHAPES, VOCAB, calls, flat, ids, logits
 
 aten = torch.ops.aten

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.passes.reconstruct_layers import Projection, ReconstructLayersPass
-from fxprune.rewrite import rewrite
+from fxprune.reconstruction.reconstruct_layers import Projection, ReconstructLayersPass
+from fxprune.rewrite.emit import rewrite
 from models import llama
 from oracles import inputs, module_inputs, random_scores, rel_err, zero_masked
 
@@ -69,7 +69,7 @@ def test_residual_weighting_weighs_each_token_by_the_inverse_mean_square_of_the_
 
 
 def test_auto_ridge_picks_the_candidate_best_on_held_out_rows_and_refits_it_on_all(setup):
-    from fxprune.passes.reconstruct_layers import RIDGES, Stats, fit, solve
+    from fxprune.reconstruction.reconstruct_layers import RIDGES, Stats, fit, solve
     g = torch.Generator().manual_seed(3)
     n, d, out = 400, 24, 6
     # the 8 removed inputs are linear mixtures of the 16 kept ones (plus a little noise): a refit can recover them
@@ -95,7 +95,7 @@ def test_auto_ridge_picks_the_candidate_best_on_held_out_rows_and_refits_it_on_a
 
 
 def test_auto_ridge_keeps_a_projection_nothing_improves_on_held_out_rows():
-    from fxprune.passes.reconstruct_layers import fit
+    from fxprune.reconstruction.reconstruct_layers import fit
     g = torch.Generator().manual_seed(4)
     xd = torch.randn(64, 40, generator=g)
     proj = Projection("w", torch.randn(5, 40, generator=g), None, None, torch.arange(40))
@@ -132,7 +132,7 @@ def test_later_layers_are_fitted_on_the_pruned_models_own_activations(setup):
 def stream_before_mlp_add(gm, layer):
     """The residual stream layer `layer`'s MLP output is added to: its post-attention norm's input, taken
     by running the graph with an Interpreter (the norm is inlined in the exported graph), as [tokens, hidden]."""
-    from fxprune.passes.reconstruct_layers import first_projections, residual_partner
+    from fxprune.reconstruction.reconstruct_layers import first_projections, residual_partner
     path = f"model.layers.{layer}.mlp.down_proj"
     lifted = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]  # the pruned graph's
     down = lifted[0] if lifted else next(n for n, name, *_ in first_projections(gm) if name == path + ".weight")
@@ -280,7 +280,7 @@ class TwoLinears(torch.nn.Module):
 
 def test_stepping_stops_after_the_last_projection_it_was_asked_for():
     """The refit never runs what follows its last projection (a large vocabulary's logits, say)."""
-    from fxprune.passes.reconstruct_layers import step
+    from fxprune.reconstruction.reconstruct_layers import step
 
     gm = torch.fx.symbolic_trace(TwoLinears())
     ran = []
@@ -312,7 +312,7 @@ def test_bfloat16_forward_passes_refit_about_as_float32_does_with_the_fits_in_fu
 
 def test_autocast_covers_only_the_forward_steps():
     """The items come from autocast-ed matmuls; the caller's work between two items runs without autocast."""
-    from fxprune.passes.reconstruct_layers import autocast_steps, step
+    from fxprune.reconstruction.reconstruct_layers import autocast_steps, step
 
     gm = torch.fx.symbolic_trace(TwoLinears())
     stops = {n: n.name for n in gm.graph.nodes if n.target == "b"}  # b reads relu(a(x))

@@ -6,9 +6,9 @@ import operator
 import pytest
 import torch
 
-from fxprune.passes.contracts import ContractError
+from fxprune.analysis.contracts import ContractError
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
-from fxprune.rewrite import copy_graph_module
+from fxprune.rewrite.emit import copy_graph_module
 from tiny import HEAD_DIM, SHAPES, analysed, calls, ids, logits, prune_heads, twin
 
 aten = torch.ops.aten

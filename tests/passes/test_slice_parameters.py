@@ -3,9 +3,9 @@ ops untouched; the result is the smaller twin."""
 import pytest
 import torch
 
-from fxprune.passes.contracts import ContractError
+from fxprune.analysis.contracts import ContractError
 from fxprune.passes.slice_parameters import SliceParametersPass
-from fxprune.rewrite import copy_graph_module, kept_positions
+from fxprune.rewrite.emit import copy_graph_module, kept_positions
 from tiny import SHAPES, analysed, calls, group_of, ids, logits, mlp_twin, run_passes
 
 KEPT = [1, 4, 5, 9, 11]

@@ -12,8 +12,8 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from transformers.modeling_outputs import CausalLMOutput
 
 import fxprune
-from fxprune.lm import logits_of
-from fxprune.passes.contracts import check_graph
+from fxprune.util.lm import logits_of
+from fxprune.analysis.contracts import check_graph
 
 VOCAB, HIDDEN, HEAD_DIM, TOTAL = 32, 16, 4, 4  # TOTAL: the original model's head count
 
@@ -153,7 +153,7 @@ def prune_heads(kind: str, kept, *later) -> tuple[torch.nn.Module, torch.fx.Grap
     rewriting its size literals, then the passes `later(table, kept)` (e.g. InsertGathersPass)."""
     from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
     from fxprune.passes.slice_parameters import SliceParametersPass
-    from fxprune.rewrite import copy_graph_module, kept_positions
+    from fxprune.rewrite.emit import copy_graph_module, kept_positions
     model, dg = analysed(kind)
     heads = group_of(dg, "heads")
     keep = {heads.atom_id: torch.tensor(kept)}

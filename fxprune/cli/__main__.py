@@ -1,0 +1,5 @@
+import sys
+
+from fxprune.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inputs: model loading (the embedded SmolLM2), calibration text and instruction data, data directories."""

@@ -1,0 +1,2 @@
+"""Stage 7, recovery: LoRA or full fine-tuning of a pruned GraphModule with peft and accelerate, optionally
+distilled from the dense model."""

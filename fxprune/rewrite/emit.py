@@ -1,0 +1,81 @@
+"""Emit the pruned GraphModule for a choice of kept units on an analysed graph."""
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from fxprune.analysis.groups import DependencyGraph
+from fxprune.passes.drop_pieces import DropPiecesPass
+from fxprune.analysis.contracts import check_graph
+from fxprune.passes.insert_gathers import InsertGathersPass
+from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
+from fxprune.passes.normalize_signature import NormalizeSignaturePass
+from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
+from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
+from fxprune.passes.slice_parameters import SliceParametersPass
+
+
+def kept_positions(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    """For every parameter and buffer, the surviving positions of each pruned dimension."""
+    out = {}
+    for name in list(dg.parameters) + list(dg.buffers):
+        for d, atom in enumerate(dg.dims_of(name) or []):
+            index = dg.table.kept_index(atom, kept)
+            if index is not None:
+                out.setdefault(name, {})[d] = index
+    return out
+
+
+def copy_graph_module(dg: DependencyGraph) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of the analysed graph; node meta (and labels) are shared.
+
+    Its tensors still alias the model's until SliceParametersPass replaces every one of them;
+    reads of a tied weight's other names are pointed at the canonical name first.
+    """
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(dg.gm.graph, {}))
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            node.meta[READ_AS] = node.target  # the name this read had (lm_head.weight for a tied head)
+            node.target = dg.aliases.get(node.target, node.target)
+    gm = torch.fx.GraphModule(dg.gm, graph)
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), torch.fx.GraphModule):
+            body = getattr(gm, node.target)  # higher-order op body: copied, since its literals get rewritten
+            sub = torch.fx.Graph()
+            sub.output(sub.graph_copy(body.graph, {}))
+            setattr(gm, node.target, torch.fx.GraphModule(body, sub))
+    return gm
+
+
+def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> torch.fx.GraphModule:
+    """`kept` maps a group's atom id to the sorted unit indices that survive. `finish` replaces the last
+    pass (the causal-LM signature), for programs with another signature (the KV-cache capture)."""
+    kept = {a: torch.as_tensor(k, dtype=torch.long).sort().values for a, k in kept.items()}
+    counts = {a: len(k) for a, k in kept.items()}
+    gm = copy_graph_module(dg)
+    passes = [
+        SliceParametersPass(dg.gm, dg.parameters, dg.buffers, dg.aliases, kept_positions(dg, kept)),
+        RewriteShapeLiteralsPass(dg.table, counts, kept),
+        DropPiecesPass(dg.table, kept, dg.unit_parameters),
+        InsertGathersPass(dg.table, kept),
+        LiftLinearModulesPass(),
+        finish or NormalizeSignaturePass(),
+    ]
+    manager = PassManager(passes=passes, run_checks_after_each_pass=True)
+    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
+    gm = manager(gm).graph_module
+    gm.recompile()
+    return gm
+
+
+def prune(dg: DependencyGraph, plan, calibration=None) -> torch.fx.GraphModule:
+    """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` (a LongTensor
+    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction."""
+    kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
+    gm = rewrite(dg, kept)
+    cfg = plan.config
+    if calibration is not None and cfg.reconstruct != "none" and plan.kept:
+        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, cfg.reconstruct, cfg.ridge, cfg.weighting,
+                              cfg.refit_target, cfg.refit_precision)(gm)
+    return gm

@@ -1,0 +1,208 @@
+"""KV-cache generation of a pruned model: `Generator` and `generate`.
+
+The pruned GraphModule (or a saved directory) carries its plan and the base model's description;
+the base is rebuilt without weights, a program with a static KV cache that runs the prompt and then
+one token per step is captured from it (`kv_capture`), the plan is replayed on it (`replay`) and
+rewritten, and the pruned weights are copied in. Programs are built per (batch, cache length) and kept. Families whose attention does not use transformers' Cache raise a
+CaptureError naming the family; `fxprune.evaluation.evaluate.generate` (recompute, no cache) still serves them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxprune.analysis.analyze import analyze_captured
+from fxprune.api import BASE_KEY, PLAN_KEY
+from fxprune.serving.kv_capture import CACHE_PREFIXES, CacheSignaturePass, capture_cached
+from fxprune.serving.replay import replay_kept
+from fxprune.rewrite.emit import rewrite
+
+WRAPPED = "model."  # CachedLM holds the model as `model`: the prefix of every model tensor in its programs
+
+
+@dataclass
+class Program:
+    """The pruned KV-cache step: `step(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)`
+    -> logits [B, S, V], for S = the prompt length (prefill) or 1 (decode)."""
+    step: torch.fx.GraphModule
+    batch: int
+    max_len: int
+
+    def cache_buffers(self) -> dict[str, torch.Tensor]:
+        """The KV-cache buffers of the step program, by name."""
+        return {n: t for n, t in self.step.named_buffers() if n.startswith(CACHE_PREFIXES[:2])}
+
+    def cache_bytes(self) -> int:
+        """Memory the KV cache takes, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.cache_buffers().values())
+
+
+def original_name(name: str) -> str | None:
+    """The model's own tensor name for a name in the cached program, or None for the program's own buffers."""
+    return name[len(WRAPPED):] if name.startswith(WRAPPED) else None
+
+
+def model_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `gm` by name, tied ones under each of their names."""
+    return dict(list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)))
+
+
+def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Fill the program's model tensors (uninitialised until now) from the pruned model's, by name; a bias
+    the reconstruction gave a projection is given to the program's projection first."""
+    from fxprune.serialization import add_reconstruction_biases
+    add_reconstruction_biases(program, {WRAPPED + k: v for k, v in state.items() if k.endswith(".bias")})
+    with torch.no_grad():
+        for name, t in model_tensors(program).items():
+            source = original_name(name)
+            if source is None:
+                continue
+            if source not in state:
+                raise ValueError(f"the pruned model has no tensor {source} that the KV-cache program reads")
+            if tuple(state[source].shape) != tuple(t.shape):
+                raise ValueError(f"{source}: the pruned model has shape {tuple(state[source].shape)}, "
+                                 f"the KV-cache program expects {tuple(t.shape)}")
+            t.copy_(state[source])
+
+
+_CAPTURES: dict = {}  # analysed KV-cache captures, shared by the Generators of one base model (a few kept)
+KEEP_CAPTURES = 4
+
+
+def analysed_capture(base: dict, dtype, batch: int, max_len: int):
+    """The dependency analysis of the KV-cache capture of the base model `base` describes. Captured once per
+    (model, dtype, batch, cache length): plans of the same model (20% and 50%, rounded or not) replay on it."""
+    from fxprune.serialization import rebuild_base
+    key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch, max_len)
+    if key not in _CAPTURES:
+        model = rebuild_base(base["architecture"], base["config"], dtype)
+        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, max_len), model)
+        while len(_CAPTURES) > KEEP_CAPTURES:
+            _CAPTURES.pop(next(iter(_CAPTURES)))
+    return _CAPTURES[key]
+
+
+def build_program(dg, plan, state, batch: int, max_len: int, device) -> Program:
+    """Capture the KV-cache step of `dg`'s model, replay `plan` on it, copy the pruned weights from `state`, zero
+    the cache and move it to `device`; batch and cache length are fixed."""
+    from fxprune.serving.kv_capture import family_of
+    kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(dg.model)}")
+    program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, max_len)
+    copy_weights(program.step, state)
+    for t in program.cache_buffers().values():
+        t.zero_()
+    program.step.to(device)
+    return program
+
+
+def pick_next(logits, do_sample, temperature, top_k, top_p, rng) -> torch.Tensor:
+    """Next token per row: argmax, or a sample after temperature, top-k and top-p (nucleus) filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the most likely token always stays
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1).to(logits.device)
+
+
+def check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p):
+    """Raise `ValueError` for bad generation arguments (ids shape, mask shape or right padding, token count,
+    sampling settings), before any work."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a [batch, prompt length >= 1] tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask must be left padded (the last position of every row a real token)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
+class Generator:
+    """KV-cache generation for a pruned GraphModule (from `fxprune.compile/apply/load`) or a saved directory."""
+
+    def __init__(self, source, device=None, cache_block: int = 64):
+        if isinstance(source, (str, Path)):
+            from fxprune.serialization import load
+            source = load(source)
+        if PLAN_KEY not in source.meta or BASE_KEY not in source.meta:
+            raise ValueError("Generator needs a GraphModule made by fxprune.apply/compile/load "
+                             "(it carries its plan and base model)")
+        self.plan, self.base = source.meta[PLAN_KEY], source.meta[BASE_KEY]
+        self.state = {k: t.detach() for k, t in model_tensors(source).items()}
+        first = next(source.parameters())
+        self.dtype, self.device = first.dtype, torch.device(device) if device else first.device
+        self.cache_block = cache_block  # cache lengths are rounded up to it, so prompts of similar length share a program
+        self._programs: dict[tuple[int, int], Program] = {}
+
+    def program(self, batch: int, max_len: int) -> Program:
+        """The KV-cache program for `batch` rows and a cache of `max_len` positions (built once)."""
+        key = (batch, max_len)
+        if key not in self._programs:
+            dg = analysed_capture(self.base, self.dtype, batch, max_len)
+            self._programs[key] = build_program(dg, self.plan, self.state, batch, max_len, self.device)
+        return self._programs[key]
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+                 pad_token_id=None, seed: int = 0, return_logits: bool = False):
+        """Prompt plus new tokens, [batch, prompt + n]; rows that reached `eos_token_id` are filled with
+        `pad_token_id` (default: the EOS id) and generation stops once every row has. Left padding
+        (`attention_mask` zeros at the start of a row) gives each row the tokens it would get alone.
+        `return_logits=True` also returns the logits of every step, [batch, n, vocab]."""
+        check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p)
+        batch, prompt = input_ids.shape
+        length = -(-(prompt + max_new_tokens) // self.cache_block) * self.cache_block
+        with torch.inference_mode(False):  # the program's tensors must be ordinary ones (torch.compile, training)
+            step = self.program(batch, length).step
+        with torch.inference_mode():
+            return self._decode(step, input_ids, attention_mask, length, max_new_tokens, do_sample, temperature,
+                                top_k, top_p, eos_token_id, pad_token_id, seed, return_logits)
+
+    def _decode(self, step, input_ids, attention_mask, length, max_new_tokens, do_sample, temperature, top_k,
+                top_p, eos_token_id, pad_token_id, seed, return_logits):
+        """The prefill, then one step per token (see `generate`)."""
+        ids = input_ids.to(self.device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
+        batch, prompt = ids.shape
+        cache_mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
+        cache_mask[:, :prompt] = mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = step(ids, cache_mask, positions, torch.tensor(0, device=self.device))[:, -1]
+        position = positions[:, -1:] + 1
+        rng = torch.Generator().manual_seed(seed)
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        new, steps = [], []
+        for t in range(max_new_tokens):
+            steps.append(logits.float())
+            token = pick_next(logits, do_sample, temperature, top_k, top_p, rng)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, pad if pad is not None else 0), token)
+                done |= token == eos_token_id
+            new.append(token)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            cache_mask[:, prompt + t] = 1
+            logits = step(token[:, None], cache_mask, position, torch.tensor(prompt + t, device=self.device))[:, -1]
+            position = position + 1
+        out = torch.cat([ids, torch.stack(new, 1)], 1)
+        return (out, torch.stack(steps, 1)) if return_logits else out
+
+
+def generate(source, input_ids, attention_mask=None, max_new_tokens: int = 32, **options):
+    """`Generator(source).generate(...)`: keep a Generator to reuse its captured programs across calls."""
+    return Generator(source).generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)

@@ -1,0 +1,116 @@
+"""Capture a decode-capable program of a causal LM: prefill and one-token steps over a static KV cache.
+
+`CachedLM` wraps the model with a transformers `StaticCache` whose key/value tensors are registered
+as buffers and handed to the cache layers at every call, so torch.export sees them as buffers that
+the graph updates in place (`index_copy_`). Dimension propagation follows those updates (the
+`index_copy` rule), so the cache buffers carry the KV-head atoms and the rewrite slices them with the
+same plan: the pruned cache holds only the kept KV heads. Unlike transformers' ExecuTorch recipe
+(`TorchExportableModuleWithStaticCache`, which passes no attention mask), the program takes a
+[batch, cache length] padding mask and position ids, so batches may be left padded.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.analysis.capture import CaptureError, Captured, drop_input_guards
+
+CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
+
+
+def family_of(model) -> str:
+    """The model's transformers `model_type`, or its class name, for messages."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+class CachedLM(torch.nn.Module):
+    """`forward(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)` -> logits [B, S, V];
+    writes the keys/values of the S tokens at cache positions start..start+S-1."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+        super().__init__()
+        from transformers.cache_utils import StaticCache, StaticLayer
+        self.model = model
+        # Every layer a plain StaticLayer: sliding-window layers branch on Python values (as the
+        # ExecuTorch recipe does; a window is then applied by the mask only).
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache.layers = [StaticLayer(max_len) for _ in self.cache.layers]
+        ids = torch.ones(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
+        try:
+            with torch.no_grad():  # one eager step allocates each layer's cache with the shapes it writes
+                model(input_ids=ids, cache=self.cache, use_cache=True)
+        except Exception as exc:
+            raise CaptureError(f"{family_of(model)}: the model cannot run with a transformers StaticCache "
+                               f"({type(exc).__name__}: {exc}); use fxprune.evaluation.evaluate.generate (recompute, "
+                               "no cache) for this family") from exc
+        unused = [i for i, layer in enumerate(self.cache.layers) if not layer.is_initialized]
+        if unused:
+            raise CaptureError(f"{family_of(model)}: the model never wrote its KV cache (layers {unused[:4]} "
+                               "unused: its attention does not call Cache.update); use fxprune.evaluation.evaluate.generate")
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys.zero_(), persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values.zero_(), persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length.zero_(), persistent=False)
+
+    def forward(self, input_ids, cache_mask, position_ids, start):
+        """Logits of one step (prefill or decode) of `input_ids` at `position_ids`, writing their keys and values
+        into the cache buffers from slot `start`; `cache_mask` marks the slots to attend."""
+        for i, layer in enumerate(self.cache.layers):
+            # The buffers themselves (export's stand-ins while tracing): their in-place updates are buffer mutations.
+            layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
+            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
+            layer.cumulative_length.copy_(start)
+        out = self.model(input_ids=input_ids, attention_mask=cache_mask, position_ids=position_ids,
+                         cache=self.cache, use_cache=True)
+        return out.logits
+
+
+def example_step(batch: int, max_len: int, seq: int, device):
+    """Example inputs of one prefill step of `seq` tokens for the capture: ids, cache mask, positions, start."""
+    ids = torch.ones(batch, seq, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+    mask[:, :seq] = 1
+    pos = torch.arange(seq, device=device).expand(batch, seq).contiguous()
+    return ids, mask, pos, torch.tensor(0, device=device)
+
+
+def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured:
+    """Export `CachedLM(model)` with a dynamic step length (1..max_len): the same program runs the
+    prompt (prefill) and every one-token decode step."""
+    wrapper = CachedLM(model, batch, max_len)
+    device = next(model.parameters()).device
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    example, dynamic = example_step(batch, max_len, min(4, max_len), device), ({1: seq}, None, {1: seq}, None)
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache step "
+                           f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluation.evaluate.generate") from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    drop_input_guards(gm)
+    return Captured(gm, ep)
+
+
+class CacheSignaturePass(PassBase):
+    """Last rewrite pass of a KV-cache program: positional `gm(input_ids, cache_mask, position_ids,
+    start)` returning logits, devices following `input_ids` (see NormalizeSignaturePass)."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Make the program's devices follow `input_ids` (sub-graphs too) and return the logits alone, positionally."""
+        from fxprune.passes.normalize_signature import follow_input_device
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        follow_input_device(gm.graph, first)
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule) and sub is not gm:  # higher-order op bodies
+                follow_input_device(sub.graph, next(n for n in sub.graph.nodes if n.op == "placeholder"))
+                sub.recompile()
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        if isinstance(output.args[0], (list, tuple)):
+            output.args = (output.args[0][0],)
+        gm.graph._codegen = torch.fx.graph.CodeGen()
+        gm.recompile()
+        return PassResult(gm, True)
