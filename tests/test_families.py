@@ -1,5 +1,6 @@
 """Families beyond the core ones: expected groups, zero-mask oracle, config twins with hidden
-channels, projections lifted to nn.Linear, and hidden-channel pruning re-exported (Gemma-2's twin given the original's embedding scale)."""
+channels, projections lifted to nn.Linear, and hidden-channel pruning re-exported (Gemma-2's twin
+given the original's embedding scale)."""
 import copy
 import functools
 
