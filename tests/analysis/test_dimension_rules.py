@@ -6,7 +6,6 @@ The tensors are parameters and buffers of the module, and its outputs are summed
 graph's inputs and outputs (frozen: they are the model's contract) do not hide what a rule froze."""
 from __future__ import annotations
 
-import sympy
 import torch
 import torch.nn.functional as F
 import pytest
@@ -85,7 +84,7 @@ def sizes(atoms):
     return [int(a.size) for a in atoms]
 
 
-def fresh(p, atoms, *known):
+def fresh(atoms, *known):
     """Each of `atoms` is its own index space: no two the same, none among the dims `known`."""
     seen = [a for dims in known for a in dims]
     return len(set(map(id, atoms))) == len(atoms) and not any(a is b for a in atoms for b in seen)
@@ -278,7 +277,7 @@ def test_unsqueeze_and_squeeze_rules():
                  col=torch.randn(3, 1))
     a, col = p.of("a"), p.of("col")
     new = p.out(aten.unsqueeze)
-    assert [new[0], new[2]] == a and int(new[1].size) == 1 and fresh(p, [new[1]], a)
+    assert [new[0], new[2]] == a and int(new[1].size) == 1 and fresh([new[1]], a)
     squeezed = [p.roots(n.meta[DIMS]) for n in p.gm.graph.nodes if getattr(n.target, "overloadpacket", None) is aten.squeeze]
     assert squeezed == [[col[0]], [col[0]]]
 
@@ -393,7 +392,7 @@ def test_top_k_rule_keeps_k_positions(packet, op):
     assert w[1].min_keep == 3 and not p.frozen_by(w[1])
     if packet is aten.topk:
         assert values[0] is w[0] and indices[0] is w[0] and sizes([values[1], indices[1]]) == [3, 3]
-        assert fresh(p, [values[1], indices[1]], w)
+        assert fresh([values[1], indices[1]], w)
     else:
         assert values == indices == [w[0]]
 
@@ -405,7 +404,7 @@ def test_sort_rule_freezes_the_sorted_dim(packet, op):
     w = p.of("w")
     out = p.out(packet)
     first = out[0] if packet is aten.sort else out
-    assert first[0] is w[0] and fresh(p, [first[1]], w) and "reorders dim 1 by value" in p.frozen_by(w[1])
+    assert first[0] is w[0] and fresh([first[1]], w) and "reorders dim 1 by value" in p.frozen_by(w[1])
 
 
 # -- splits and concatenations ---------------------------------------------------------------------------
@@ -490,7 +489,7 @@ def test_reduction_rule_drops_or_keeps_size_one_the_reduced_dims(packet, op, kep
     for dims in out if isinstance(out[0], list) else [out]:  # max and var_mean return two tensors
         assert len(dims) == len(kept)
         for k, d in zip(kept, dims):
-            assert d is a[k] if k is not None else (int(d.size) == 1 and fresh(p, [d], a))
+            assert d is a[k] if k is not None else (int(d.size) == 1 and fresh([d], a))
     reduced = {id(a[i]) for i in range(3) if i not in kept}
     assert reduced == {id(p.table.find(x)) for x, name in p.labels.renormalising if name == node.name}
 
@@ -499,7 +498,7 @@ def test_histogram_rule_counts_over_every_position():
     p = Labelled(lambda m: torch.histc(m.a, bins=5), a=torch.randn(3, 4))
     a, (out,) = p.of("a"), p.out(aten.histc)
     assert all("counts over every position" in p.frozen_by(d) for d in a)
-    assert int(out.size) == 5 and fresh(p, [out], a) and not p.frozen_by(out)
+    assert int(out.size) == 5 and fresh([out], a) and not p.frozen_by(out)
 
 
 @pytest.mark.parametrize("packet,op,shape", [
