@@ -158,10 +158,20 @@ def test_router_positions_read_otherwise_freeze_the_experts(how, why):
     assert atom.frozen and why in atom.frozen_by, atom.frozen_by
 
 
-def test_taylor_scores_reach_whole_experts(analysed):
+def test_taylor_scores_of_whole_experts_equal_plain_autograd(analysed):
+    """element1 of expert e: |w * dL/dw| summed over the router row e and expert e's two weights, the
+    gradient that of the model's own loss (it flows through the router and the grouped matmuls)."""
     from fxprune.scoring import score
     model, dg = analysed
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     groups = dg.by_kind("experts")
-    scores = score(dg, groups, method="element1", calibration=[torch.randint(1, 128, (2, 16))])
-    for g in groups:  # gradients flow through the router and the grouped matmuls into each expert
-        assert scores[g.id].shape == (4,) and torch.isfinite(scores[g.id]).all() and (scores[g.id] > 0).sum() >= 2
+    scores = score(dg, groups, method="element1", calibration=[ids])
+    params = dict(model.named_parameters())
+    loss = model(ids, labels=ids).loss
+    for g in groups:
+        assert all(m.dim == 0 for m in g.members)  # expert e is index e of every member's first dim
+        weights = [params[m.name] for m in g.members]
+        grads = torch.autograd.grad(loss, weights, retain_graph=True)
+        expected = sum((w * grad).detach().abs().flatten(1).sum(1) for w, grad in zip(weights, grads))
+        assert (expected > 0).sum() >= 2  # more than one expert is routed to
+        assert rel_err(scores[g.id], expected) < 1e-4

@@ -1,5 +1,6 @@
 """Families beyond the core ones: expected groups, zero-mask oracle, config twins with hidden
-channels, projections lifted to nn.Linear, and hidden-channel pruning where no config can express it."""
+channels, projections lifted to nn.Linear, and hidden-channel pruning re-exported (Gemma-2's twin
+given the original's embedding scale)."""
 import copy
 import functools
 
@@ -129,7 +130,8 @@ def test_save_load_round_trip(family, tmp_path):
 
 
 # -- config twins (uniform selections, hidden channels included) ------------------------------------
-def twin_error(model, cls, keep, small_cfg, attn, transpose=()):
+def twin_of(model, cls, keep, small_cfg, attn, transpose=()):
+    """(plan, pruned GraphModule, `cls` built with `small_cfg` holding the pruned weights) for `keep`."""
     plan, gm = uniform_plan(model, keep)
     small_cfg._attn_implementation = attn
     small = cls(small_cfg).eval()
@@ -137,6 +139,11 @@ def twin_error(model, cls, keep, small_cfg, attn, transpose=()):
     missing, unexpected = small.load_state_dict(state, strict=False)
     assert all("lifted_tensor" in k for k in unexpected), unexpected  # graph constants (Falcon's index tensors)
     assert set(missing) <= {"lm_head.weight"}, missing  # tied to the embedding
+    return plan, gm, small
+
+
+def twin_error(model, cls, keep, small_cfg, attn, transpose=()):
+    _, gm, small = twin_of(model, cls, keep, small_cfg, attn, transpose)
     ids, mask = inputs()
     with torch.no_grad():
         return rel_err(gm(ids, attention_mask=mask).logits, small(ids, attention_mask=mask).logits)
@@ -181,17 +188,27 @@ def test_gemma2_twin_without_hidden():
     assert twin_error(model, tf.Gemma2ForCausalLM, keep, cfg, "eager") < 1e-5
 
 
-@pytest.mark.parametrize("family,attn", [("gemma2", "eager"), ("mixtral", "sdpa")])
-def test_hidden_pruning_runs_counts_and_reexports(family, attn):
-    model, dg = analysed(family, attn)
-    plan = fxprune.plan(model, 0.4, targets=("heads", "mlp", "hidden"), scores=random_scores(dg, 3), dg=dg)
-    assert "hidden" in {dg.groups[g].kind for g in plan.units}
-    gm = fxprune.apply(model, plan, dg=dg)
-    assert sum(p.numel() for p in gm.parameters()) == plan.params_after
+HIDDEN_TWINS = {  # family: (build, attention, kept units, the smaller config)
+    "gemma2": (gemma2, "eager", {"kv_groups": [0], "mlp": list(range(20, 68)), "hidden": list(range(0, 64, 2))},
+               dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1)),
+    "mixtral": (mixtral, "sdpa", {"kv_groups": [1], "mlp": list(range(0, 32, 2)), "hidden": list(range(1, 64, 2))},
+                dict(hidden_size=32, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)),
+}
+
+
+@pytest.mark.parametrize("family", HIDDEN_TWINS)
+def test_hidden_pruning_equals_its_twin_counts_and_reexports(family):
+    build, attn, keep, changes = HIDDEN_TWINS[family]
+    model = build(attn)
+    plan, gm, small = twin_of(model, type(model), keep, smaller(model, **changes), attn)
+    if family == "gemma2":  # the pruned model keeps the original's embedding scale, sqrt(64), not sqrt(32)
+        small.model.embed_tokens.embed_scale.copy_(model.model.embed_tokens.embed_scale)
+    assert "hidden" in plan.config.targets
+    assert sum(p.numel() for p in gm.parameters()) == plan.params_after == sum(p.numel() for p in small.parameters())
     ids, mask = inputs()
     with torch.no_grad():
         logits = gm(ids, attention_mask=mask).logits
-    assert logits.shape == (3, 11, 128) and torch.isfinite(logits).all()
+        assert rel_err(logits, small(ids, attention_mask=mask).logits) < 1e-5
     ep = torch.export.export(gm, (ids,), {"attention_mask": mask}, strict=False)
     assert torch.allclose(ep.module()(ids, attention_mask=mask).logits, logits)
 

@@ -19,12 +19,18 @@ PROMISED_PPL = 131.0
 
 
 def wikitext() -> Path:
+    """The WikiText-2 test split under FXPRUNE_DATA_DIR; the test is skipped, naming the path, without it."""
     root = os.environ.get("FXPRUNE_DATA_DIR")
-    path = Path(root or "") / "wikitext-2-raw" / "wiki.test.raw"
-    assert root and path.is_file(), "FXPRUNE_DATA_DIR must hold wikitext-2-raw/wiki.test.raw (make test sets it)"
+    if not root:
+        pytest.skip("FXPRUNE_DATA_DIR is not set (the Makefile points it at ../shared/data): "
+                    "the headline needs wikitext-2-raw/wiki.test.raw under it")
+    path = Path(root) / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the headline perplexity needs the WikiText-2 test split")
     return path
 
 
+@pytest.mark.slow  # the real 135M model: compile and evaluate take minutes
 def test_compile_with_nothing_else_keeps_its_promise():
     path = wikitext()
     model, tok = load_model()
