@@ -1,4 +1,4 @@
-"""Each op rule of fxprune/passes/dimension_rules.py on a one-op graph (a few ops where the op needs a
+"""Each op rule of fxprune/analysis/dimension_rules.py on a one-op graph (a few ops where the op needs a
 producer), against the relation the op's semantics give: which input dims are one index space with which
 output dims, which dims are products (heads x head_dim) or sums (q | k | v) of others, what is frozen.
 
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from fxprune.capture import drop_input_guards
-from fxprune.passes.contracts import DIMS
-from fxprune.passes.propagate_dimensions import PropagateDimensionsPass
-from fxprune.passes.value_rules import COUNTS, OFFSETS, VALUES
+from fxprune.analysis.capture import drop_input_guards
+from fxprune.analysis.contracts import DIMS
+from fxprune.analysis.propagate_dimensions import PropagateDimensionsPass
+from fxprune.analysis.value_rules import COUNTS, OFFSETS, VALUES
 
 aten = torch.ops.aten
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -334,10 +334,18 @@ def test_slice_along_a_symbolic_dim_is_a_new_atom():
     assert out[1] is w[1] and out[0] is not matmul[0] and not out[0].static
 
 
-def test_select_rule_freezes_the_selected_dim():
-    p = Labelled(lambda m: m.w[:, 1], w=torch.randn(8, 4))
+@pytest.mark.parametrize("index,segment_sizes,prunable", [
+    (1, [1, 1, 2], [False, False, True]),  # counted from the start: the slot and what lies before stay put
+    (-2, [2, 1, 1], [True, False, False]),  # from the end (Falcon's key slot): the query slots stay free
+])
+def test_select_at_a_constant_position_is_a_segment(index, segment_sizes, prunable):
+    p = Labelled(lambda m: m.w[:, index], w=torch.randn(8, 4))
     w = p.of("w")
-    assert p.out(aten.select) == [w[0]] and p.frozen_by(w[1]).startswith("select")
+    assert p.out(aten.select) == [w[0]]
+    segments = p.segments(w[1])
+    assert sizes(segments) == segment_sizes
+    assert [not p.frozen_by(s) for s in segments] == prunable
+    assert all(p.frozen_by(s).startswith("select") for s, free in zip(segments, prunable) if not free)
 
 
 # -- indexing by values ---------------------------------------------------------------------------------
@@ -535,5 +543,5 @@ TESTED_RULES = {
 
 
 def test_every_rule_has_a_test_here():
-    from fxprune.passes.dimension_rules import RULES
+    from fxprune.analysis.dimension_rules import RULES
     assert {fn.__name__ for fn in RULES.values()} == TESTED_RULES
