@@ -106,7 +106,7 @@ def taylor_gradient_pass(model, calib, device, dtype) -> dict:
 
 
 def recover(name, pruned, dense, examples, a, device) -> tuple[dict, torch.nn.Module]:
-    from fxprune.recovery.lora import LoraSettings, merge, tune
+    from fxprune.recovery import LoraSettings, merge, tune
     from tests.test_lora import clone
     spec = RECOVERIES[name]
     settings = LoraSettings(trainable=spec["trainable"], lr=a.lr, batch_size=a.batch_size, epochs=1,

@@ -70,7 +70,7 @@ def test_dtype_probe_runs_the_real_ops():
 
 def test_lora_refuses_a_precision_the_device_cannot_run(monkeypatch):
     from fxprune.util import devices
-    from fxprune.recovery import lora
+    from fxprune import recovery
     calls = []
 
     def refuse(dtype, device):
@@ -79,7 +79,7 @@ def test_lora_refuses_a_precision_the_device_cannot_run(monkeypatch):
 
     monkeypatch.setattr(devices, "probe", refuse)
     with pytest.raises(devices.UnsupportedDtypeError, match="dtype bfloat16 cannot run on device cpu"):
-        lora.tune(None, [], lora.LoraSettings(dtype="bf16"))  # refused before the model is looked at
+        recovery.tune(None, [], recovery.LoraSettings(dtype="bf16"))  # refused before the model is looked at
     assert calls
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.recovery.lora import LoraSettings, tune
+from fxprune.recovery import LoraSettings, tune
 from tests.models import llama
 from tests.test_lora import clone, synthetic_instructions
 

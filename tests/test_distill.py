@@ -8,7 +8,7 @@ import torch
 
 import fxprune
 from fxprune.recovery.distill import Teacher, hidden_loss, kd_loss
-from fxprune.recovery.lora import LoraSettings, merge, tune
+from fxprune.recovery import LoraSettings, merge, tune
 from tests.test_lora import batch, clone, synthetic_instructions, tiny_llama
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxprune
-from fxprune.recovery.lora import LoraSettings, checkpoints, linear_targets, merge, output_heads, tune
+from fxprune.recovery import LoraSettings, checkpoints, linear_targets, merge, output_heads, tune
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -82,7 +82,7 @@ def clone(gm):
 
 
 def batch(examples, n=4):
-    from fxprune.recovery.lora import collate
+    from fxprune.recovery import collate
     return collate([(torch.tensor(e["input_ids"]), torch.tensor(e["labels"])) for e in examples[:n]])
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.contracts import ContractError, graphs_of
-from fxprune.rewrite.runtime import CausalLMOutput, DefaultAttentionMask, device_of
+from fxprune.util.runtime import CausalLMOutput, DefaultAttentionMask, device_of
 
 aten = torch.ops.aten
 

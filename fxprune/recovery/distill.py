@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxprune.recovery.targets import output_heads
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None = None,
             temperature: float = 1.0) -> torch.Tensor:
@@ -53,11 +55,10 @@ def _masked_mean(per_position: torch.Tensor, attention_mask: torch.Tensor | None
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
     """The module that produces the logits: `get_output_embeddings()` of a transformers model, else the
-    output head found in the graph of a GraphModule (`fxprune.recovery.lora.output_heads`)."""
+    output head found in the graph of a GraphModule (`fxprune.recovery.targets.output_heads`)."""
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         return model.get_output_embeddings()
     if isinstance(model, torch.fx.GraphModule):
-        from fxprune.recovery.lora import output_heads
         heads = output_heads(model)
         if len(heads) == 1:
             return model.get_submodule(heads[0])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fxprune.recovery.lora import LoraSettings, linear_targets, merge, tune
+from fxprune.recovery import LoraSettings, linear_targets, merge, tune
 
 
 def parse_args(argv=None):
