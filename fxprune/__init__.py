@@ -1,6 +1,7 @@
 """fxprune: structured pruning of causal LMs by compiler passes over torch.fx graphs."""
 from fxprune.analysis.analyze import analyze
-from fxprune.api import PLAN_KEY, apply, compile, plan
+from fxprune.api import apply, compile, plan
+from fxprune.analysis.meta_keys import PLAN_KEY
 from fxprune.analysis.capture import CaptureError, capture
 from fxprune.planning.config import PruneConfig
 from fxprune.serving.generation import Generator, generate

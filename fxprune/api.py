@@ -10,9 +10,7 @@ from fxprune.planning.config import PruneConfig
 from fxprune.defaults import calibration_batch, default_calibration, find_tokenizer, resolve_data
 from fxprune.planning.plan import PlanError, PrunePlan, fingerprint, make_plan, target_groups
 from fxprune.rewrite.emit import prune
-
-PLAN_KEY = "fxprune.plan"
-BASE_KEY = "fxprune.base"
+from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 
 
 def base_description(model) -> dict:

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxprune.analysis.analyze import analyze
-from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
+from fxprune.api import apply, base_description
+from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.analysis.fx_util import owner_and_leaf
 from fxprune.planning.plan import PrunePlan
 

@@ -132,8 +132,6 @@ def test_bad_options_fail_before_any_capture(dense):
         Generator(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
 
 
-
-
 def test_a_plan_the_cache_capture_cannot_express_is_a_clear_error(dense):
     import copy
     _, gm, _ = dense

@@ -235,7 +235,6 @@ def test_script_reads_alpaca_or_tokenised_data(tmp_path, examples):
     assert load_examples(tmp_path / "tok.json") == examples[:3]
 
 
-
 def test_script_packs_text_records_into_full_windows(tmp_path):
     from tests.tiny_tokenizer import tiny_tokenizer
     from fxprune.recovery.tune_script import load_examples
@@ -272,7 +271,7 @@ def test_accelerate_launch_two_cpu_processes_ddp(pruned, examples, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "fxprune.tune_script", "--gm", str(tmp_path / "pruned"), "--data", str(tmp_path / "data.json"),
+           "-m", "fxprune.recovery.tune_script", "--gm", str(tmp_path / "pruned"), "--data", str(tmp_path / "data.json"),
            "--max-steps", "6", "--lr", "3e-3", "--batch-size", "4", "--checkpoint-every", "3",
            "--output-dir", str(tmp_path / "ckpt"), "--result", str(tmp_path / "result.json"),
            "--merged", str(tmp_path / "merged")]

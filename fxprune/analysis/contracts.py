@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 
 from fxprune.analysis.fx_util import get_attr_path
-
-DIMS = "fxprune.dims"  # node.meta key of the dimension labels (written by PropagateDimensionsPass)
+from fxprune.analysis.meta_keys import DIMS
 
 
 class ContractError(RuntimeError):

@@ -15,7 +15,9 @@ import torch
 
 from fxprune.analysis.atoms import PROD, SUM, as_expr
 from fxprune.analysis.fx_util import owner_and_leaf, schema_arg
-from fxprune.analysis.value_rules import COUNTS, INDEX, OFFSETS, VALUES
+from fxprune.analysis.value_rules import COUNTS, INDEX, OFFSETS
+from fxprune.analysis.meta_keys import VALUES
+from fxprune.analysis.meta_keys import PIECES
 
 aten = torch.ops.aten
 RULES: dict = {}
@@ -546,9 +548,6 @@ def sort_rule(node, L):
     vals = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
     outs = [[L.table.new(v.shape[d], node.name) if i == d else a for i, a in enumerate(dims)] for v in vals]
     return outs if isinstance(node.meta["val"], (tuple, list)) else outs[0]
-
-
-PIECES = "fxprune.pieces"  # node.meta of a split into single positions and of the cat that puts them back
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)

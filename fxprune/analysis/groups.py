@@ -9,7 +9,8 @@ import torch
 
 from fxprune.analysis.fx_util import flat_dims
 from fxprune.analysis.pieces import unit_parameters
-from fxprune.analysis.propagate_dimensions import DIMS, Labels
+from fxprune.analysis.propagate_dimensions import Labels
+from fxprune.analysis.meta_keys import DIMS
 
 KINDS = ("heads", "kv_groups", "group_heads", "mlp", "hidden", "experts", "head_dim", "other")
 SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}

@@ -17,9 +17,11 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.atoms import AtomTable
 from fxprune.analysis.fx_util import get_attr_path, is_multi
-from fxprune.analysis.contracts import DIMS, ContractError, graphs_of
+from fxprune.analysis.contracts import ContractError, graphs_of
+from fxprune.analysis.meta_keys import DIMS
 from fxprune.analysis.dimension_rules import find_rule
-from fxprune.analysis.value_rules import VALUES, track_values
+from fxprune.analysis.value_rules import track_values
+from fxprune.analysis.meta_keys import VALUES
 
 NO_TENSOR_OPS = {"_assert_tensor_metadata", "sym_size", "_set_grad_enabled", "sym_numel", "sym_stride"}
 

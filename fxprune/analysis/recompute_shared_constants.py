@@ -11,7 +11,8 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.fx_util import get_attr_path, is_multi
-from fxprune.analysis.contracts import DIMS, require_dims
+from fxprune.analysis.contracts import require_dims
+from fxprune.analysis.meta_keys import DIMS
 
 
 def parameter_dependent(gm: torch.fx.GraphModule) -> set:

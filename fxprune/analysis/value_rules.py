@@ -23,9 +23,9 @@ import operator
 import torch
 
 from fxprune.analysis.fx_util import schema_arg
+from fxprune.analysis.meta_keys import VALUES
 
 aten = torch.ops.aten
-VALUES = "fxprune.values"
 INDEX, COUNTS, OFFSETS = "index", "counts", "offsets"
 
 PASS_THROUGH = {  # output values are some of the input's values, unchanged

@@ -17,7 +17,6 @@ from fxprune.evaluation.tasks import TASKS
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
 
 
-
 def peak_gb() -> float:
     """Peak resident memory of this process so far, in GB (Linux reports `ru_maxrss` in KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

@@ -18,7 +18,7 @@ class ExportError(ValueError):
 def base_of(gm) -> dict:
     """The unpruned architecture and config recorded on `gm` by `fxprune.apply` / `compile` / `load`; raises
     `ExportError` for a GraphModule without them."""
-    from fxprune.api import BASE_KEY
+    from fxprune.analysis.meta_keys import BASE_KEY
     base = getattr(gm, "meta", {}).get(BASE_KEY)
     if not base or not base.get("config"):
         raise ExportError("export needs a GraphModule made by fxprune.apply/compile/load "

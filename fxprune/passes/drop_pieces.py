@@ -13,7 +13,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.fx_util import owner_and_leaf
 from fxprune.analysis.contracts import ContractError
-from fxprune.analysis.dimension_rules import PIECES
+from fxprune.analysis.meta_keys import PIECES
 
 
 class DropPiecesPass(PassBase):

@@ -11,10 +11,11 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.fx_util import flat_dims, is_multi
-from fxprune.analysis.contracts import DIMS, require_dims
-from fxprune.analysis.dimension_rules import PIECES
+from fxprune.analysis.contracts import require_dims
+from fxprune.analysis.meta_keys import DIMS
+from fxprune.analysis.meta_keys import PIECES
 from fxprune.passes.rewrite_shape_literals import SIZE_LIST_AT
-from fxprune.analysis.value_rules import VALUES
+from fxprune.analysis.meta_keys import VALUES
 
 aten = torch.ops.aten
 

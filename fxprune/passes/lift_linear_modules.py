@@ -16,10 +16,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.fx_util import get_attr_path, owner_and_leaf, set_attr_path
 from fxprune.analysis.contracts import ContractError
+from fxprune.analysis.meta_keys import READ_AS, WEIGHT_OF
 
 aten = torch.ops.aten
-READ_AS = "fxprune.read_as"
-WEIGHT_OF = "fxprune.weight_of"  # on a lifted call: the name the original graph read its weight under
 TRANSPOSES = (aten.numpy_T.default, aten.t.default)
 
 

@@ -14,7 +14,8 @@ import sympy
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.analysis.contracts import DIMS, ContractError, graphs_of, require_dims
+from fxprune.analysis.contracts import ContractError, graphs_of, require_dims
+from fxprune.analysis.meta_keys import DIMS
 
 aten = torch.ops.aten
 SIZE_LIST_AT = {  # op packet -> index of the argument holding one size per output dimension

@@ -43,7 +43,8 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.analysis.fx_util import get_attr_path
-from fxprune.passes.lift_linear_modules import READ_AS, WEIGHT_OF, LiftLinearModulesPass
+from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
+from fxprune.analysis.meta_keys import READ_AS, WEIGHT_OF
 
 MODES = ("none", "bias", "lstsq")
 AUTO = "auto"

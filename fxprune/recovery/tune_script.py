@@ -127,7 +127,7 @@ def load_graph_module(path) -> torch.fx.GraphModule:
 
 def save_graph_module(gm: torch.fx.GraphModule, path) -> None:
     """Save `gm` with `fxprune.save` when it carries a plan, else with `torch.save`."""
-    from fxprune.api import PLAN_KEY
+    from fxprune.analysis.meta_keys import PLAN_KEY
     if PLAN_KEY in gm.meta and "fxprune.base" in gm.meta:
         from fxprune.serialization import save
         save(gm, path)

@@ -8,7 +8,8 @@ from fxprune.analysis.groups import DependencyGraph
 from fxprune.passes.drop_pieces import DropPiecesPass
 from fxprune.analysis.contracts import check_graph
 from fxprune.passes.insert_gathers import InsertGathersPass
-from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
+from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
+from fxprune.analysis.meta_keys import READ_AS
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
 from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass

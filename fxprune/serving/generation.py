@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fxprune.analysis.analyze import analyze_captured
-from fxprune.api import BASE_KEY, PLAN_KEY
+from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.serving.kv_capture import CACHE_PREFIXES, CacheSignaturePass, capture_cached
 from fxprune.serving.replay import replay_kept
 from fxprune.rewrite.emit import rewrite

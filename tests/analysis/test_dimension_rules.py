@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import pytest
 
 from fxprune.analysis.capture import drop_input_guards
-from fxprune.analysis.contracts import DIMS
+from fxprune.analysis.meta_keys import DIMS
 from fxprune.analysis.propagate_dimensions import PropagateDimensionsPass
-from fxprune.analysis.value_rules import COUNTS, OFFSETS, VALUES
+from fxprune.analysis.value_rules import COUNTS, OFFSETS
+from fxprune.analysis.meta_keys import VALUES
 
 aten = torch.ops.aten
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fxprune.analysis.capture import capture, drop_input_guards
-from fxprune.analysis.contracts import DIMS, ContractError
+from fxprune.analysis.contracts import ContractError
+from fxprune.analysis.meta_keys import DIMS
 from fxprune.analysis.propagate_dimensions import PropagateDimensionsPass
 from tiny import SHAPES, TinyLM, flat, ids, logits
 

@@ -34,7 +34,6 @@ def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL,
     return _CACHE[key]
 
 
-
 def dense_io(model, layer):
     proj = model.model.layers[layer].mlp.down_proj
     x = module_inputs(proj, lambda: model(CAL))
