@@ -229,7 +229,8 @@ def refuse_component(w: Widths, fields: list[str]) -> ExportError:
         text += f" while keeping {describe(kept[0])} at {w.target[kept[0][0]][kept[0][1]]}, which they also set"
     text += " (the class derives these widths from one another, e.g. head size = hidden / heads, MLP = 4 x hidden)"
     if derived:
-        text += f"; {', '.join(derived)} set{'s' if len(derived) == 1 else ''} no tensor shape, only the head size"
+        text += (f"; {', '.join(derived)} set{'s' if len(derived) == 1 else ''} no tensor shape (a count the "
+                 "class divides other widths by)")
     return ExportError(f"{text}. {KEEPERS}.")
 
 
