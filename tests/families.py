@@ -65,5 +65,18 @@ def mixtral(attn="sdpa", seed=0, **kw):  # experts as 3-D parameters, top-2 of 4
     return build(tf.MixtralForCausalLM, cfg, attn, seed)
 
 
+def granite(attn="sdpa", seed=0, **kw):  # LLaMA layers scaled by multipliers; head size = hidden / heads
+    cfg = tf.GraniteConfig(**SMALL, intermediate_size=96, num_key_value_heads=2, embedding_multiplier=2.0,
+                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, **kw)
+    return build(tf.GraniteForCausalLM, cfg, attn, seed)
+
+
+def starcoder2(attn="sdpa", seed=0, **kw):  # LayerNorm, biases, c_fc/c_proj GELU MLP; head size = hidden / heads
+    cfg = tf.Starcoder2Config(**SMALL, intermediate_size=96, num_key_value_heads=2, use_bias=True,
+                              bos_token_id=1, eos_token_id=2, **kw)
+    return build(tf.Starcoder2ForCausalLM, cfg, attn, seed)
+
+
 FAMILIES = {"mistral": mistral, "qwen2": qwen2, "phi3": phi3, "gpt2": gpt2, "gpt_neox": gpt_neox, "opt": opt,
-            "gemma2": gemma2, "falcon": falcon, "falcon_mqa": falcon_mqa, "mixtral": mixtral}
+            "gemma2": gemma2, "falcon": falcon, "falcon_mqa": falcon_mqa, "mixtral": mixtral, "granite": granite,
+            "starcoder2": starcoder2}

@@ -1,5 +1,5 @@
 """Load exported Hugging Face directories with plain transformers in a fresh process where fxprune
-cannot be imported, and hand back each one's logits and cached greedy generation."""
+cannot be imported (isolated mode, a temporary cwd), and hand back each one's logits and cached greedy generation."""
 from __future__ import annotations
 
 import os
@@ -41,7 +41,7 @@ def load_in_plain_transformers(directories, ids, mask, prompt, new_tokens, workd
                 "new_tokens": new_tokens}, request)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(request), str(result)], cwd=workdir, env=env,
+    done = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(request), str(result)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(result)

@@ -1,19 +1,25 @@
-"""Hugging Face export: every family's pruned model (hidden channels included) loads with plain
+"""Hugging Face export with no list of model types: every family's pruned model loads with plain
 transformers in a process without fxprune, reproduces the pruned logits and generates with its own
-KV cache the tokens the pruned model picks greedily; plans a config cannot hold are refused."""
+KV cache the tokens the pruned model picks greedily; plans a config cannot hold are refused, naming
+the width, the config fields and the exports that keep them."""
+import json
+import re
+
 import pytest
 import torch
 
 import fxprune
-from families import gemma2, gpt2, gpt_neox, mistral, opt, phi3, qwen2
-from models import bloom, llama
+from families import falcon, falcon_mqa, gemma2, gpt2, gpt_neox, granite, mistral, mixtral, opt, phi3, qwen2, starcoder2
+from models import FAMILIES as CORE, bloom, glm, glm4, llama
 from oracles import inputs, random_scores, rel_err
 from plain_transformers import greedy, load_in_plain_transformers
 from test_config_twin import uniform_plan
 from test_families import GQA_KEEP, MHA_KEEP
 
 NEW_TOKENS = 6
-CASES = {  # name: (build, uniform selection per kind)
+MLP_KEEP = {"mlp": list(range(0, 96, 2))}
+KEEPERS = r"export_gguf .* or export_program \(\.pt2"
+CASES = {  # name: (build, uniform selection per kind); heads only where the config states the head size
     "llama_mha": (lambda: llama(kv_heads=4), MHA_KEEP),
     "llama_gqa": (llama, GQA_KEEP),
     "mistral": (mistral, GQA_KEEP),
@@ -24,6 +30,13 @@ CASES = {  # name: (build, uniform selection per kind)
     "opt": (opt, MHA_KEEP),
     "gemma2": (lambda: gemma2("eager"), {"kv_groups": [0], "mlp": list(range(20, 68))}),  # hidden: refused below
     "bloom": (bloom, {"heads": [1, 3], "mlp": list(range(0, 256, 2)), "hidden": list(range(0, 64, 2))}),
+    "glm": (glm, GQA_KEEP),
+    "glm4": (glm4, GQA_KEEP),
+    "falcon": (falcon, GQA_KEEP),
+    "falcon_mqa": (falcon_mqa, MHA_KEEP),
+    "mixtral": (mixtral, {**GQA_KEEP, "mlp": list(range(0, 32, 2)), "experts": [0, 1, 3]}),
+    "granite": (granite, MLP_KEEP),  # head size = hidden / heads: MLP only
+    "starcoder2": (starcoder2, MLP_KEEP),
 }
 
 
@@ -77,14 +90,28 @@ def test_plain_transformers_reproduces_pruned_model(exported, name):
     assert torch.equal(got["tokens"], greedy(gm, prompt, NEW_TOKENS))
 
 
+def config_of(work, name, *keys):
+    config = json.loads((work / name / "config.json").read_text())
+    return {k: config[k] for k in keys}
+
+
 def test_exported_widths_and_bias_switches(exported):
-    import json
     from safetensors.torch import load_file
     work = exported[3]
-    gqa = json.loads((work / "llama_gqa" / "config.json").read_text())
-    assert {k: gqa[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                                "head_dim")} == {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2,
-                                                 "num_key_value_heads": 1, "head_dim": 16}
+    assert config_of(work, "llama_gqa", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim") == {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2,
+                                     "num_key_value_heads": 1, "head_dim": 16}
+    # the class's own names for the widths, and a head count that sets no tensor shape (head size = hidden / heads)
+    assert config_of(work, "gpt2", "n_embd", "n_inner", "n_head") == {"n_embd": 32, "n_inner": 48, "n_head": 2}
+    assert config_of(work, "opt", "hidden_size", "word_embed_proj_dim", "ffn_dim", "num_attention_heads") == {
+        "hidden_size": 32, "word_embed_proj_dim": 32, "ffn_dim": 48, "num_attention_heads": 2}
+    assert config_of(work, "falcon", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size") == {
+        "hidden_size": 32, "num_attention_heads": 2, "num_kv_heads": 1, "ffn_hidden_size": 48}
+    assert config_of(work, "mixtral", "num_local_experts", "intermediate_size", "num_key_value_heads") == {
+        "num_local_experts": 3, "intermediate_size": 16, "num_key_value_heads": 1}
+    for name in ("granite", "starcoder2"):
+        assert config_of(work, name, "hidden_size", "intermediate_size", "num_attention_heads") == {
+            "hidden_size": 64, "intermediate_size": 48, "num_attention_heads": 4}
     biased = json.loads((work / "llama_bias" / "config.json").read_text())
     assert biased["attention_bias"] is True and biased["mlp_bias"] is True
     weights = load_file(work / "llama_bias" / "model.safetensors")
@@ -93,30 +120,56 @@ def test_exported_widths_and_bias_switches(exported):
                        exported[0]["llama_bias"].get_submodule("model.layers.1.self_attn.o_proj").bias.detach())
 
 
+def refused(gm, tmp_path, pattern):
+    with pytest.raises(fxprune.ExportError, match=pattern) as error:
+        fxprune.export_hf(gm, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    return str(error.value)
+
+
 def test_non_uniform_plan_refused_naming_layers_and_option(tmp_path):
     model = llama()
     dg = fxprune.analyze(model)
     plan = fxprune.plan(model, 0.3, scores=random_scores(dg), dg=dg, allocation="global")
-    gm = fxprune.apply(model, plan, dg=dg)
-    with pytest.raises(fxprune.ExportError, match=r"(?s)intermediate_size per layer: \[\d+, \d+\].*uniform_widths=True"):
-        fxprune.export_hf(gm, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    refused(fxprune.apply(model, plan, dg=dg), tmp_path,
+            r"(?s)mlp\.\w+_proj\.weight dim \d \(set by intermediate_size\) per layer: \[\d+, \d+\].*uniform_widths=True")
 
 
-def test_gemma2_hidden_refused(tmp_path):
+@pytest.mark.parametrize("build", [gpt_neox, granite])
+def test_heads_refused_where_head_size_is_hidden_over_heads(build, tmp_path):
+    _, gm = uniform_plan(build(), {"heads": [0, 3]} if build is gpt_neox else {"kv_groups": [1]})
+    message = refused(gm, tmp_path, r"cannot state the pruned width of \S+\.(weight|bias) dim \d")
+    assert "hidden_size" in message and "head size = hidden / heads" in message and re.search(KEEPERS, message)
+    if build is gpt_neox:  # its head count sets no tensor shape at all
+        assert "num_attention_heads sets no tensor shape" in message
+
+
+def test_bloom_mlp_alone_refused(tmp_path):
+    # Bloom's MLP is 4 x hidden_size: the only field that sets it also sets the kept hidden size
+    _, gm = uniform_plan(bloom(), {"mlp": list(range(0, 256, 2))})
+    refused(gm, tmp_path, r"(?s)dense_(h_to_4h|4h_to_h)\.weight dim \d \(256 -> 128\).*\(hidden_size\).*keeping .* at 64"
+                          r".*MLP = 4 x hidden.*" + KEEPERS)
+
+
+def test_gemma2_hidden_refused_by_the_logits(tmp_path):
+    # every tensor fits a config with hidden_size 32, but Gemma-2 scales the embeddings by sqrt(hidden_size)
     _, gm = uniform_plan(gemma2("eager"), {"mlp": list(range(48)), "hidden": list(range(0, 64, 2))})
-    with pytest.raises(fxprune.ExportError, match="sqrt\\(hidden_size\\)"):
-        fxprune.export_hf(gm, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    refused(gm, tmp_path, r"(?s)every tensor at its pruned shape does not compute the pruned model.*hidden_size 64 -> 32"
+                          r".*relative logit error.*sqrt\(hidden_size\).*" + KEEPERS)
+
+
+@pytest.mark.parametrize("family", ["baichuan7b", "chatglm"])
+def test_replicas_refused_pointing_to_pt2(family, tmp_path):
+    _, gm = uniform_plan(CORE[family]("eager"), {"mlp": list(range(0, 64, 2))})
+    refused(gm, tmp_path, r"replicas\.\w+\.\w+ is not part of transformers .*AutoModelForCausalLM cannot build"
+                          r".*" + KEEPERS)
 
 
 def test_bias_without_config_switch_refused(tmp_path):
     _, gm = uniform_plan(qwen2(), GQA_KEEP)
     o_proj = gm.get_submodule("model.layers.0.self_attn.o_proj")
     o_proj.bias = torch.nn.Parameter(torch.ones(o_proj.out_features))
-    with pytest.raises(fxprune.ExportError, match=r"model\.layers\.0\.self_attn\.o_proj\.bias"):
-        fxprune.export_hf(gm, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    refused(gm, tmp_path, r"model\.layers\.0\.self_attn\.o_proj\.bias.*no config flag adds them")
 
 
 def test_non_empty_output_refused(tmp_path):

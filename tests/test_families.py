@@ -19,7 +19,8 @@ CASES = [(f, a) for f in FAMILIES for a in ("eager", "sdpa") if not (f in EAGER_
 GQA = {"kv_groups": 2, "group_heads": 2, "mlp": 96}
 MHA = {"heads": 4, "mlp": 96}
 EXPECTED = {"mistral": GQA, "qwen2": GQA, "phi3": GQA, "gemma2": GQA, "falcon": GQA, "gpt2": MHA, "gpt_neox": MHA,
-            "opt": MHA, "falcon_mqa": MHA, "mixtral": {**GQA, "mlp": 32}}  # MQA: one KV head, query heads prune as heads
+            "opt": MHA, "falcon_mqa": MHA, "mixtral": {**GQA, "mlp": 32}, "granite": GQA,
+            "starcoder2": GQA}  # MQA: one KV head, query heads prune as heads
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

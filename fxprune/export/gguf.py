@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from fxprune.export.common import ExportError, base_of, check_free
-from fxprune.export.hf import LLAMA, head_size, per_layer_widths
 
 GGUF_FAMILIES = ("llama", "mistral")  # HF model types whose layers are LLaMA's (llama.cpp converts both to `llama`)
 LAYER_TENSORS = {  # HF name inside model.layers.{i} -> GGUF name inside blk.{i}
@@ -26,6 +25,24 @@ LAYER_TENSORS = {  # HF name inside model.layers.{i} -> GGUF name inside blk.{i}
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 FILE_TYPES = {"f32": 0, "f16": 1}  # gguf.LlamaFileType.ALL_F32, MOSTLY_F16
+
+
+def head_size(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def per_layer_widths(config: dict, shapes: dict) -> list[dict]:
+    """Each layer's head, KV-head and MLP counts, read from the pruned LLaMA weights' shapes."""
+    d = head_size(config)
+
+    def width(i, param, dim):
+        name = f"model.layers.{i}.{param}"
+        if name not in shapes:
+            raise ExportError(f"the pruned model has no parameter {name}; cannot read its widths")
+        return shapes[name][dim]
+    return [{"num_attention_heads": width(i, "self_attn.o_proj.weight", 1) // d,
+             "num_key_value_heads": width(i, "self_attn.k_proj.weight", 0) // d,
+             "intermediate_size": width(i, "mlp.up_proj.weight", 0)} for i in range(int(config["num_hidden_layers"]))]
 
 
 def rotary_pairs(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -93,7 +110,7 @@ def check_gguf_expressible(config: dict, shapes: dict, tokenizer_gguf=None):
     if "model.embed_tokens.weight" not in shapes:
         raise ExportError("the pruned model has no parameter model.embed_tokens.weight")
     vocab = shapes["model.embed_tokens.weight"][0]
-    widths = per_layer_widths(config, LLAMA, shapes)
+    widths = per_layer_widths(config, shapes)
     empty = [f"layer {i} {k}" for i, w in enumerate(widths) for k, v in w.items() if v == 0]
     if empty:  # deci reads 0 heads as attention-free and skips a layer's residual when n_ff is 0
         raise ExportError(f"llama.cpp cannot run a layer that keeps none of a kind ({', '.join(empty)}): its "
@@ -116,7 +133,7 @@ def export_gguf(gm: torch.fx.GraphModule, path, dtype: str = "f16", tokenizer_gg
     uniform = all(w == widths[0] for w in widths)
     vocab, hidden = shapes["model.embed_tokens.weight"]
     tensors = gguf_tensors(gm, widths, dtype)
-    d = head_size(config, LLAMA)
+    d = head_size(config)
     theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
