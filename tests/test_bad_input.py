@@ -84,7 +84,7 @@ def test_lora_refuses_a_precision_the_device_cannot_run(monkeypatch):
 
 
 def test_cli_reports_an_unrunnable_dtype_without_a_traceback(monkeypatch, capsys):
-    from fxprune.cli import main as cli
+    from fxprune.cli import commands as cli
     from fxprune.util import devices
 
     def refuse(dtype, device):

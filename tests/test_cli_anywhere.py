@@ -11,7 +11,7 @@ import torch
 from models import llama
 from tiny_tokenizer import tiny_tokenizer
 
-from fxprune.cli import main as cli
+from fxprune.cli import commands as cli
 from fxprune.data.loaders import DATA_ENV
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
 """The `fxprune` command line."""
-from fxprune.cli.main import main
+from fxprune.cli.commands import main
 
 __all__ = ["main"]

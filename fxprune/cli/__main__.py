@@ -1,5 +1,5 @@
 import sys
 
-from fxprune.cli.main import main
+from fxprune.cli.commands import main
 
 sys.exit(main())
