@@ -9,6 +9,7 @@ projection the scorer asked for).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,14 +33,22 @@ class InputStats:
     weight_scale: float = 1.0
 
 
-def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, tuple]:
-    """The first projection node reading each weight: (canonical name, input dim of the weight, bias node or None)."""
+class Reading(NamedTuple):
+    """How a projection reads its weight: canonical weight name, input dim of the weight, bias and weight nodes."""
+    name: str
+    dim: int
+    bias: torch.fx.Node | None
+    weight: torch.fx.Node
+
+
+def projection_inputs(gm: torch.fx.GraphModule, aliases: dict, names=None) -> dict[torch.fx.Node, Reading]:
+    """The first projection node reading each weight (of `names`, all when None), and how it reads it."""
     out, seen = {}, set()
-    for node, name, _, bias, transposed in first_projections(gm):
+    for node, name, weight, bias, transposed in first_projections(gm):
         name = aliases.get(name, name)
         if (names is None or name in names) and name not in seen:
             seen.add(name)
-            out[node] = (name, 0 if transposed else 1, bias)
+            out[node] = Reading(name, 0 if transposed else 1, bias, weight)
     return out
 
 
@@ -67,38 +76,21 @@ def weighted_gram(x, weight, bias, dim, residual, tokens, acc):
     return gram, float(energy.sum()) + (0.0 if acc is None else acc[1])
 
 
-@torch.no_grad()
-def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) -> dict[str, InputStats]:
-    """Statistics of the projections reading the weights `names` (all when None), keyed by canonical
-    weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time. `gram`:
-    (weight name, dim) pairs whose projection, when `dim` is its input dimension, also gets the weighted
-    Gram matrix of its inputs (the refit-aware estimator reads it; [in, in] floats each, so only where
-    asked). The token weights are the refit's, so that both weigh an output error alike."""
-    found = projection_inputs(dg.gm, dg.aliases, names)
-    stops = {n: (name, dim) for n, (name, dim, _) in found.items()}
-    gram = set(gram)
-    partners = {n: residual_partner(n) for n, key in stops.items() if key in gram}
-    biases = {name: None if b is None else get_attr_path(dg.gm, b.target) for name, _, b in found.values()}
-    sums: dict[str, list] = {}
-    device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
-    for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
-        mask = torch.ones_like(ids) if mask is None else mask
-        ids, mask = ids.to(device), mask.to(device)
-        tokens = mask.reshape(-1).bool()
-        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        run = step(dg.gm, inputs, stops, partners)
-        for (name, dim), x, residual in run:
-            x = x.reshape(-1, x.shape[-1])[tokens].double()
-            acc = sums.setdefault(name, [0, 0.0, 0.0, None])
-            acc[0] += x.shape[0]
-            acc[1] = acc[1] + x.sum(0)
-            acc[2] = acc[2] + x.pow(2).sum(0)
-            if (name, dim) in gram:
-                acc[3] = weighted_gram(x, dg.parameters[name], biases[name], dim, residual, tokens, acc[3])
-            if len(sums) == len(stops) and name == list(stops.values())[-1][0]:
-                break
-        run.close()
-    dims = dict(stops.values())
+def accumulate(sums: dict, reading: Reading, x, residual, tokens, weight, bias, gram) -> None:
+    """Add one batch's inputs `x` (and the residual stream `residual`, or None) of the projection `reading`
+    describes to `sums`, over the `tokens` the attention mask keeps; its Gram matrix too when `gram` names it.
+    `weight` and `bias` (or None) are the projection's own tensors."""
+    x = x.reshape(-1, x.shape[-1])[tokens].double()
+    acc = sums.setdefault(reading.name, [0, 0.0, 0.0, None])
+    acc[0] += x.shape[0]
+    acc[1] = acc[1] + x.sum(0)
+    acc[2] = acc[2] + x.pow(2).sum(0)
+    if (reading.name, reading.dim) in gram:
+        acc[3] = weighted_gram(x, weight, bias, reading.dim, residual, tokens, acc[3])
+
+
+def finish(sums: dict, dims: dict) -> dict[str, InputStats]:
+    """The `InputStats` of each weight from its `accumulate`d sums; `dims`: weight name -> input dim."""
     out = {}
     for name, (n, s, sq, xx) in sums.items():
         mean = s / n
@@ -109,3 +101,35 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
             stats.gram = (xx[0] / stats.weight_scale).cpu()
         out[name] = stats
     return out
+
+
+def token_mask(ids, mask):
+    """The attention mask (ones when None) and the flat boolean mask of the tokens statistics are taken over."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    return mask, mask.reshape(-1).bool()
+
+
+@torch.no_grad()
+def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) -> dict[str, InputStats]:
+    """Statistics of the projections reading the weights `names` (all when None), keyed by canonical
+    weight name; `calibration` in any form `score` accepts, run `batch_size` samples at a time. `gram`:
+    (weight name, dim) pairs whose projection, when `dim` is its input dimension, also gets the weighted
+    Gram matrix of its inputs (the refit-aware estimator reads it; [in, in] floats each, so only where
+    asked). The token weights are the refit's, so that both weigh an output error alike."""
+    found = projection_inputs(dg.gm, dg.aliases, names)
+    gram = set(gram)
+    partners = {n: residual_partner(n) for n, r in found.items() if (r.name, r.dim) in gram}
+    biases = {r.name: None if r.bias is None else get_attr_path(dg.gm, r.bias.target) for r in found.values()}
+    sums: dict[str, list] = {}
+    device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
+    for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
+        mask, tokens = token_mask(ids, mask)
+        ids, mask, tokens = ids.to(device), mask.to(device), tokens.to(device)
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        run = step(dg.gm, inputs, found, partners)
+        for reading, x, residual in run:
+            accumulate(sums, reading, x, residual, tokens, dg.parameters[reading.name], biases[reading.name], gram)
+            if len(sums) == len(found) and reading.name == list(found.values())[-1].name:
+                break
+        run.close()
+    return finish(sums, {r.name: r.dim for r in found.values()})

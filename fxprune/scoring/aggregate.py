@@ -62,19 +62,21 @@ def _aggregate(values: list[torch.Tensor], how: str, last: int) -> torch.Tensor:
 
 
 def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, seed, device, settings=None,
-             inputs=None):
+             inputs=None, weights=None):
     """{group id: aggregated per-unit scores} of `estimator` over each group's members; `settings`: the
     `Method` that chose the estimator, handed to it in `UnitStats.settings`; `inputs`: InputStats by
-    weight name. A member the estimator returns None for carries no information and is skipped; a group
-    with no informative member is scored by l2."""
+    weight name; `weights`: where the members' tensors are read (name -> tensor; `dg.parameters` when None).
+    A member the estimator returns None for carries no information and is skipped; a group with no
+    informative member is scored by l2."""
     order = _first_use(dg) if aggregation == "last" else {}
+    tensors = dg.parameters if weights is None else weights
     scores = {}
     for group in groups:
         values, uses = [], []
         for index, member in enumerate(group.members):
             if member.name not in dg.parameters:
                 continue
-            w = dg.parameters[member.name].detach().to(device=device, dtype=torch.float32)
+            w = tensors[member.name].detach().to(device=device, dtype=torch.float32)
             stats = UnitStats(group, member, index, w,
                               grad=None if grads is None else grads.grad.get(member.name),
                               sq_grad=None if grads is None or grads.sq_grad is None else grads.sq_grad.get(member.name),
@@ -91,7 +93,8 @@ def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, se
             uses.append(order.get(member.name, -1))
         if not values:
             fallback = estimator is not ESTIMATORS["l2"] and inputs is not None
-            scores[group.id] = estimate(dg, [group], ESTIMATORS["l2"], aggregation, None, seed, device)[group.id] \
+            scores[group.id] = estimate(dg, [group], ESTIMATORS["l2"], aggregation, None, seed, device,
+                                       weights=weights)[group.id] \
                 if fallback else torch.zeros(group.n_units)
             continue
         last = max(range(len(values)), key=lambda i: (uses[i], i))

@@ -17,7 +17,8 @@ import fxprune.scoring.obs  # noqa: F401  (registers "obs")
 def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibration=None, aggregation: str = "sum",
           seed: int = 0, batch_size: int = 1, device=None, dtype=None, *, checkpoint: bool = False,
           gradients: GradientStats | None = None, ratio: float = 0.2, steps: int | None = None,
-          lr: float | None = None, temperature: float | None = None, inputs: dict | None = None) -> dict[int, torch.Tensor]:
+          lr: float | None = None, temperature: float | None = None, inputs: dict | None = None,
+          weights=None) -> dict[int, torch.Tensor]:
     """Importance of every unit of `groups` (default: all groups of `dg`): {group.id: Tensor[n_units]}.
 
     `method`: settings (`Taylor(order=1)`, `Magnitude(p=2)`, `HyWIA(steps=30)`, ...) or a shorthand name
@@ -27,7 +28,8 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
     combines the members of a group: sum, mean, max, prod, or last (the member used last in graph
     order). `gradients`: reuse a `compute_gradients` result across methods. `seed` seeds "random"
     (a `Random(seed)` carries its own) and HyWIA's initialisation; `ratio` is the plan's ratio, which
-    HyWIA learns for; `steps`, `lr`, `temperature` set a "hywia" shorthand's fields.
+    HyWIA learns for; `steps`, `lr`, `temperature` set a "hywia" shorthand's fields. `weights`: the
+    tensors to score (name -> tensor) in place of `dg.parameters` (a graph captured on the meta device).
     Scores are float32 on the CPU; the model is never modified.
     """
     if aggregation not in AGGREGATIONS:
@@ -57,4 +59,5 @@ def score(dg: DependencyGraph, groups=None, method: str | Method = "l2", calibra
         # without it every member would fall back to l2, silently
         raise ValueError(f"method {method!r} reads the Gram matrix of the projections' inputs, which the given "
                          "inputs lack: compute them with input_statistics(..., gram=...) or pass calibration only")
-    return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method, inputs)
+    return estimate(dg, groups, estimator, aggregation, grads, seed, compute_device(dg, device), method, inputs,
+                    weights)

@@ -1,0 +1,24 @@
+"""Streaming: run a captured graph one decoder layer at a time, its weights read from a checkpoint on demand.
+
+For models larger than memory: the graph is captured on the meta device (`weights.empty_model` builds the
+skeleton from a checkpoint's config), cut into one segment per decoder layer plus the embedding and the head
+(`partition`, from the graph's residual stream and attention ops, never from names), and run segment-major
+by `StreamedExecutor`: every calibration batch passes segment k before segment k+1 starts, each tensor is
+read from the `WeightSource` (safetensors shards, or an in-memory model) when its first segment starts and
+dropped after its last, and between segments only the handed-on values are kept (spilled to disk past a
+byte budget). `streamed_score` gives the forward-only estimators' scores (l2, wanda, flap, obs) through it.
+
+    model = empty_model(checkpoint_dir)                  # meta parameters, no weight read
+    executor = StreamedExecutor(analyze(model), CheckpointWeights(checkpoint_dir, model), budget=2**30)
+    scores = streamed_score(executor, method="flap", calibration=ids)
+    plan = make_plan(executor.dg, PruneConfig(ratio=0.2, importance="flap"), scores)
+"""
+from fxprune.streaming.executor import SourceTensors, StreamedExecutor, StreamError
+from fxprune.streaming.partition import PartitionError, Segment, partition
+from fxprune.streaming.statistics import streamed_input_statistics, streamed_score
+from fxprune.streaming.store import ActivationStore
+from fxprune.streaming.weights import CheckpointWeights, ModelWeights, WeightSource, empty_model
+
+__all__ = ["StreamedExecutor", "StreamError", "SourceTensors", "PartitionError", "Segment", "partition",
+           "streamed_input_statistics", "streamed_score", "ActivationStore", "CheckpointWeights", "ModelWeights",
+           "WeightSource", "empty_model"]

@@ -1,0 +1,60 @@
+"""Forward-only importance through the streamed executor: the projections' input statistics gathered by
+hooks as the calibration batches pass each segment (the same accumulation as `scoring.activations`), then
+`scoring.score` on them with the weights read from the source. l1/l2, Wanda-sp, FLAP and obs give the
+scores, and so the plan, of the in-memory model."""
+from __future__ import annotations
+
+import torch
+
+from fxprune.data.calibration import batches, chunks, vocab_size
+from fxprune.reconstruction.reconstruct_layers import projection_input, residual_partner
+from fxprune.scoring import ESTIMATORS, HyWIA, as_method, score
+from fxprune.scoring.activations import InputStats, accumulate, finish, gram_members, projection_inputs, token_mask
+from fxprune.scoring.aggregate import resolve_groups
+from fxprune.scoring.gradients import member_names
+from fxprune.streaming.executor import SourceTensors, StreamedExecutor
+
+
+@torch.no_grad()
+def streamed_input_statistics(executor: StreamedExecutor, calibration, names=None, batch_size: int = 8,
+                              gram=()) -> dict[str, InputStats]:
+    """`scoring.activations.input_statistics` computed segment by segment by `executor`: the same statistics
+    of the projections reading the weights `names` (all when None), the same batches of `batch_size` rows."""
+    dg = executor.dg
+    found = projection_inputs(dg.gm, dg.aliases, names)
+    gram = set(gram)
+    partners = {n: residual_partner(n) for n, r in found.items() if (r.name, r.dim) in gram}
+    rows = list(chunks(batches(calibration, vocab_size(dg)), batch_size))
+    if not rows:
+        raise ValueError("streamed statistics need calibration: pass calibration=[input_ids, ...]")
+    tokens = [token_mask(ids, mask)[1].to(executor.device) for ids, mask in rows]
+    sums: dict[str, list] = {}
+
+    def observe(node, reading):
+        def hook(batch, env):
+            bias = None if reading.bias is None else env[reading.bias]
+            accumulate(sums, reading, env[projection_input(node)], env.get(partners.get(node)), tokens[batch],
+                       env[reading.weight], bias, gram)
+        return hook
+
+    executor.run(rows, {node: observe(node, reading) for node, reading in found.items()}, logits=False)
+    return finish(sums, {r.name: r.dim for r in found.values()})
+
+
+def streamed_score(executor: StreamedExecutor, groups=None, method="l2", calibration=None, aggregation: str = "sum",
+                   seed: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """`fxprune.scoring.score` of a forward-only `method` (l1, l2, wanda, flap, obs, random, or one registered
+    without gradient needs) for the graph `executor` streams: {group id: Tensor[n_units]}."""
+    method = as_method(method, ESTIMATORS, seed)
+    needs = getattr(ESTIMATORS.get(method.estimator), "needs", frozenset())
+    if isinstance(method, HyWIA) or needs & {"grad", "sq_grad"}:
+        raise ValueError(f"method {method!r} needs gradients: streamed scoring runs forward-only estimators "
+                         "(l1, l2, wanda, flap, obs) for now")
+    dg = executor.dg
+    groups = resolve_groups(dg, groups)
+    inputs = None
+    if "inputs" in needs:
+        inputs = streamed_input_statistics(executor, calibration, member_names(dg, groups), batch_size,
+                                           gram_members(groups) if "gram" in needs else ())
+    return score(dg, groups, method, aggregation=aggregation, seed=seed, device=executor.device, inputs=inputs,
+                 weights=SourceTensors(executor))
