@@ -104,7 +104,7 @@ def test_defaults_calibrate_on_the_packaged_sample_with_a_tokenizer():
 
 
 def test_the_refit_draws_its_own_number_of_packaged_windows_unless_given_calibration(monkeypatch):
-    from fxprune.passes import reconstruct_layers
+    from fxprune.reconstruction import reconstruct_layers
     seen = []
     original = reconstruct_layers.ReconstructLayersPass.__init__
 
