@@ -7,9 +7,9 @@ from fxprune.planning.config import PruneConfig
 from fxprune.serving.generation import Generator, generate
 from fxprune.analysis.groups import DependencyGraph, Group, Member
 from fxprune.planning.plan import PlanError, PrunePlan
-from fxprune.serialization import load, save
+from fxprune.serialization import load, prune_checkpoint, save
 from fxprune.export import ExportError, export_gguf, export_hf, export_program
 
 __all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
-           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load",
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load", "prune_checkpoint",
            "ExportError", "export_gguf", "export_hf", "export_program", "Generator", "generate"]

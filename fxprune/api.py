@@ -75,6 +75,17 @@ def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig
     return make_plan(dg, cfg, scores)
 
 
+def check_plan(dg, plan: PrunePlan) -> None:
+    """Raise `PlanError` unless `plan` was made for the model `dg` analyses and keeps only units its groups have."""
+    if fingerprint(dg) != plan.fingerprint:
+        raise PlanError(f"this plan was made for another model (fingerprint {plan.fingerprint}, "
+                        f"{type(dg.model).__name__} has {fingerprint(dg)})")
+    for gid, units in plan.units.items():
+        group = dg.groups[gid]
+        if units and max(units) >= group.n_units:
+            raise PlanError(f"plan keeps unit {max(units)} of group g{gid} which has {group.n_units} units")
+
+
 def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_inputs=None, dg=None,
           reconstruct: bool = True) -> torch.fx.GraphModule:
     """Emit the pruned GraphModule of `model` for `plan`; `model` itself is left unchanged.
@@ -86,13 +97,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
     """
     if dg is None or dg.model is not model:
         dg = analyze(model, example_inputs)
-    if fingerprint(dg) != plan.fingerprint:
-        raise PlanError(f"this plan was made for another model (fingerprint {plan.fingerprint}, "
-                        f"{type(model).__name__} has {fingerprint(dg)})")
-    for gid, units in plan.units.items():
-        group = dg.groups[gid]
-        if units and max(units) >= group.n_units:
-            raise PlanError(f"plan keeps unit {max(units)} of group g{gid} which has {group.n_units} units")
+    check_plan(dg, plan)
     # A plan that removes nothing has nothing to refit: it needs no calibration (PrunePlan.keep_all)
     mode = plan.config.reconstruct if reconstruct and plan.kept else "none"
     batches = None
@@ -121,3 +126,4 @@ def compile(model, ratio: float | PruneConfig | None = None, *, config: PruneCon
     pruning = plan(model, cfg, calibration=batches, dg=dg)
     refit = refit_calibration if refit_calibration is not None else calibration
     return apply(model, pruning, calibration=refit, tokenizer=tokenizer, dg=dg)
+

@@ -1,4 +1,4 @@
-"""Save and load pruned GraphModules without pickle: safetensors + JSON.
+"""Save and load pruned GraphModules without pickle: safetensors + JSON; prune a checkpoint straight to disk.
 
 `load` rebuilds the base architecture from its config without initialising it (built on the meta
 device, then given uninitialised CPU storage that is never written, so device-dependent model code
@@ -19,43 +19,41 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxprune.analysis.analyze import analyze
-from fxprune.api import apply, base_description
+from fxprune.api import _config as config_of, apply, base_description, check_plan
 from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.analysis.fx_util import owner_and_leaf
-from fxprune.planning.plan import PrunePlan
+from fxprune.defaults import resolve_data
+from fxprune.planning.config import PruneConfig
+from fxprune.planning.plan import PrunePlan, make_plan
+from fxprune.rewrite.emit import unique_tensors
+from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
+from fxprune.streaming.budget import check_budget, parse_bytes
+from fxprune.streaming.output import write_shards
+from fxprune.streaming.statistics import forward_only
+from fxprune.streaming.weights import INDEX, SINGLE, checkpoint_files
 
 FORMAT = 1
-FILES = ("model.safetensors", "plan.json", "config.json", "fxprune.json")
+FILES = ("plan.json", "config.json", "fxprune.json")
+WEIGHTS = (SINGLE, INDEX)  # the weights in one file, or in shards listed by an index
 
 
-def unique_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers, a tied tensor once. Non-persistent buffers are saved too: a model
-    rebuilt on the meta device has no values for them (rotary inv_freq); gather indices are
-    rebuilt by the plan."""
-    seen, out = set(), {}
-    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if id(t) in seen or name.rsplit(".", 1)[-1].startswith("_fxprune_gather"):
-            continue
-        seen.add(id(t))
-        out[name] = t
-    return out
+def missing_files(directory: Path) -> list[str]:
+    """The files of `fxprune.save`'s format that `directory` lacks (its weights: one file or indexed shards)."""
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    return missing if any((directory / w).is_file() for w in WEIGHTS) else [WEIGHTS[0], *missing]
 
 
-def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
-    """Write weights, plan and base config to `directory` atomically (write, then rename)."""
-    plan = gm.meta.get(PLAN_KEY)
-    base = base_description(base_model) if base_model is not None else gm.meta.get(BASE_KEY)
-    if plan is None or base is None:
-        raise ValueError("save needs a GraphModule made by fxprune.apply/compile (it carries its plan and base model)")
+def write_directory(directory, plan, base: dict, dtype: torch.dtype, write_weights) -> Path:
+    """Write `directory` atomically (in a temporary sibling, then renamed): the weights by `write_weights(folder)`,
+    then the plan, the base model's config (`base_description`) and the format with `dtype`."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fxprune-", dir=directory.parent))
     try:
-        save_file({k: t.detach().contiguous().cpu() for k, t in unique_tensors(gm).items()}, tmp / "model.safetensors")
+        write_weights(tmp)
         (tmp / "plan.json").write_text(plan.to_json())
         (tmp / "config.json").write_text(json.dumps(base["config"], indent=1, default=str))
-        meta = {"format": FORMAT, "architecture": base["architecture"],
-                "dtype": str(next(gm.parameters()).dtype).replace("torch.", "")}
+        meta = {"format": FORMAT, "architecture": base["architecture"], "dtype": str(dtype).replace("torch.", "")}
         (tmp / "fxprune.json").write_text(json.dumps(meta, indent=1))
         if directory.exists():
             shutil.rmtree(directory)
@@ -64,6 +62,41 @@ def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return directory
+
+
+def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
+    """Write weights, plan and base config to `directory` atomically (write, then rename)."""
+    plan = gm.meta.get(PLAN_KEY)
+    base = base_description(base_model) if base_model is not None else gm.meta.get(BASE_KEY)
+    if plan is None or base is None:
+        raise ValueError("save needs a GraphModule made by fxprune.apply/compile (it carries its plan and base model)")
+    state = {k: t.detach().contiguous().cpu() for k, t in unique_tensors(gm).items()}
+    return write_directory(directory, plan, base, next(gm.parameters()).dtype,
+                           lambda folder: save_file(state, folder / WEIGHTS[0]))
+
+
+def save_streamed(executor, plan: PrunePlan, directory, budget: int | None = None, progress=None) -> Path:
+    """Write the checkpoint `executor` streams (a `fxprune.streaming.StreamedExecutor` on a meta-device analysis),
+    pruned by `plan` (made on that analysis, without refit), to `directory` in `save`'s format, a shard per
+    group of segments whose tensors fit `budget` bytes: the pruned model is never held whole.
+    `progress(segment)` is called for each segment of a written shard."""
+    if plan.config.reconstruct != "none" and plan.kept:
+        raise ValueError(f"save_streamed writes plans without refit, this one has reconstruct="
+                         f"{plan.config.reconstruct!r}: make it with reconstruct='none'")
+    dg = executor.dg
+    check_plan(dg, plan)
+    kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
+    return write_directory(directory, plan, base_description(dg.model), next(iter(dg.parameters.values())).dtype,
+                           lambda folder: write_shards(executor, kept, folder, budget, progress))
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The saved tensors of an fxprune directory, from model.safetensors or every shard of its index."""
+    files = checkpoint_files(directory)
+    state = {}
+    for name in dict.fromkeys(files.values()):
+        state.update(load_file(directory / name))
+    return state
 
 
 def add_reconstruction_biases(gm: torch.fx.GraphModule, state: dict) -> None:
@@ -98,10 +131,10 @@ def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> to
 
 def load(directory) -> torch.fx.GraphModule:
     """Rebuild a pruned model saved by `fxprune.save` in `directory`: the architecture from config.json on the meta
-    device, the plan replayed on it, then the weights from model.safetensors. Returns the `GraphModule`; raises
+    device, the plan replayed on it, then the saved weights (one file or shards). Returns the `GraphModule`; raises
     `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
     directory = Path(directory)
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    missing = missing_files(directory)
     if missing:
         raise FileNotFoundError(f"{directory} is not an fxprune directory: missing {', '.join(missing)}")
     meta = json.loads((directory / "fxprune.json").read_text())
@@ -110,12 +143,12 @@ def load(directory) -> torch.fx.GraphModule:
     base = rebuild_base(meta["architecture"], json.loads((directory / "config.json").read_text()),
                         getattr(torch, meta["dtype"]))
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
-    state = load_file(directory / "model.safetensors")
+    state = read_weights(directory)
     gm = apply(base, plan, dg=analyze(base, constants=state), reconstruct=False)  # constants: values the meta capture lacks
     add_reconstruction_biases(gm, state)
     expected = unique_tensors(gm)
     if set(state) != set(expected):
-        raise ValueError(f"{directory}/model.safetensors does not match its plan: "
+        raise ValueError(f"the weights in {directory} do not match its plan: "
                          f"missing {sorted(set(expected) - set(state))[:5]}, unexpected {sorted(set(state) - set(expected))[:5]}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
@@ -137,3 +170,51 @@ def load(directory) -> torch.fx.GraphModule:
         if t.is_meta:
             raise ValueError(f"{directory}: {pname} was not loaded")
     return gm
+
+
+def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options) -> PruneConfig:
+    """The PruneConfig of a streamed prune (`prune_checkpoint`): flap and reconstruct="none" unless set (or
+    `ratio` is a PruneConfig); raises ValueError naming a setting that does not stream yet."""
+    if not isinstance(ratio, PruneConfig):
+        options = {"importance": importance or "flap", "reconstruct": "none", **options}
+    elif importance is not None:
+        options["importance"] = importance
+    cfg = config_of(ratio, None, options)
+    if cfg.reconstruct != "none":
+        raise ValueError(f"reconstruct={cfg.reconstruct!r} does not stream yet: pass reconstruct='none' to "
+                         "prune_checkpoint, or load the model and use fxprune.compile for the refit")
+    forward_only(cfg.importance, cfg.seed)
+    return cfg
+
+
+def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, *, importance=None, max_memory=None,
+                     calibration=None, tokenizer=None, spill_dir=None, progress=None, **options) -> PrunePlan:
+    """Prune the Hugging Face checkpoint directory `checkpoint` (safetensors) without loading it whole: captured on
+    the meta device, scored one decoder layer at a time with its weights read from the shards, planned, and
+    (with `output`) written pruned to `output` in `fxprune.save`'s format, layer by layer. Returns the plan.
+
+    `max_memory` ("2GB", "512MB" or bytes) bounds the weights held at once, and the activations kept in memory
+    (the rest spill under `spill_dir`); a budget smaller than one segment's weights is refused before any
+    weight is read. Forward-only importances only (flap, the default, wanda, obs, l2, l1) and
+    reconstruct="none" (the default unless `ratio` is a PruneConfig): the others are refused at once.
+    `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
+    "write"). Other keywords are `PruneConfig` fields."""
+    cfg = streamed_config(ratio, importance, **options)
+    budget = parse_bytes(max_memory)
+    checkpoint_files(Path(checkpoint))  # no safetensors: fails here
+    skeleton = empty_model(checkpoint)
+    dg = analyze(skeleton)
+    segments = partition(dg)
+    weights = check_budget(dg, segments, budget)
+    cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
+    report = (lambda stage: lambda segment: progress(stage, segment, len(segments))) if progress else \
+        (lambda stage: None)
+    executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
+                                budget=None if budget is None else max(budget - weights, 0),
+                                progress=report("score"))
+    scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
+                            seed=cfg.seed)
+    pruning = make_plan(dg, cfg, scores)
+    if output is not None:
+        save_streamed(executor, pruning, output, budget, report("write"))
+    return pruning

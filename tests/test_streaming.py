@@ -1,18 +1,24 @@
 """Streamed execution (fxprune.streaming): tiny checkpoints saved in several safetensors shards, captured on
 the meta device, run one decoder layer at a time; logits, statistics, scores and plans equal the in-memory
 model's, and every weight is read once per sweep and dropped after its last segment."""
+import json
 import re
+from collections import Counter
 
 import pytest
 import torch
+import transformers
+from safetensors import safe_open
 
 import fxprune
 from families import gpt2, mixtral
 from fxprune.planning.plan import make_plan
 from fxprune.scoring import score
 from fxprune.scoring.activations import input_statistics
+from fxprune.serialization import save_streamed
 from fxprune.streaming import (CheckpointWeights, ModelWeights, StreamedExecutor, StreamError, empty_model, partition,
                                streamed_input_statistics, streamed_score)
+from fxprune.streaming.budget import parse_bytes, segment_bytes
 from models import bloom, glm, llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,3 +198,123 @@ def test_missing_weight_and_gradient_methods_are_refused_before_any_work(llama_e
     with pytest.raises(ValueError, match="need calibration"):
         streamed_score(executor, method="flap")
     assert not executor.source.reads
+
+
+def logits_of_saved(directory):
+    with torch.no_grad():
+        return fxprune.load(directory)(CAL, attention_mask=MASK).logits
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("method", ["l2", "wanda", "flap"])
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom", "gpt2"])
+def test_streamed_output_equals_the_in_memory_save(tmp_path, tmp_path_factory, name, method, allocation):
+    streamed = built(name, tmp_path_factory)
+    executor = streamed.executor(budget=1024)
+    scores = streamed_score(executor, method=method, calibration=CALIB)
+    cfg = fxprune.PruneConfig(ratio=0.3, importance=method, allocation=allocation, reconstruct="none")
+    plan = make_plan(streamed.dg, cfg, scores)
+    before = dict(executor.source.reads)
+    budget = max(segment_bytes(streamed.dg, s) for s in streamed.segments)
+    save_streamed(executor, plan, tmp_path / "streamed", budget=budget)
+    assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 2  # layer by layer, never whole
+    assert executor.source.reads - Counter(before) == Counter(executor.stored_as.values())  # each tensor read once
+    fxprune.save(fxprune.apply(streamed.model, plan, reconstruct=False), tmp_path / "in_memory", base_model=streamed.model)
+    got, want = fxprune.load(tmp_path / "streamed"), fxprune.load(tmp_path / "in_memory")
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for key, w in want.state_dict().items():
+        assert got.state_dict()[key].shape == w.shape and torch.allclose(got.state_dict()[key], w, atol=1e-5), key
+    assert torch.allclose(logits_of_saved(tmp_path / "streamed"), logits_of_saved(tmp_path / "in_memory"), atol=1e-4)
+
+
+def test_prune_checkpoint_keeps_bfloat16_and_equals_plan_then_apply(tmp_path):
+    llama("sdpa").to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", safe_serialization=True, max_shard_size="20KB")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # as a user loads it
+    assert model.dtype == torch.bfloat16
+    seen = []
+    plan = fxprune.prune_checkpoint(tmp_path / "ckpt", 0.3, tmp_path / "out", importance="wanda", calibration=CAL,
+                                    max_memory="200KB", progress=lambda stage, s, n: seen.append((stage, s.index, n)))
+    segments = len(partition(fxprune.analyze(model)))
+    assert seen == [(stage, k, segments) for stage in ("score", "write") for k in range(segments)]
+    want = fxprune.plan(model, 0.3, importance="wanda", calibration=CAL, reconstruct="none")
+    assert plan.units == want.units and plan.kept == want.kept
+    assert json.loads((tmp_path / "out" / "fxprune.json").read_text())["dtype"] == "bfloat16"
+    fxprune.save(fxprune.apply(model, plan, reconstruct=False), tmp_path / "in_memory", base_model=model)
+    dtypes = {name: saved_dtypes(tmp_path / name) for name in ("out", "in_memory")}
+    assert dtypes["out"] == dtypes["in_memory"]
+    assert {d for k, d in dtypes["out"].items() if k.endswith(".weight")} == {torch.bfloat16}
+    assert torch.equal(logits_of_saved(tmp_path / "out"), logits_of_saved(tmp_path / "in_memory"))
+
+
+def saved_dtypes(directory) -> dict:
+    out = {}
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k).dtype for k in f.keys()})
+    return out
+
+
+class Unread(CheckpointWeights):
+    """A checkpoint whose tensors must not be read."""
+
+    def _read(self, name):
+        raise AssertionError(f"{name} was read")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"importance": "hywia"}, r"importance='hywia' needs gradients.*importance='flap'"),
+    ({"importance": "element1"}, r"importance='element1' needs gradients"),
+    ({"reconstruct": "lstsq"}, r"reconstruct='lstsq' does not stream yet: pass reconstruct='none'"),
+    ({"max_memory": "lots"}, r"max_memory 'lots' is not a size"),
+])
+def test_prune_checkpoint_refuses_what_it_cannot_stream_before_reading(tmp_path_factory, monkeypatch, setting,
+                                                                       message):
+    streamed = built("llama_gqa", tmp_path_factory)
+    monkeypatch.setattr("fxprune.serialization.CheckpointWeights", Unread)
+    monkeypatch.setattr("fxprune.serialization.empty_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=message):
+        fxprune.prune_checkpoint(streamed.dir, 0.3, **{"importance": "flap", "calibration": CAL, **setting})
+
+
+def test_a_budget_below_one_segment_is_refused_naming_it(tmp_path_factory, monkeypatch):
+    streamed = built("llama_gqa", tmp_path_factory)
+    monkeypatch.setattr("fxprune.serialization.CheckpointWeights", Unread)
+    need = max(segment_bytes(streamed.dg, s) for s in streamed.segments)
+    largest = next(s for s in streamed.segments if segment_bytes(streamed.dg, s) == need)
+    with pytest.raises(ValueError, match=rf"segment {largest.index} \(decoder layer {largest.index - 1}, reading "
+                                         rf"model\.layers\.{largest.index - 1}\..* needs {need:,} bytes"):
+        fxprune.prune_checkpoint(streamed.dir, 0.3, max_memory=need - 1, calibration=CAL)
+
+
+def test_memory_sizes_parse():
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(4096) == 4096 and parse_bytes(None) is None
+    with pytest.raises(ValueError, match="'2 parsecs' is not a size"):
+        parse_bytes("2 parsecs")
+
+
+def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys):
+    from fxprune.cli import main
+    from fxprune.data.loaders import calibration_samples
+    from tiny_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = llama("sdpa", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="50KB")
+    tok.save_pretrained(tmp_path / "ckpt")
+    sample = tmp_path / "data" / "c4" / "c4_sample.json"
+    sample.parent.mkdir(parents=True)
+    sample.write_text(json.dumps([{"text": f"row {k}: the cat sat on a mat, then a hat. " * 6} for k in range(6)]))
+    assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--output", str(tmp_path / "out"),
+                 "--data-dir", str(tmp_path / "data"), "--calib-samples", "4", "--calib-len", "16"]) == 0
+    out = capsys.readouterr()
+    assert "exceeds --max-memory 200KB: streaming it one layer at a time" in out.err
+    assert re.search(r"write: 100%.*4/4", out.err) and "saved to" in out.out
+    calib = calibration_samples(sample, tok, n_samples=4, seq_len=16)
+    want = fxprune.plan(model, 0.2, importance="flap", calibration=calib, reconstruct="none")
+    got = fxprune.load(tmp_path / "out")
+    assert got.meta[fxprune.PLAN_KEY].units == want.units
+    fxprune.save(fxprune.apply(model, want, reconstruct=False), tmp_path / "in_memory", base_model=model)
+    assert torch.allclose(logits_of_saved(tmp_path / "out"), logits_of_saved(tmp_path / "in_memory"), atol=1e-4)
+    assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--importance", "hywia",
+                 "--output", str(tmp_path / "no")]) == 2
+    assert "importance='hywia' needs gradients" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -50,7 +50,12 @@ def cmd_prune(args) -> int:
     from fxprune.data.loaders import calibration_samples
     from fxprune.data.models import load_model
     from fxprune.data.sources import calibration_source, wikitext_source
+    from fxprune.cli.streamed import prune_streamed, streamed_size, streaming_defaults
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    size = streamed_size(args.model, args.max_memory)
+    if size is not None:
+        return report(prune_streamed(args, prune_config(streaming_defaults(args)), size) +
+                      [("peak memory", f"{peak_gb():.2f} GB")], args)
     cfg = prune_config(args)  # bad settings fail here, before any data or model is read
     t0 = time.time()
     # Every data file is found (or refused, naming its flag) before the model is loaded.
@@ -82,6 +87,11 @@ def cmd_prune(args) -> int:
              (f"wikitext-2 ppl after", fmt(ppl_after)), ("pruning time", f"{prune_s:.1f} s"),
              ("total time", f"{time.time() - t0:.1f} s"), ("peak memory", f"{peak_gb():.2f} GB"),
              ("saved to", args.output or "-")]
+    return report(rows, args)
+
+
+def report(rows, args) -> int:
+    """Print the command's report and write it to `--json` when asked; returns the exit code."""
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows), indent=1))
@@ -292,6 +302,9 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--output", default="out/smollm2-pruned")
+    r.add_argument("--max-memory", default=None,
+                   help="e.g. 2GB: a safetensors checkpoint directory larger than this is pruned streamed, one layer "
+                        "at a time (default importance flap, no refit) and written layer by layer")
     r.add_argument("--json", default=None, help="also write the report as JSON")
     r.set_defaults(fn=cmd_prune)
 

@@ -26,14 +26,17 @@ def add_parser(sub) -> None:
 def saved_description(directory: Path) -> tuple[dict, dict]:
     """(base description, tensor shapes) of a saved fxprune directory, read without loading tensors."""
     from safetensors import safe_open
-    from fxprune.serialization import FILES
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    from fxprune.serialization import missing_files
+    from fxprune.streaming.weights import checkpoint_files
+    missing = missing_files(directory)
     if missing:
         raise FileNotFoundError(f"{directory} is not an fxprune directory: missing {', '.join(missing)}")
     meta = json.loads((directory / "fxprune.json").read_text())
     base = {"architecture": meta["architecture"], "config": json.loads((directory / "config.json").read_text())}
-    with safe_open(directory / "model.safetensors", "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes = {}
+    for name in dict.fromkeys(checkpoint_files(directory).values()):
+        with safe_open(directory / name, "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return base, shapes
 
 

@@ -27,6 +27,19 @@ def kept_positions(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> dict[s
     return out
 
 
+def unique_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, a tied tensor once. Non-persistent buffers are saved too: a model
+    rebuilt on the meta device has no values for them (rotary inv_freq); gather indices are
+    rebuilt by the plan."""
+    seen, out = set(), {}
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if id(t) in seen or name.rsplit(".", 1)[-1].startswith("_fxprune_gather"):
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
 def copy_graph_module(dg: DependencyGraph) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of the analysed graph; node meta (and labels) are shared.
 

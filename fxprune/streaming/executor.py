@@ -73,11 +73,12 @@ class _OnDevice(torch.fx.Interpreter):
 class StreamedExecutor:
     """Runs `dg.gm` (captured from a meta-device or a real model) over calibration batches segment by
     segment, reading parameters (and the buffers the source holds) from `source`. `budget`: bytes of hand-on
-    values kept in memory (None: all), the rest spilled under `spill_dir`; `device`: where it computes."""
+    values kept in memory (None: all), the rest spilled under `spill_dir`; `device`: where it computes;
+    `progress(segment)`: called after each segment a run finishes (a progress bar's update)."""
 
     def __init__(self, dg, source: WeightSource, segments: list[Segment] | None = None, budget: int | None = None,
-                 spill_dir=None, device=None):
-        self.dg, self.source = dg, source
+                 spill_dir=None, device=None, progress: Callable[[Segment], None] | None = None):
+        self.dg, self.source, self.progress = dg, source, progress
         self.segments = partition(dg) if segments is None else segments
         self.budget, self.spill_dir = budget, spill_dir
         self.device = torch.device(device or "cpu")
@@ -164,6 +165,8 @@ class StreamedExecutor:
                     self.store.put(b, {n.name: env[n] for n in segment.hands_on})
                 for name in [n for n in loaded if self.last_segment[n] == segment.index]:
                     del loaded[name]
+                if self.progress is not None:
+                    self.progress(segment)
             if not logits:
                 return None
             output = self.nodes[-1]

@@ -41,15 +41,23 @@ def streamed_input_statistics(executor: StreamedExecutor, calibration, names=Non
     return finish(sums, {r.name: r.dim for r in found.values()})
 
 
+def forward_only(method, seed: int = 0):
+    """`method` as a scoring Method; raises ValueError naming it when it needs gradients (HyWIA, element1/2,
+    vector), which streamed scoring does not compute yet."""
+    given, method = method, as_method(method, ESTIMATORS, seed)
+    needs = getattr(ESTIMATORS.get(method.estimator), "needs", frozenset())
+    if isinstance(method, HyWIA) or needs & {"grad", "sq_grad"}:
+        raise ValueError(f"importance={given!r} needs gradients, which streaming does not compute yet: use a "
+                         "forward-only estimator (importance='flap', 'wanda', 'obs', 'l2' or 'l1')")
+    return method
+
+
 def streamed_score(executor: StreamedExecutor, groups=None, method="l2", calibration=None, aggregation: str = "sum",
                    seed: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
     """`fxprune.scoring.score` of a forward-only `method` (l1, l2, wanda, flap, obs, random, or one registered
     without gradient needs) for the graph `executor` streams: {group id: Tensor[n_units]}."""
-    method = as_method(method, ESTIMATORS, seed)
+    method = forward_only(method, seed)
     needs = getattr(ESTIMATORS.get(method.estimator), "needs", frozenset())
-    if isinstance(method, HyWIA) or needs & {"grad", "sq_grad"}:
-        raise ValueError(f"method {method!r} needs gradients: streamed scoring runs forward-only estimators "
-                         "(l1, l2, wanda, flap, obs) for now")
     dg = executor.dg
     groups = resolve_groups(dg, groups)
     inputs = None
