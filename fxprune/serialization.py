@@ -216,5 +216,6 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
                             seed=cfg.seed)
     pruning = make_plan(dg, cfg, scores)
     if output is not None:
-        save_streamed(executor, pruning, output, budget, report("write"))
+        # writing a shard holds its dense tensors, their pruned copies and the serialised shard
+        save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
     return pruning

@@ -3,7 +3,10 @@ the meta device, run one decoder layer at a time; logits, statistics, scores and
 model's, and every weight is read once per sweep and dropped after its last segment."""
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +321,57 @@ def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys)
     assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--importance", "hywia",
                  "--output", str(tmp_path / "no")]) == 2
     assert "importance='hywia' needs gradients" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def write_random_llama(directory, layers: int, width: int) -> dict[str, int]:
+    """A LLaMA-shaped checkpoint of seeded random weights written one layer's shard at a time from a meta-device
+    model (never whole in memory); returns the bytes of each shard's tensors by shard name."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=4 * width, head_dim=128,
+                                   num_hidden_layers=layers, num_attention_heads=width // 128,
+                                   num_key_value_heads=width // 256, tie_word_embeddings=True)
+    with init_empty_weights():
+        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items() if k != "lm_head.weight"}
+    cfg.save_pretrained(directory)
+    shards = {}
+    for key in shapes:
+        shards.setdefault(LAYER.search(key).group(1) if LAYER.search(key) else "other", []).append(key)
+    generator, weight_map, sizes = torch.Generator().manual_seed(0), {}, {}
+    for shard, keys in shards.items():
+        tensors = {k: torch.randn(shapes[k], generator=generator) * 0.02 for k in keys}
+        save_file(tensors, directory / f"{shard}.safetensors")
+        weight_map.update(dict.fromkeys(keys, f"{shard}.safetensors"))
+        sizes[shard] = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sizes
+
+
+# ru_maxrss keeps the high-water mark of the process that forked the child (pytest); VmHWM is the child's own
+PEAK = """
+import sys, torch
+import fxprune
+def peak():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+torch.set_num_threads(1)
+before = peak()
+ids = torch.randint(1, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+fxprune.prune_checkpoint(sys.argv[1], 0.3, sys.argv[2], importance="wanda", calibration=ids, max_memory=int(sys.argv[3]))
+print(before, peak())
+"""
+# what the streamed run holds beside the weights: the meta-device capture and analysis of the graph
+FIXED = 300 * 10**6
+
+
+def test_streamed_peak_memory_is_bounded_by_one_layer_not_the_model(tmp_path):
+    sizes = write_random_llama(tmp_path / "ckpt", layers=12, width=1024)
+    layer = sizes["0"]
+    bound = FIXED + 3 * layer  # a layer's dense tensors, their pruned copies and the shard being written
+    assert sum(sizes.values()) > bound  # loading the model whole would exceed it
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "ckpt"), str(tmp_path / "out"), str(2 * layer)], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, peak = map(int, out.stdout.split()[-2:])
+    assert peak - before < bound, (peak - before, bound, layer)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

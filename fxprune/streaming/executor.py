@@ -19,6 +19,7 @@ import torch
 from torch.fx import Node
 
 from fxprune.analysis.fx_util import get_attr_path
+from fxprune.streaming.budget import return_freed_memory
 from fxprune.streaming.partition import Segment, last_uses, partition, tensor_attr
 from fxprune.streaming.store import ActivationStore
 from fxprune.streaming.weights import WeightSource
@@ -36,6 +37,7 @@ class SourceTensors(Mapping):
         self.executor = executor
 
     def __getitem__(self, name):
+        return_freed_memory()  # the tensor read before this one is freed by now (scoring keeps none)
         return self.executor.read(name)
 
     def __iter__(self):
@@ -165,6 +167,7 @@ class StreamedExecutor:
                     self.store.put(b, {n.name: env[n] for n in segment.hands_on})
                 for name in [n for n in loaded if self.last_segment[n] == segment.index]:
                     del loaded[name]
+                return_freed_memory()
                 if self.progress is not None:
                     self.progress(segment)
             if not logits:

@@ -9,6 +9,7 @@ are exactly the in-memory rewrite's. `fxprune.serialization.save_streamed` adds 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from fxprune.rewrite.emit import rewrite, unique_tensors
-from fxprune.streaming.budget import segment_bytes
+from fxprune.streaming.budget import return_freed_memory, segment_bytes
 from fxprune.streaming.executor import StreamedExecutor
 from fxprune.streaming.partition import Segment
 from fxprune.streaming.weights import INDEX
@@ -66,11 +67,13 @@ def write_shards(executor: StreamedExecutor, kept: dict, folder: Path, budget: i
         names = names or set(tensors)
         shard = {n: t.detach().contiguous().cpu() for n, t in tensors.items() if not t.is_meta and n not in weight_map}
         del tensors
+        gc.collect()  # the rewritten GraphModule is cyclic garbage: collected now, it frees the real tensors it holds
         file = SHARD.format(k + 1)
         save_file(shard, folder / file)
         weight_map.update(dict.fromkeys(shard, file))
         total += sum(t.numel() * t.element_size() for t in shard.values())
         del shard
+        return_freed_memory()
         for segment in group if progress is not None else ():
             progress(segment)
     missing = sorted(names - set(weight_map))

@@ -57,23 +57,24 @@ class ModelWeights(WeightSource):
 
 class CheckpointWeights(WeightSource):
     """The tensors of a Hugging Face checkpoint directory's safetensors (sharded with an index json, or one
-    file), memory-mapped and read one state-dict entry at a time. `model`: the model (a meta-device skeleton
-    is enough) whose state-dict names to serve, when the checkpoint's layout differs from its own."""
+    file), read one state-dict entry at a time, each from its file memory-mapped for that read only.
+    `model`: the model (a meta-device skeleton is enough) whose state-dict names to serve, when the checkpoint's layout differs from its own."""
 
     def __init__(self, directory, model: torch.nn.Module | None = None):
         super().__init__()
-        from safetensors import safe_open
         self.directory = Path(directory)
-        files = checkpoint_files(self.directory)
-        self._open = {f: safe_open(str(self.directory / f), framework="pt") for f in set(files.values())}
-        self._file_of = files
-        self._recipes = recipes(list(files), model)
+        self._file_of = checkpoint_files(self.directory)
+        self._recipes = recipes(list(self._file_of), model)
 
     def names(self) -> set[str]:
         return set(self._recipes)
 
     def _load(self, key: str) -> torch.Tensor:
-        return self._open[self._file_of[key]].get_tensor(key)
+        from safetensors import safe_open
+        # opened per read: closing unmaps the file, whose pages would otherwise stay in this process's resident
+        # memory until the whole checkpoint had been read
+        with safe_open(str(self.directory / self._file_of[key]), framework="pt") as f:
+            return f.get_tensor(key)
 
     def _read(self, name):
         converter, sources = self._recipes[name]
