@@ -212,7 +212,17 @@ def logits_of_saved(directory):
 @pytest.mark.parametrize("method", ["l2", "wanda", "flap"])
 @pytest.mark.parametrize("name", ["llama_gqa", "bloom", "gpt2"])
 def test_streamed_output_equals_the_in_memory_save(tmp_path, tmp_path_factory, name, method, allocation):
-    streamed = built(name, tmp_path_factory)
+    check_streamed_output(tmp_path, built(name, tmp_path_factory), method, allocation)
+
+
+@pytest.mark.parametrize("name", ["glm", "mixtral"])  # fused gate_up; experts fused from per-expert tensors
+def test_streamed_output_of_fused_layouts_equals_the_in_memory_save(tmp_path, tmp_path_factory, name):
+    check_streamed_output(tmp_path, built(name, tmp_path_factory), "flap", "global")
+
+
+def check_streamed_output(tmp_path, streamed, method, allocation):
+    """The streamed output of `streamed`'s checkpoint, written a segment a shard, loads to the weights and logits
+    of the in-memory rewrite saved by fxprune.save, and reads every tensor of the checkpoint once."""
     executor = streamed.executor(budget=1024)
     scores = streamed_score(executor, method=method, calibration=CALIB)
     cfg = fxprune.PruneConfig(ratio=0.3, importance=method, allocation=allocation, reconstruct="none")
