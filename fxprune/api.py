@@ -76,13 +76,17 @@ def plan(model, ratio: float | PruneConfig | None = None, *, config: PruneConfig
 
 
 def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_inputs=None, dg=None,
-          reconstruct: bool = True) -> torch.fx.GraphModule:
+          reconstruct: bool = True, verify: bool = True) -> torch.fx.GraphModule:
     """Emit the pruned GraphModule of `model` for `plan`; `model` itself is left unchanged.
 
     `dg`: the analysis of `model` the plan was made on (analysed again when missing or of another model).
     When the plan asks for reconstruction, the projections reading pruned dimensions are refitted on
     `calibration` (or `reconstruct_samples` windows of the packaged sample); `reconstruct=False` skips it
     (fxprune.load does, since the saved weights are already refitted).
+    The pruned graph is run before it is returned (`fxprune.rewrite.verify`: shapes on fake tensors, which also
+    refreshes every node's `meta["val"]`, then a [2, 5] batch): where it fails, `GraphVerificationError`
+    names the op, the node and the pruned groups there. `verify=False` leaves that to the caller
+    (fxprune.load verifies once the saved weights are in).
     """
     if dg is None or dg.model is not model:
         dg = analyze(model, example_inputs)
@@ -103,7 +107,7 @@ def apply(model, plan: PrunePlan, *, calibration=None, tokenizer=None, example_i
             raise PlanError(f"the plan asks for reconstruct={mode!r}, which needs calibration: pass calibration= "
                             "(token ids) or tokenizer= to apply, or plan with reconstruct='none'")
         batches = calibration_batch(batches)
-    gm = prune(dg, plan, batches)
+    gm = prune(dg, plan, batches, check=verify)
     gm.meta[PLAN_KEY] = plan
     gm.meta[BASE_KEY] = base_description(model)  # what save() needs to rebuild the architecture
     return gm

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxprune.analysis.analyze import analyze
-from fxprune.api import apply, base_description
-from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
+from fxprune.api import BASE_KEY, PLAN_KEY, apply, base_description
 from fxprune.analysis.fx_util import owner_and_leaf
 from fxprune.planning.plan import PrunePlan
+from fxprune.rewrite.verify import verify
 
 FORMAT = 1
 FILES = ("model.safetensors", "plan.json", "config.json", "fxprune.json")
@@ -97,9 +97,8 @@ def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> to
 
 
 def load(directory) -> torch.fx.GraphModule:
-    """Rebuild a pruned model saved by `fxprune.save` in `directory`: the architecture from config.json on the meta
-    device, the plan replayed on it, then the weights from model.safetensors. Returns the `GraphModule`; raises
-    `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
+    """The pruned GraphModule saved in `directory`: the architecture rebuilt, the plan replayed, the saved
+    weights assigned, and the graph verified (`fxprune.rewrite.verify`) before it is returned."""
     directory = Path(directory)
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:
@@ -111,7 +110,8 @@ def load(directory) -> torch.fx.GraphModule:
                         getattr(torch, meta["dtype"]))
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = load_file(directory / "model.safetensors")
-    gm = apply(base, plan, dg=analyze(base, constants=state), reconstruct=False)  # constants: values the meta capture lacks
+    dg = analyze(base, constants=state)  # constants: values the meta capture lacks
+    gm = apply(base, plan, dg=dg, reconstruct=False, verify=False)  # verified below, with its weights in
     add_reconstruction_biases(gm, state)
     expected = unique_tensors(gm)
     if set(state) != set(expected):
@@ -136,4 +136,5 @@ def load(directory) -> torch.fx.GraphModule:
     for pname, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.is_meta:
             raise ValueError(f"{directory}: {pname} was not loaded")
+    verify(gm, dg, plan)
     return gm

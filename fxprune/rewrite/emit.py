@@ -14,6 +14,7 @@ from fxprune.passes.normalize_signature import NormalizeSignaturePass
 from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
 from fxprune.passes.slice_parameters import SliceParametersPass
+from fxprune.rewrite.verify import verify
 
 
 def kept_positions(dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
@@ -70,11 +71,14 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> 
     return gm
 
 
-def prune(dg: DependencyGraph, plan, calibration=None) -> torch.fx.GraphModule:
+def prune(dg: DependencyGraph, plan, calibration=None, check: bool = True) -> torch.fx.GraphModule:
     """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` (a LongTensor
-    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction."""
+    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction. `check`: run it on fake
+    and on real tensors first (fxprune.rewrite.verify), so a graph that fails is never refitted nor returned."""
     kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
     gm = rewrite(dg, kept)
+    if check:
+        verify(gm, dg, plan)
     cfg = plan.config
     if calibration is not None and cfg.reconstruct != "none" and plan.kept:
         ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, cfg.reconstruct, cfg.ridge, cfg.weighting,
