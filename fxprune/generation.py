@@ -173,7 +173,7 @@ class Generator:
         cache_mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = step(ids, cache_mask, positions, torch.tensor(0, device=self.device))[:, -1]
+        logits = step(ids, cache_mask[:, :prompt], positions, torch.tensor(0, device=self.device))[:, -1]
         position = positions[:, -1:] + 1
         rng = torch.Generator().manual_seed(seed)
         pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -189,7 +189,9 @@ class Generator:
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             cache_mask[:, prompt + t] = 1
-            logits = step(token[:, None], cache_mask, position, torch.tensor(prompt + t, device=self.device))[:, -1]
+            # The filled part of the cache only: the program attends over as many positions as the mask has.
+            filled = cache_mask[:, :prompt + t + 1]
+            logits = step(token[:, None], filled, position, torch.tensor(prompt + t, device=self.device))[:, -1]
             position = position + 1
         out = torch.cat([ids, torch.stack(new, 1)], 1)
         return (out, torch.stack(steps, 1)) if return_logits else out
