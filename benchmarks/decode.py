@@ -283,7 +283,7 @@ def plot(report: dict, path: Path) -> None:
 
 def render(report: dict, png: Path) -> str:
     s = report["settings"]
-    lines = report_head("Generation speed with a KV cache, pruned vs dense (issue 14)", report) + [
+    lines = report_head("Generation speed with a KV cache, pruned vs dense (issues 14, 31)", report) + [
         f"SmolLM2-135M-Instruct {s['dtype']} on {s['device']} ({report['params_dense']:,} parameters), pruned with "
         f"{s['importance']} importance, heads + MLP, protected layers {tuple(s['protect'])}. Prompt {s['prompt']} random "
         f"tokens, {s['new']} new tokens, greedy; {s['runs']} rounds alternating dense and every pruned variant, "
