@@ -270,7 +270,7 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
     kept = {n: {d: idx.tolist() for d, idx in dims.items()}
             for n, dims in kept_positions(dg, {a: torch.tensor(u) for a, u in atom_units.items()}).items()}
     after = dg.count_parameters({a: len(u) for a, u in atom_units.items()})
-    if cfg.reconstruct != "none":
+    if cfg.reconstruct.enabled:
         after += added_biases(dg, kept)
     before = dg.num_parameters()
     achieved = 1 - after / before
@@ -284,7 +284,7 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
 
 def added_biases(dg: DependencyGraph, kept: dict) -> int:
     """Parameters the reconstruction adds: a bias on each refitted projection that had none."""
-    from fxprune.passes.reconstruct_layers import dense_projections
+    from fxprune.projections import dense_projections
     return sum(p.dense_weight.shape[0] if p.rows is None else len(p.rows)
                for p in dense_projections(dg.gm, dg.aliases, kept).values() if p.dense_bias is None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
+from fxprune.calibration import Calibration
 from fxprune.groups import DependencyGraph
 from fxprune.passes.drop_pieces import DropPiecesPass
 from fxprune.passes.contracts import check_graph
@@ -62,20 +63,24 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> 
         LiftLinearModulesPass(),
         finish or NormalizeSignaturePass(),
     ]
-    manager = PassManager(passes=passes, run_checks_after_each_pass=True)
-    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
-    gm = manager(gm).graph_module
+    gm = run_passes(gm, passes)
     gm.recompile()
     return gm
 
 
-def prune(dg: DependencyGraph, plan, calibration=None) -> torch.fx.GraphModule:
-    """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` (a LongTensor
-    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction."""
+def run_passes(gm: torch.fx.GraphModule, passes) -> torch.fx.GraphModule:
+    """`passes` in order under a PassManager that checks the graph before and after every one."""
+    manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
+    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
+    return manager(gm).graph_module
+
+
+def prune(dg: DependencyGraph, plan, calibration: Calibration | None = None) -> torch.fx.GraphModule:
+    """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` when given
+    and the plan asks for reconstruction (ReconstructLayersPass, run under the same graph checks)."""
     kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
     gm = rewrite(dg, kept)
-    cfg = plan.config
-    if calibration is not None and cfg.reconstruct != "none" and plan.kept:
-        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, cfg.reconstruct, cfg.ridge, cfg.weighting,
-                              cfg.refit_target, cfg.refit_precision)(gm)
+    settings = plan.config.reconstruct
+    if calibration is not None and settings.enabled and plan.kept:
+        gm = run_passes(gm, [ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, settings)])
     return gm

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from fxprune.fx_util import get_attr_path
-from fxprune.passes.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
-from fxprune.scoring.calibration import batches, chunks, vocab_size
+from fxprune.projections import first_projections, inverse_energy, residual_partner, step, stream_like
+from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.forward import compute_device
 
 
@@ -27,7 +27,7 @@ class InputStats:
     var: torch.Tensor
     sq_norm: torch.Tensor    # sum over tokens of x**2 (Wanda's ||X_j||^2)
     # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T, [in + 1, in + 1] float32, with w_t the
-    # reconstruction pass's token weights (`reconstruct_layers.token_weights`: 1 / mean square of the residual
+    # reconstruction pass's token weights (`projections.token_weights`: 1 / mean square of the residual
     # stream, normalised to mean 1 over all calibration tokens), and that mean before normalising: errors
     # measured with `gram` times `weight_scale` are errors of the normalised stream, comparable across layers.
     gram: torch.Tensor | None = None
@@ -83,9 +83,7 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     biases = {name: None if b is None else get_attr_path(dg.gm, b.target) for name, _, b in found.values()}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
-    for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
-        mask = torch.ones_like(ids) if mask is None else mask
-        ids, mask = ids.to(device), mask.to(device)
+    for ids, mask in calibration_for(dg, calibration, "activation statistics").batches(batch_size, device):
         tokens = mask.reshape(-1).bool()
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         run = step(dg.gm, inputs, stops, partners)
