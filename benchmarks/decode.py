@@ -10,7 +10,14 @@ in alternating rounds (dense, pruned a, pruned b, ...), so load from other jobs 
 Pruned variants: each ratio, with `round_to=64` passed explicitly (MLP widths in multiples of 64) and unrounded.
 `--device cuda --dtype bfloat16` runs the same on a GPU (the model is pruned on the CPU, then moved).
 
+`--load DIR ...` times saved models (`fxprune.save`) instead of pruning here, e.g. the default plans
+(`fxprune.compile(model, ratio)`); `--prefill 4 512` adds a forward of that batch x sequence (no cache: the
+GraphModule against the Hugging Face model) and `--cold-start` the first and a later `fxprune.generate` call
+from a fresh process state (capture and program build included).
+
 Usage: PYTHONPATH=. python -m benchmarks.decode [--ratios 0.2 0.5] [--batches 1 8] [--modes eager compile]
+The issue-31 goal table in one command (two threads, the default plans saved beforehand):
+  PYTHONPATH=. python -m benchmarks.decode --load DIR20 DIR50 --skip-dense-program --prefill 4 512 --cold-start
 """
 from __future__ import annotations
 
@@ -37,8 +44,14 @@ def parse(argv):
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="1 by default: on a shared 2-core machine two OpenMP threads contend with other jobs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--load", nargs="+", default=[], help="saved pruned models to time instead of pruning here")
+    p.add_argument("--skip-dense-program", action="store_true",
+                   help="leave out the dense model through fxprune's program (its analysis is the slow part)")
+    p.add_argument("--prefill", type=int, nargs=2, metavar=("BATCH", "SEQ"), default=None,
+                   help="also time a forward of BATCH x SEQ tokens, pruned GraphModule against the dense model")
+    p.add_argument("--cold-start", action="store_true",
+                   help="also time the first fxprune.generate call (capture, analysis, program) and a later one")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model", default=None)
@@ -118,10 +131,14 @@ def prune_variants(model, args, report):
     removes nothing): the baseline that separates the pruning's speedup from the program's."""
     import fxprune
     from fxprune.planning.plan import PrunePlan
-    dg = fxprune.analyze(model)
-    report["params_dense"] = dg.num_parameters()
-    out = {DENSE_PROGRAM: fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)}
-    report["variants"][DENSE_PROGRAM] = {"ratio": 0.0, "params": dg.num_parameters(), "removed_fraction": 0.0}
+    report["params_dense"] = sum(p.numel() for p in model.parameters())
+    out = {}
+    if not args.skip_dense_program or not args.load:
+        dg = fxprune.analyze(model)
+        out[DENSE_PROGRAM] = fxprune.apply(model, PrunePlan.keep_all(dg), dg=dg)
+        report["variants"][DENSE_PROGRAM] = {"ratio": 0.0, "params": dg.num_parameters(), "removed_fraction": 0.0}
+    if args.load:
+        return {**out, **load_variants(args.load, report)}
     for ratio in args.ratios:
         for rt in args.round_to:
             with Phase() as p:
@@ -136,6 +153,67 @@ def prune_variants(model, args, report):
                                         "mlp_widths": widths}
             log(f"{name}: {plan.params_after:,} parameters ({plan.removed_fraction:.2%} removed), {p.wall_s:.0f} s")
     return out
+
+
+def load_variants(directories, report) -> dict:
+    """Saved pruned models by name ('20% p20': the fraction removed and the directory)."""
+    import fxprune
+    from fxprune.api import PLAN_KEY
+    out = {}
+    for d in directories:
+        gm = fxprune.load(d)
+        plan = gm.meta[PLAN_KEY]
+        name = f"{plan.removed_fraction:.0%} {Path(d).name}"
+        out[name] = gm
+        widths = sorted({t.shape[0] for n, t in gm.named_parameters() if n.endswith("up_proj.weight")})
+        report["variants"][name] = {"directory": str(d), "params": plan.params_after,
+                                    "removed_fraction": plan.removed_fraction, "mlp_widths": widths}
+    return out
+
+
+def run_prefill(model, pruned, args, mode, report):
+    """Forward of --prefill batch x seq tokens without a cache, dense and each pruned GraphModule alternately."""
+    import torch
+    batch, seq = args.prefill
+    ids = torch.randint(10, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+    mask = torch.ones_like(ids)
+    forwards = {"dense": lambda: model(ids, attention_mask=mask, use_cache=False).logits}
+    forwards.update({name: (lambda gm=gm: gm(ids, attention_mask=mask).logits) for name, gm in pruned.items()})
+    if mode == "compile":
+        forwards = {name: torch.compile(fn) for name, fn in forwards.items()}
+    with torch.inference_mode():
+        for fn in forwards.values():  # warm-up (compilation)
+            fn()
+        times = {name: [] for name in forwards}
+        for _ in range(args.runs):
+            for name, fn in forwards.items():
+                times[name].append(time_call(lambda *_: fn(), args.device))
+    dense = statistics.median(times["dense"])
+    for name in pruned:
+        row = {"mode": mode, "batch": batch, "seq": seq, "variant": name, "dense_tok_s": batch * seq / dense,
+               "pruned_tok_s": batch * seq / statistics.median(times[name]), "times": times[name],
+               "dense_times": times["dense"]}
+        row["speedup"] = row["pruned_tok_s"] / row["dense_tok_s"]
+        report["prefill"].append(row)
+        log(f"prefill {mode} {batch}x{seq} {name}: {row['speedup']:.2f}x")
+
+
+def run_cold_start(pruned, args, report):
+    """First `fxprune.generate` call with no capture kept (capture, analysis, rewrite, 32 tokens), then a later
+    call of 8 tokens on the same GraphModule. The process has imported torch and transformers already."""
+    import torch
+    import fxprune
+    from fxprune.serving import generation
+    ids = torch.randint(10, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    for name, gm in pruned.items():
+        if name == DENSE_PROGRAM:
+            continue
+        generation._CAPTURES.clear()
+        generation._BY_MODULE.clear()
+        first = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=32), args.device)
+        later = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=8), args.device)
+        report["cold_start"][name] = {"first_call_32_tokens_s": first, "later_call_8_tokens_s": later}
+        log(f"cold start {name}: first call {first:.1f} s, later call {later:.2f} s")
 
 
 def run_batch(model, generators, args, mode, batch, report):
@@ -205,17 +283,16 @@ def plot(report: dict, path: Path) -> None:
 
 def render(report: dict, png: Path) -> str:
     s = report["settings"]
-    lines = report_head("Generation speed with a KV cache, pruned vs dense (issue 14)", report) + [
+    lines = report_head("Generation speed with a KV cache, pruned vs dense (issues 14, 31)", report) + [
         f"SmolLM2-135M-Instruct {s['dtype']} on {s['device']} ({report['params_dense']:,} parameters), pruned with "
         f"{s['importance']} importance, heads + MLP, protected layers {tuple(s['protect'])}. Prompt {s['prompt']} random "
         f"tokens, {s['new']} new tokens, greedy; {s['runs']} rounds alternating dense and every pruned variant, "
         "medians. Dense: Hugging Face `generate` with its cache (eager: DynamicCache; compile: static cache and "
         "`torch.compile`d forward). Pruned: `fxprune.serving.generation.Generator` (static KV cache holding the kept KV "
-        "heads only; compile: its program `torch.compile(dynamic=True)`). Goals (issue 14, batch-1 decode on "
-        "this CPU): 1.2x at 20%, 1.8x at 50%. The dense side includes Hugging Face's generation loop (logits "
-        "processors, stopping criteria, a DynamicCache that grows by concatenation) while the pruned side runs one "
-        "captured program per step over a preallocated cache whose every slot is attended (those not yet written "
-        "masked): part of a difference can come from the program, not from the pruning. "
+        "heads only; compile: its program `torch.compile(dynamic=True)`). The dense side includes Hugging "
+        "Face's generation loop (logits processors, stopping criteria, a DynamicCache that grows by concatenation) "
+        "while the pruned side runs one captured program per step over a preallocated cache, attending over its "
+        "filled part only: part of a difference can come from the program, not from the pruning. "
         + (f"The row `{DENSE_PROGRAM}` is the dense model through that same program (a plan that removes "
            "nothing); the last column divides by it: the speedup of the pruning alone."
            if DENSE_PROGRAM in report["variants"] else "No run here measures the dense model through the same "
@@ -240,11 +317,59 @@ def render(report: dict, png: Path) -> str:
         if e["rows"]:
             lines += [f"Rows {', '.join(e['rows'])} come from an earlier run ({e['date']}, `{e['command']}`, load "
                       f"average at start/end {e['load_average_start']} / {e['load_average_end']}).", ""]
+    lines += extra_tables(report)
     lines += [*[f"{n}" for n in report.get("notes", [])], "",
               "Setup (program capture, warm-up, compilation) per mode and batch: "
               + "; ".join(f"{k}: {v:.0f} s" for k, v in report["setup_s"].items()), "",
               f"![decode speedup and time to first token]({png.name})", ""]
     return "\n".join(lines)
+
+
+GOALS = (("eager", 1, 0.2, 1.25), ("eager", 8, 0.2, 1.2), ("eager", 1, 0.5, 1.8))  # issue 31, decode speedups
+
+
+def goal_lines(report: dict) -> list[str]:
+    """The issue's goals against this run's rows (variants matched by the fraction removed)."""
+    def ratio_of(name):
+        return round(report["variants"][name]["removed_fraction"], 1)
+    out = []
+    for mode, batch, ratio, goal in GOALS:
+        for r in report["rows"]:
+            if (r["mode"], r["batch"]) != (mode, batch) or r["variant"] == DENSE_PROGRAM or ratio_of(r["variant"]) != ratio:
+                continue
+            out.append([f"{mode} decode, batch {batch}, {r['variant']}", f">= {goal}", f"{r['decode_speedup']:.2f}",
+                        "yes" if r["decode_speedup"] >= goal else "no"])
+            if batch == 1 and ratio == 0.2:
+                out.append([f"{mode} time to first token, batch 1, {r['variant']}", ">= 1.0 (dense / pruned)",
+                            f"{r['ttft_speedup']:.2f}", "yes" if r["ttft_speedup"] >= 1.0 else "no"])
+    for r in report.get("prefill", []):
+        if r["mode"] == "eager" and ratio_of(r["variant"]) == 0.2:
+            out.append([f"eager prefill {r['batch']} x {r['seq']}, {r['variant']}", ">= 1.2", f"{r['speedup']:.2f}",
+                        "yes" if r["speedup"] >= 1.2 else "no"])
+    for name, c in report.get("cold_start", {}).items():
+        out.append([f"first fxprune.generate call (32 tokens), {name}", "< 3 s", f"{c['first_call_32_tokens_s']:.1f} s",
+                    "yes" if c["first_call_32_tokens_s"] < 3 else "no"])
+    return out
+
+
+def extra_tables(report: dict) -> list[str]:
+    lines = []
+    if report.get("prefill"):
+        lines += ["Prefill without a cache (the GraphModule against the Hugging Face model, `use_cache=False`), "
+                  "medians of alternating rounds:", "",
+                  md_table(["mode", "batch x seq", "variant", "dense tok/s", "pruned tok/s", "speedup"],
+                           [[r["mode"], f"{r['batch']} x {r['seq']}", r["variant"], f"{r['dense_tok_s']:.0f}",
+                             f"{r['pruned_tok_s']:.0f}", f"**{r['speedup']:.2f}**"] for r in report["prefill"]]), ""]
+    if report.get("cold_start"):
+        lines += ["First `fxprune.generate` call with nothing captured (capture, analysis, rewrite and 32 tokens "
+                  "after a 16-token prompt), and a later call of 8 tokens on the same GraphModule:", "",
+                  md_table(["variant", "first call s", "later call s"],
+                           [[n, f"{c['first_call_32_tokens_s']:.1f}", f"{c['later_call_8_tokens_s']:.2f}"]
+                            for n, c in report["cold_start"].items()]), ""]
+    goals = goal_lines(report)
+    if goals:
+        lines += ["Goals (issue 31):", "", md_table(["what", "goal", "measured", "met"], goals), ""]
+    return lines
 
 
 def main(argv=None):
@@ -261,12 +386,14 @@ def main(argv=None):
         return write_outputs(report, out)
     report = header(args.threads)
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
-    report.update(variants={}, rows=[], setup_s={})
+    report.update(variants={}, rows=[], setup_s={}, prefill=[], cold_start={})
     if args.append and out.with_suffix(".json").exists():
         merge_earlier(report, json.loads(out.with_suffix(".json").read_text()))
     model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
     pruned = prune_variants(model, args, report)
     model.to(args.device).eval()
+    if args.cold_start:
+        run_cold_start(pruned, args, report)
     # One cache length for the first-token and the full runs, so both use the same (compiled) program.
     generators = {name: Generator(gm, device=args.device, cache_block=args.prompt + args.new)
                   for name, gm in pruned.items()}
@@ -278,6 +405,9 @@ def main(argv=None):
             write_json(out.with_suffix(".json"), report)
         if mode == "compile":
             model.forward = type(model).forward.__get__(model)  # undo the compiled forward
+        if args.prefill:
+            run_prefill(model, {n: gm for n, gm in pruned.items() if n != DENSE_PROGRAM}, args, mode, report)
+            write_json(out.with_suffix(".json"), report)
     finish(report)
     return write_outputs(report, out)
 

@@ -38,11 +38,13 @@ def main(argv=None):
               f"(-{1 - r['params_after'] / r['params_before']:.2%})", f"{r['ppl']:.2f}", f"{r['compile_s']:.1f} s",
               f"{r['peak_gb']:.2f} GB"] for r in report["rows"]]
     cfg = report["rows"][0]["config"]
+    refit = cfg["reconstruct"] if isinstance(cfg["reconstruct"], dict) else {  # results written before Refit
+        "mode": cfg["reconstruct"], "target": cfg.get("refit_target", "output"), "samples": cfg["reconstruct_samples"]}
     lines = report_head("The headline call on SmolLM2-135M-Instruct", report)
     lines += [f"WikiText-2 perplexity, first {args.eval_tokens:,} tokens, 128-token windows; no tuning. Settings the "
               f"call used (library defaults): importance {cfg['importance']}, allocation {cfg['allocation']}, "
-              f"protect_layers {cfg['protect_layers']}, round_to {cfg['round_to']}, reconstruct {cfg['reconstruct']} "
-              f"(target {cfg.get('refit_target', 'output')}, on {cfg['reconstruct_samples']} windows), calibration "
+              f"protect_layers {cfg['protect_layers']}, round_to {cfg['round_to']}, reconstruct {refit['mode']} "
+              f"(target {refit['target']}, on {refit['samples']} windows), calibration "
               f"{cfg['calibration_samples']} x {cfg['calibration_len']} tokens of the packaged C4 sample.",
               "", md_table(["model", "parameters", "ppl", "compile time", "peak RSS"], rows), ""]
     (RESULTS / "headline.md").write_text("\n".join(lines))

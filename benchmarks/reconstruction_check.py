@@ -74,8 +74,9 @@ def main(argv=None):
     ReconstructLayersPass.call = call
     for spec in args.variants:
         mode, ridge, weighting = spec.split(":")
-        cfg = dataclasses.replace(plan.config, reconstruct=mode, ridge=ridge if ridge == "auto" else float(ridge),
-                                  weighting=weighting)
+        refit_settings = dataclasses.replace(plan.config.reconstruct, mode=mode, weighting=weighting,
+                                             ridge=ridge if ridge == "auto" else float(ridge))
+        cfg = dataclasses.replace(plan.config, reconstruct=refit_settings)
         variant = fxprune.PrunePlan.from_json(plan.to_json())
         variant.config = cfg
         choices.clear()

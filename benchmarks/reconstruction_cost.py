@@ -1,6 +1,6 @@
 """What the refit costs beside scoring, on SmolLM2 with the library's defaults: wall time and peak RSS of
 the plan (HyWIA scoring on the packaged sample) and of `apply` without and with `reconstruct="lstsq"`
-(64 packaged windows, the default `reconstruct_samples`), at each ratio. The peak of each phase is the
+(64 packaged windows, the default `Refit.samples`), at each ratio. The peak of each phase is the
 process's resident peak during it (reset before the phase where the kernel allows it), so the model's
 own memory is in every figure; compare the phases with one another.
 
@@ -36,7 +36,7 @@ def main(argv=None):
     for ratio in a.ratios:
         cfg = fxprune.PruneConfig(ratio=ratio, reconstruct="lstsq")
         calib = default_calibration(tok, cfg)
-        refit = default_calibration(tok, cfg, cfg.reconstruct_samples)
+        refit = default_calibration(tok, cfg, cfg.reconstruct.samples)
         with Phase() as scoring:
             plan = fxprune.plan(model, cfg, calibration=calib, dg=dg)
         with Phase() as plain:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Phase, data_dir, finish, header, log, md_table, perplexity, report_head, write_json
-from fxprune.planning.config import REFIT_PRECISIONS, REFIT_TARGETS
+from fxprune.reconstruction.settings import PRECISIONS as REFIT_PRECISIONS, TARGETS as REFIT_TARGETS, Refit
 
 METHODS = {  # name -> (importance, allocation)
     "l2": ("l2", "uniform"), "element1": ("element1", "uniform"), "vector": ("vector", "uniform"),
@@ -40,30 +40,30 @@ def ppl_key(text: str) -> str:
 
 def run_draw(model, tok, dg, windows, draw, args, cells, save):
     import fxprune
-    from fxprune.data.loaders import calibration_samples
+    from fxprune.data.calibration import Calibration
     from fxprune.planning.plan import target_groups
     from fxprune.planning.refit_choice import choose_after_refit
     from fxprune.scoring import HyWIA, compute_gradients, hywia, score
     from fxprune.scoring.activations import gram_members, input_statistics
     from fxprune.scoring.gradients import member_names
     source = data_dir(args.data_dir) / args.calib_source
-    calib = calibration_samples(source, tok, args.calib_samples, args.calib_len, seed=draw)
-    # The refit reads its own windows, as compile() does with reconstruct_samples (same seed as the scoring draw).
-    refit = calib if not args.refit_samples else calibration_samples(
-        source, tok, args.refit_samples, args.calib_len, seed=draw)
+    calib = Calibration.from_text(tok, source, args.calib_samples, args.calib_len, seed=draw)
+    # The refit reads its own windows, as compile() does with Refit.samples (same seed as the scoring draw).
+    refit = calib if not args.refit_samples else Calibration.from_text(
+        tok, source, args.refit_samples, args.calib_len, seed=draw)
     base = fxprune.PruneConfig(ratio=0.2, targets=tuple(args.targets), calibration_samples=args.calib_samples)
     groups = target_groups(dg, base)
     shared = {}
     if {"element1", "vector", "element2", "hywia", "hywia2"} & set(args.methods):
         with Phase() as p:
-            shared["gradients"] = compute_gradients(dg, calib.split(8), [m.name for g in groups for m in g.members],
+            shared["gradients"] = compute_gradients(dg, calib, [m.name for g in groups for m in g.members],
                                                     second_order="element2" in args.methods, batch_size=1)
         log(f"draw {draw}: gradient pass {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"gradients/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
     if {"wanda", "flap", "flap+AL", "hywia", "obs", "obs+AB"} & set(args.methods):
         gram = gram_members(groups) if {"obs", "obs+AB"} & set(args.methods) else ()
         with Phase() as p:  # obs also reads the Gram matrix of each projection's inputs
-            shared["inputs"] = input_statistics(dg, calib.split(8), member_names(dg, groups), gram=gram)
+            shared["inputs"] = input_statistics(dg, calib, member_names(dg, groups), gram=gram)
         phase = "inputs+gram" if gram else "inputs"
         log(f"draw {draw}: activation statistics ({phase}) {p.wall_s:.1f} s, peak {p.peak_gb:.2f} GB")
         cells.setdefault("_cost", {})[f"{phase}/{draw}"] = {"s": p.wall_s, "peak_gb": p.peak_gb}
@@ -81,23 +81,23 @@ def run_draw(model, tok, dg, windows, draw, args, cells, save):
                                        after_refit=args.hywia_after_refit)
                     # the masked validation only decides the cells without a refit when the refit judges the rest
                     masked = "none" in todo or not importance.after_refit
-                    res = hywia(dg, groups, calib.split(8), ratio=ratio, gradients=shared.get("gradients"),
+                    res = hywia(dg, groups, calib, ratio=ratio, gradients=shared.get("gradients"),
                                 inputs=shared.get("inputs"), settings=replace(importance, validate=masked))
                     scores = res.scores
                     chosen = {"choice": res.choice, "validation": res.validation}  # which ranking won, and why
                 else:
                     if importance not in fixed:  # these scores do not depend on the ratio
-                        fixed[importance] = score(dg, groups, importance, calib.split(8), seed=draw,
+                        fixed[importance] = score(dg, groups, importance, calib, seed=draw,
                                                   gradients=shared.get("gradients"), inputs=shared.get("inputs"))
                     scores = fixed[importance]
             for mode in todo:
                 cfg = base.__class__(**{**base.to_dict(), "ratio": ratio, "importance": importance,
-                                        "allocation": allocation, "reconstruct": mode,
-                                        "refit_target": args.refit_target, "refit_precision": args.refit_precision})
+                                        "allocation": allocation, "reconstruct": Refit(
+                                            mode=mode, target=args.refit_target, precision=args.refit_precision)})
                 plan_scores, judged = scores, chosen
                 if isinstance(importance, HyWIA) and importance.after_refit and mode != "none":  # as fxprune.plan
                     with Phase() as vp:
-                        pick = choose_after_refit(dg, cfg, res.candidates(), calib.split(8), importance.holdout)
+                        pick = choose_after_refit(dg, cfg, res.candidates(), calib, importance.holdout)
                     plan_scores = pick.scores
                     judged = {"choice": pick.name, "validation": pick.losses, "judged": "after refit",
                               "validation_s": vp.wall_s}

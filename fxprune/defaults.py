@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import torch
-
+from fxprune.data.calibration import Calibration
 from fxprune.planning.config import PruneConfig
+from fxprune.reconstruction.settings import Refit
 
 
 def importance_needs_data(method) -> bool:
@@ -23,22 +23,23 @@ def importance_needs_data(method) -> bool:
     return isinstance(method, HyWIA) or bool(getattr(ESTIMATORS.get(method.estimator), "needs", ()))
 
 
-def resolve_data(model, cfg: PruneConfig, calibration, tokenizer, scored: bool, draw: bool = True):
+def resolve_data(model, cfg: PruneConfig, calibration: Calibration | None, tokenizer, scored: bool,
+                 draw: bool = True) -> tuple[PruneConfig, Calibration | None]:
     """(config, calibration): the given calibration, the packaged sample, or a data-free config.
 
     `scored`: the caller has scores already; `draw=False`: only decide the config (no sample is drawn)."""
     wants_scores = not scored and importance_needs_data(cfg.importance)
-    if calibration is not None or not (wants_scores or cfg.reconstruct != "none"):
+    if calibration is not None or not (wants_scores or cfg.reconstruct.enabled):
         return cfg, calibration
     tok = find_tokenizer(model, tokenizer)
     if tok is not None:
         return cfg, (default_calibration(tok, cfg) if draw else None)
-    changes = {"reconstruct": "none"} if cfg.reconstruct != "none" else {}
+    changes = {"reconstruct": dataclasses.replace(cfg.reconstruct, mode="none")} if cfg.reconstruct.enabled else {}
     if wants_scores:
         changes["importance"] = "l2"
     warnings.warn(f"fxprune: no calibration and no tokenizer for {type(model).__name__}, so "
-                  f"{', '.join(f'{k}={getattr(cfg, k)!r}' for k in changes)} cannot run; using "
-                  f"{', '.join(f'{k}={v!r}' for k, v in changes.items())} instead (quality suffers: pass "
+                  f"{', '.join(f'{k}={describe(getattr(cfg, k))!r}' for k in changes)} cannot run; using "
+                  f"{', '.join(f'{k}={describe(v)!r}' for k, v in changes.items())} instead (quality suffers: pass "
                   "calibration= token ids or tokenizer=)", stacklevel=3)
     return dataclasses.replace(cfg, **changes), None
 
@@ -49,25 +50,11 @@ def find_tokenizer(model, tokenizer=None):
     return tokenizer if tokenizer is not None else tokenizer_for(model)
 
 
-def default_calibration(tokenizer, cfg: PruneConfig, samples: int | None = None) -> torch.Tensor:
+def default_calibration(tokenizer, cfg: PruneConfig, samples: int | None = None) -> Calibration:
     """`samples` (default `cfg.calibration_samples`) windows of the packaged C4 sample, drawn with `cfg.seed`."""
-    from fxprune.data.loaders import PACKAGED_C4, calibration_samples
-    return calibration_samples(PACKAGED_C4, tokenizer, samples or cfg.calibration_samples, cfg.calibration_len,
-                               cfg.seed)
+    return Calibration.packaged(tokenizer, samples or cfg.calibration_samples, cfg.calibration_len, cfg.seed)
 
 
-def calibration_batch(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All calibration batches as one (input_ids, attention_mask) pair, right-padded to one length."""
-    from fxprune.data.calibration import batches as validated
-    batches = validated(calibration)
-    if len({ids.shape[1] for ids, _ in batches}) == 1 and all(m is None for _, m in batches):
-        return torch.cat([ids for ids, _ in batches]), None
-    length = max(ids.shape[1] for ids, _ in batches)
-    ids = torch.zeros(sum(i.shape[0] for i, _ in batches), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    row = 0
-    for i, m in batches:
-        ids[row:row + i.shape[0], :i.shape[1]] = i
-        mask[row:row + i.shape[0], :i.shape[1]] = 1 if m is None else m
-        row += i.shape[0]
-    return ids, mask
+def describe(setting) -> str:
+    """A setting as the user names it: a refit by its mode, anything else as it is."""
+    return setting.mode if isinstance(setting, Refit) else setting

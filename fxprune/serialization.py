@@ -19,18 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxprune.analysis.analyze import analyze
-from fxprune.api import _config as config_of, apply, base_description, check_plan
+from fxprune.api import apply, base_description, check_plan
 from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.analysis.fx_util import owner_and_leaf
-from fxprune.defaults import resolve_data
-from fxprune.planning.config import PruneConfig
-from fxprune.planning.plan import PrunePlan, make_plan
+from fxprune.planning.plan import PrunePlan
 from fxprune.rewrite.emit import unique_tensors
-from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
-from fxprune.streaming.budget import check_budget, parse_bytes
 from fxprune.streaming.output import write_shards
-from fxprune.streaming.statistics import forward_only
 from fxprune.streaming.weights import INDEX, SINGLE, checkpoint_files
+from fxprune.rewrite.verify import verify
 
 FORMAT = 1
 FILES = ("plan.json", "config.json", "fxprune.json")
@@ -130,8 +126,9 @@ def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> to
 
 
 def load(directory) -> torch.fx.GraphModule:
-    """Rebuild a pruned model saved by `fxprune.save` in `directory`: the architecture from config.json on the meta
-    device, the plan replayed on it, then the saved weights (one file or shards). Returns the `GraphModule`; raises
+    """Rebuild a pruned model saved by `fxprune.save` (or streamed by `prune_checkpoint`) in `directory`: the
+    architecture from config.json on the meta device, the plan replayed on it, then the saved weights (one file
+    or shards), and the graph verified (`fxprune.rewrite.verify`) before it is returned. Raises
     `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
     directory = Path(directory)
     missing = missing_files(directory)
@@ -144,7 +141,8 @@ def load(directory) -> torch.fx.GraphModule:
                         getattr(torch, meta["dtype"]))
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
     state = read_weights(directory)
-    gm = apply(base, plan, dg=analyze(base, constants=state), reconstruct=False)  # constants: values the meta capture lacks
+    dg = analyze(base, constants=state)  # constants: values the meta capture lacks
+    gm = apply(base, plan, dg=dg, reconstruct=False, verify=False)  # verified below, with its weights in
     add_reconstruction_biases(gm, state)
     expected = unique_tensors(gm)
     if set(state) != set(expected):
@@ -169,53 +167,5 @@ def load(directory) -> torch.fx.GraphModule:
     for pname, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.is_meta:
             raise ValueError(f"{directory}: {pname} was not loaded")
+    verify(gm, dg, plan)
     return gm
-
-
-def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options) -> PruneConfig:
-    """The PruneConfig of a streamed prune (`prune_checkpoint`): flap and reconstruct="none" unless set (or
-    `ratio` is a PruneConfig); raises ValueError naming a setting that does not stream yet."""
-    if not isinstance(ratio, PruneConfig):
-        options = {"importance": importance or "flap", "reconstruct": "none", **options}
-    elif importance is not None:
-        options["importance"] = importance
-    cfg = config_of(ratio, None, options)
-    if cfg.reconstruct != "none":
-        raise ValueError(f"reconstruct={cfg.reconstruct!r} does not stream yet: pass reconstruct='none' to "
-                         "prune_checkpoint, or load the model and use fxprune.compile for the refit")
-    forward_only(cfg.importance, cfg.seed)
-    return cfg
-
-
-def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, *, importance=None, max_memory=None,
-                     calibration=None, tokenizer=None, spill_dir=None, progress=None, **options) -> PrunePlan:
-    """Prune the Hugging Face checkpoint directory `checkpoint` (safetensors) without loading it whole: captured on
-    the meta device, scored one decoder layer at a time with its weights read from the shards, planned, and
-    (with `output`) written pruned to `output` in `fxprune.save`'s format, layer by layer. Returns the plan.
-
-    `max_memory` ("2GB", "512MB" or bytes) bounds the weights held at once, and the activations kept in memory
-    (the rest spill under `spill_dir`); a budget smaller than one segment's weights is refused before any
-    weight is read. Forward-only importances only (flap, the default, wanda, obs, l2, l1) and
-    reconstruct="none" (the default unless `ratio` is a PruneConfig): the others are refused at once.
-    `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
-    "write"). Other keywords are `PruneConfig` fields."""
-    cfg = streamed_config(ratio, importance, **options)
-    budget = parse_bytes(max_memory)
-    checkpoint_files(Path(checkpoint))  # no safetensors: fails here
-    skeleton = empty_model(checkpoint)
-    dg = analyze(skeleton)
-    segments = partition(dg)
-    weights = check_budget(dg, segments, budget)
-    cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
-    report = (lambda stage: lambda segment: progress(stage, segment, len(segments))) if progress else \
-        (lambda stage: None)
-    executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
-                                budget=None if budget is None else max(budget - weights, 0),
-                                progress=report("score"))
-    scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
-                            seed=cfg.seed)
-    pruning = make_plan(dg, cfg, scores)
-    if output is not None:
-        # writing a shard holds its dense tensors, their pruned copies and the serialised shard
-        save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
-    return pruning

@@ -48,8 +48,8 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def prune_random(model, ratio, targets=("heads", "mlp"), seed=0, allocation="global", **kw):
-    dg = fxprune.analyze(model)
+def prune_random(model, ratio, targets=("heads", "mlp"), seed=0, allocation="global", dg=None, **kw):
+    dg = dg or fxprune.analyze(model)
     plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, seed), dg=dg,
                         allocation=allocation, **kw)
     return dg, plan, fxprune.apply(model, plan, dg=dg)

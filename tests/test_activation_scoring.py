@@ -109,13 +109,13 @@ def test_the_refit_draws_its_own_number_of_packaged_windows_unless_given_calibra
     original = reconstruct_layers.ReconstructLayersPass.__init__
 
     def record(self, dense_gm, aliases, kept, calibration, *args):
-        seen.append(tuple(calibration[0].shape))
+        seen.append(tuple(calibration.ids.shape))
         original(self, dense_gm, aliases, kept, calibration, *args)
     monkeypatch.setattr(reconstruct_layers.ReconstructLayersPass, "__init__", record)
     tok = tiny_tokenizer()
     model = llama("sdpa", vocab_size=len(tok))
     options = dict(tokenizer=tok, calibration_len=16, importance="flap", reconstruct="lstsq")
-    fxprune.compile(model, 0.3, calibration_samples=4, reconstruct_samples=6, **options)
+    fxprune.compile(model, 0.3, calibration_samples=4, **{**options, "reconstruct": fxprune.Refit(samples=6)})
     given = torch.randint(1, len(tok), (5, 16))
     fxprune.compile(model, 0.3, calibration=given, **options)
     fxprune.compile(model, 0.3, calibration=given, refit_calibration=given[:3], **options)
@@ -127,7 +127,7 @@ def test_without_data_the_defaults_fall_back_with_a_warning(env):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = fxprune.plan(model, 0.3, dg=dg)
-    assert (plan.config.importance, plan.config.reconstruct) == ("l2", "none")
+    assert (plan.config.importance, plan.config.reconstruct.mode) == ("l2", "none")
     assert any("no calibration and no tokenizer" in str(w.message) for w in caught)
 
 

@@ -126,13 +126,13 @@ def test_prune_refits_on_the_users_own_text(model_dir, tmp_path, monkeypatch, ca
     assert str(text) in printed and "absolute" in printed   # the report names the allocation it used
     tok = tiny_tokenizer()
     cfg = seen["config"]
-    assert (cfg.importance, cfg.allocation, cfg.reconstruct) == ("obs", "absolute", "lstsq")
-    assert (cfg.reconstruct_samples, cfg.refit_precision) == (6, "bfloat16")
-    # both draws are windows of the user's text (the refit's `reconstruct_samples` of them), not the packaged sample
-    expected = calibration_samples(text, tok, n_samples=cfg.reconstruct_samples, seq_len=32)
-    assert torch.equal(seen["refit_calibration"], expected)
-    assert torch.equal(seen["calibration"], calibration_samples(text, tok, n_samples=4, seq_len=32))
+    assert (cfg.importance, cfg.allocation) == ("obs", "absolute")
+    assert cfg.reconstruct == fxprune.Refit(mode="lstsq", samples=6, precision="bfloat16")  # one settings object
+    # both draws are windows of the user's text (the refit's `samples` of them), not the packaged sample
+    expected = calibration_samples(text, tok, n_samples=cfg.reconstruct.samples, seq_len=32)
+    assert torch.equal(seen["refit_calibration"].ids, expected)
+    assert torch.equal(seen["calibration"].ids, calibration_samples(text, tok, n_samples=4, seq_len=32))
     gm = fxprune.load(out)
     refitted = [n for n, m in gm.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
     assert refitted and all(n.endswith(("o_proj", "down_proj")) for n in refitted)  # the refit's biases came back
-    assert gm.meta[fxprune.PLAN_KEY].config.reconstruct == "lstsq"
+    assert gm.meta[fxprune.PLAN_KEY].config.reconstruct.mode == "lstsq"

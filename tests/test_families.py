@@ -10,6 +10,7 @@ import transformers as tf
 from transformers.pytorch_utils import Conv1D
 
 import fxprune
+from fxprune.reconstruction.settings import Refit
 from families import FAMILIES, falcon, falcon_mqa, gemma2, gpt2, gpt_neox, mistral, mixtral, opt, phi3, qwen2
 from oracles import OUTPUT_PROJECTION_KINDS, inputs, module_inputs, random_scores, rel_err
 from test_config_twin import uniform_plan
@@ -281,7 +282,7 @@ def test_reconstruction_refits_and_brings_every_family_closer_to_dense(family):
               * (0.01 if g.kind in ("heads", "kv_groups") else 1) for g in dg.groups}
     for mode in ("none", "lstsq"):
         plan = fxprune.plan(model, 0.25, targets=("heads", "mlp"), scores=scores, allocation="global",
-                            dg=dg, reconstruct=mode, ridge=0.1, calibration=CAL)
+                            dg=dg, reconstruct=Refit(mode=mode, ridge=0.1), calibration=CAL)
         gm = fxprune.apply(model, plan, calibration=CAL, dg=dg)
         with torch.no_grad():
             errors[mode] = rel_err(gm(CAL).logits, model(CAL).logits)

@@ -1,4 +1,4 @@
-"""KV-cache generation of pruned models (fxprune.generation): oracles against Hugging Face's own cached
+"""KV-cache generation of pruned models (fxprune.serving.generation): oracles against Hugging Face's own cached
 `generate` and against the recompute path (the pruned GraphModule re-run on the whole sequence)."""
 import pytest
 import torch
@@ -130,6 +130,62 @@ def test_bad_options_fail_before_any_capture(dense):
     assert gen._programs == {}
     with pytest.raises(ValueError, match="plan"):
         Generator(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
+
+
+
+
+def count_calls(monkeypatch, module, name) -> list:
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_generate_reuses_its_programs_on_the_same_module_and_directory(monkeypatch, tmp_path):
+    """The one-line form captures and builds once per GraphModule or saved directory; its tokens equal a new
+    Generator's; weights written in place, or a directory saved again, give new programs."""
+    from fxprune.serving import generation
+    model = llama("sdpa", seed=5)
+    _, _, gm = prune_random(model, 0.5, seed=6)
+    monkeypatch.setattr(generation, "_CAPTURES", {})
+    captures = count_calls(monkeypatch, generation, "capture_cached")
+    builds = count_calls(monkeypatch, generation, "build_program")
+    ids = prompt(1, 5, seed=7)
+    first = fxprune.generate(gm, ids, max_new_tokens=6)
+    assert torch.equal(fxprune.generate(gm, ids, max_new_tokens=9)[:, :11], first)
+    assert (len(captures), len(builds)) == (1, 1)
+    assert torch.equal(first, Generator(gm).generate(ids, max_new_tokens=6))
+    with torch.no_grad():
+        gm.get_parameter("lm_head.weight").mul_(-1)  # in place: the kept programs' weights are stale
+    flipped = fxprune.generate(gm, ids, max_new_tokens=6)
+    assert len(builds) == 3 and torch.equal(flipped, recompute(gm, ids, 6)[0])
+    fxprune.save(gm, tmp_path / "p")
+    for _ in range(2):
+        assert torch.equal(fxprune.generate(str(tmp_path / "p"), ids, max_new_tokens=6), flipped)
+    assert len(builds) == 4
+    fxprune.save(gm, tmp_path / "p")  # new files: the directory's programs are built again
+    fxprune.generate(tmp_path / "p", ids, max_new_tokens=6)
+    assert (len(captures), len(builds)) == (1, 5)
+
+
+def test_one_program_serves_caches_longer_than_the_captured_one(dense):
+    """Tokens past the traced cache length (CAPTURE_LEN) still equal Hugging Face's: the buffers grew."""
+    from fxprune.serving.generation import CAPTURE_LEN
+    model, gm, _ = dense
+    gen = Generator(gm, cache_block=16)
+    ids = prompt(1, 40, seed=8)
+    short = gen.generate(ids, max_new_tokens=4)
+    program = gen.program(1, 1)
+    assert program.max_len == CAPTURE_LEN == 64  # 44 tokens fit the traced length
+    model.generation_config.eos_token_id = None
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen.generate(ids, max_new_tokens=60), want)
+    assert gen.program(1, 1) is program and program.max_len == 112 > CAPTURE_LEN
+    assert torch.equal(want[:, :44], short)
 
 
 def test_a_plan_the_cache_capture_cannot_express_is_a_clear_error(dense):

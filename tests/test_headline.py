@@ -40,6 +40,6 @@ def test_compile_with_nothing_else_keeps_its_promise():
     assert abs(plan.removed_fraction - 0.2) <= 0.01
     assert plan.params_after == sum(p.numel() for p in gm.parameters())
     assert plan.config.importance == "hywia"  # calibrated on the packaged sample, not the data-free fallback
-    assert plan.config.reconstruct == "lstsq"  # and refitted on it
+    assert plan.config.reconstruct.mode == "lstsq"  # and refitted on it
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert perplexity(gm, tok, path, max_tokens=10240) <= PROMISED_PPL

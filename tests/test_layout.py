@@ -9,9 +9,9 @@ import fxprune
 
 ROOT = Path(fxprune.__file__).parent
 # Lowest first; a package may import itself and any package before it, never one after it.
-LAYERS = ["util", "analysis", "passes", "rewrite", "reconstruction", "data", "scoring", "streaming", "planning",
+LAYERS = ["util", "data", "analysis", "passes", "rewrite", "reconstruction", "scoring", "streaming", "planning",
           "api", "evaluation", "recovery", "serving", "export", "cli"]
-TOP_LEVEL_API = {"api", "defaults", "serialization"}  # the public verbs: plan, apply, compile, save, load
+TOP_LEVEL_API = {"api", "defaults", "serialization", "checkpoint"}  # the public verbs: plan, apply, compile, save, load
 FACADE = "fxprune"  # fxprune/__init__.py re-exports the public names of every stage
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.reconstruction.reconstruct_layers import inverse_energy
+from fxprune.reconstruction.projections import inverse_energy
 from fxprune.scoring import OBS, score
 from fxprune.scoring.activations import input_statistics
 from fxprune.scoring.obs import greedy_scores

@@ -1,5 +1,5 @@
-"""Property tests: random tiny LLaMA, GLM and Bloom configs with random plans keep the zero-mask
-oracle, and planning is a function of its seed and inputs.
+"""Property tests: random tiny LLaMA, GLM and Bloom configs, and per-head norms under any query / key-value
+head counts, with random plans keep the zero-mask oracle, and planning is a function of its seed and inputs.
 
 Export is the cost (1-3 s), so configs come from a small space and each is analysed once
 (`analysed` is cached); every example then draws its own plan on that analysis.
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import fxprune
 from fxprune.planning.config import PruneConfig
 from fxprune.planning.plan import target_groups
+from coupling_models import HEAD_DIM, INNER, PerHeadNormGQA
 from models import build
 from oracles import inputs, random_scores, rel_err, zero_masked
 
@@ -39,7 +40,19 @@ def configs(draw):
     return family, heads, kv, head_dim, intermediate, layers
 
 
+@st.composite
+def per_head_gqa_configs(draw):
+    """Keys of coupling_models.PerHeadNormGQA (per-head query and key norms; its own head_dim, MLP and one
+    layer) with 1-3 KV heads of 1-3 query heads each (MQA, GQA, MHA), grouped or repeated to the queries:
+    8 configs in all, since each costs an export."""
+    family = draw(st.sampled_from(["per_head_gqa", "per_head_repeat_kv"]))
+    kv, per_group = draw(st.sampled_from([(1, 3), (2, 1), (2, 3), (3, 2)]))
+    return family, kv * per_group, kv, HEAD_DIM, INNER, 1
+
+
 def make(family, heads, kv, head_dim, intermediate, layers):
+    if family.startswith("per_head"):
+        return PerHeadNormGQA(heads, kv, repeat=family == "per_head_repeat_kv").eval()
     common = dict(vocab_size=128, num_hidden_layers=layers, num_attention_heads=heads)
     if family == "bloom":  # hidden = heads x head_dim, MLP = 4 x hidden
         return build(tf.BloomForCausalLM, tf.BloomConfig(**common, hidden_size=heads * head_dim), "eager")
@@ -63,6 +76,11 @@ def reachable(dg, gqa):
 @settings(max_examples=110, deadline=None, derandomize=True)
 @given(key=configs(), seed=st.integers(0, 2**16), share=st.floats(0.1, 0.8), gqa=st.sampled_from(["groups", "heads"]))
 def test_random_plans_keep_the_zero_mask_oracle(key, seed, share, gqa):
+    check_zero_mask(key, seed, share, gqa)
+
+
+def check_zero_mask(key, seed, share, gqa):
+    """A random plan of `share` of the reachable ratio keeps the zero-mask oracle and the exact count."""
     model, dg = analysed(key)
     ratio = share * reachable(dg, gqa)
     try:
@@ -76,11 +94,18 @@ def test_random_plans_keep_the_zero_mask_oracle(key, seed, share, gqa):
     assert abs(plan.removed_fraction - ratio) <= 0.01
     gm = fxprune.apply(model, plan, dg=dg)
     assert sum(p.numel() for p in gm.parameters()) == plan.params_after
-    ids, mask = inputs(seed=seed)
+    ids, mask = inputs(vocab=model.config.vocab_size, seed=seed)
     with torch.no_grad():
         expected = zero_masked(model, dg, plan)(ids, attention_mask=mask).logits
         got = gm(ids, attention_mask=mask).logits
     assert rel_err(got[mask.bool()], expected[mask.bool()]) < 1e-5
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(key=per_head_gqa_configs(), seed=st.integers(0, 2**16), share=st.floats(0.1, 0.8),
+       gqa=st.sampled_from(["groups", "heads"]))
+def test_per_head_norms_keep_the_zero_mask_oracle_for_any_head_counts(key, seed, share, gqa):
+    check_zero_mask(key, seed, share, gqa)
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.data.calibration import Calibration
 from fxprune.util.lm import lm_loss
 from fxprune.planning.plan import make_plan, target_groups
 from fxprune.planning.refit_choice import choose_after_refit, held_out_loss
@@ -66,7 +67,8 @@ def test_plan_uses_it_when_the_plan_refits_and_hywia_validates(env):
     # without the refit, or with after_refit=False, HyWIA's own (masked) validation decides, as score() does
     for changed in (dict(reconstruct="none"), dict(importance=dataclasses.replace(SETTINGS, after_refit=False))):
         other = dataclasses.replace(cfg, **changed)
-        masked = score(dg, target_groups(dg, other), other.importance, cal, ratio=other.ratio)
+        masked_settings = dataclasses.replace(other.importance, after_refit=False)  # score() has no refit to judge by
+        masked = score(dg, target_groups(dg, other), masked_settings, cal, ratio=other.ratio)
         assert fxprune.plan(model, other, calibration=cal, dg=dg).units == make_plan(dg, other, masked).units
 
 
@@ -77,7 +79,7 @@ def test_held_out_loss_weighs_rows_by_their_target_tokens(env):
     mask[1, 4:] = 0
     with torch.no_grad():
         whole = float(lm_loss(model(ids, attention_mask=mask).logits, ids, mask))
-    parts = held_out_loss(model, [(ids[:1], mask[:1]), (ids[1:], mask[1:])])
+    parts = held_out_loss(model, Calibration(ids, mask))
     assert parts == pytest.approx(whole, rel=1e-5)
 
 
@@ -89,5 +91,5 @@ def test_bad_settings_are_named_and_the_default_validates_masked():
 
 def test_it_refuses_a_plan_without_refit(env):
     _, dg, cal, cfg, result = env
-    with pytest.raises(ValueError, match="reconstruct='none'"):
+    with pytest.raises(ValueError, match="reconstruct mode 'none'"):
         choose_after_refit(dg, dataclasses.replace(cfg, reconstruct="none"), result.candidates(), cal, 0.25)

@@ -11,9 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fxprune import scoring
+from fxprune.data.calibration import Calibration
 from fxprune.analysis.analyze import analyze
 from fxprune.analysis.groups import Group, Member
-from fxprune.scoring import (AGGREGATIONS, ESTIMATORS, UnitStats, compute_gradients, hywia, register_estimator,
+from fxprune.scoring import (AGGREGATIONS, ESTIMATORS, HyWIA, UnitStats, compute_gradients, hywia, register_estimator,
                              score, unit_sum)
 
 GRADIENT_METHODS = ["vector", "element1", "element2", "mix", "second"]
@@ -269,7 +270,7 @@ def test_errors_are_clear(env):
         hywia(dg, None, None)
     with pytest.raises(ValueError, match=r"dtype torch.float32"):
         score(dg, None, "element1", [torch.rand(2, 8)])
-    with pytest.raises(ValueError, match=r"shape \[batch >= 1, seq >= 2\], got shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"calibration item 0: Calibration.ids must be a 2-D LongTensor .*\(8,\)"):
         score(dg, None, "element1", [torch.arange(8)])
     with pytest.raises(ValueError, match="without 'input_ids'"):
         score(dg, None, "vector", [{"ids": torch.zeros(2, 8, dtype=torch.long)}])
@@ -423,7 +424,7 @@ def test_hywia_is_deterministic_for_a_seed(env, hy):
     other = hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=1, gradients=env.grads, validate=False)
     assert any(not torch.equal(hy.alpha[k], other.alpha[k]) for k in hy.alpha)
     validated = hywia(env.dg, None, env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads)
-    via_score = score(env.dg, None, "hywia", env.cal, ratio=0.25, steps=12, seed=0, gradients=env.grads)
+    via_score = score(env.dg, None, HyWIA(steps=12), env.cal, ratio=0.25, seed=0, gradients=env.grads)
     assert all(torch.equal(via_score[k], validated.scores[k]) for k in hy.scores)
 
 
@@ -475,9 +476,8 @@ def test_the_validation_losses_are_those_of_the_pruned_models(env):
     gm = fxprune.apply(env.model, fxprune.plan(env.model, 0.4, scores=res.scores, dg=env.dg), dg=env.dg)
     with torch.no_grad():
         # the held-out calibration rows (the last quarter), evaluated in chunks of up to 8
-        from fxprune.scoring.hybrid import split_rows
         ids = torch.cat(env.cal)
-        ids = ids[ids.shape[0] - len(split_rows([(ids, None)], 0.25)[1][0][0]):]
+        ids = ids[ids.shape[0] - Calibration.of(ids).held_out_rows(0.25):]
         assert best == pytest.approx(float(scoring.lm_loss(gm(ids).logits, ids)), rel=1e-5)
 
 
@@ -542,11 +542,11 @@ def test_settings_and_their_shorthands_give_the_same_scores(env):
     assert all(torch.equal(seeded[k], by_name[k]) for k in seeded)
 
 
-def test_hywia_settings_are_the_shorthand_with_keywords(env):
-    from fxprune.scoring import HyWIA
-    a = score(env.dg, None, HyWIA(steps=4, lr=0.1), env.cal, ratio=0.25, gradients=env.grads)
-    b = score(env.dg, None, "hywia", env.cal, ratio=0.25, steps=4, lr=0.1, gradients=env.grads)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_hywia_settings_are_fields_of_the_settings_not_keywords_of_score(env):
+    from fxprune.scoring import HyWIA, as_method
+    assert as_method("hywia") == HyWIA()  # the shorthand is the default settings
+    with pytest.raises(TypeError, match="steps"):
+        score(env.dg, None, "hywia", env.cal, ratio=0.25, steps=4)
     # the settings reach the optimiser (unvalidated: the validation may return the same corner for both)
     a = score(env.dg, None, HyWIA(steps=4, lr=0.1, validate=False), env.cal, ratio=0.25, gradients=env.grads)
     c = score(env.dg, None, HyWIA(steps=4, lr=0.5, validate=False), env.cal, ratio=0.25, gradients=env.grads)

@@ -377,6 +377,12 @@ def slice_rule(node, L):
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
     step = node.args[4] if len(node.args) > 4 else 1
+    if not isinstance(start, int) or not isinstance(end, int):
+        # A bound only known at run time (the filled window of a KV cache): which positions survive
+        # pruning would depend on it, so the sliced dimension stays whole.
+        L.table.freeze(dims[dim], f"slice {node.name} with a bound known at run time")
+        dims[dim] = L.table.new(out_size, node.name)
+        return dims
     start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
     if end <= start:  # an empty slice (partial rotary with nothing left to pass through) reads nothing
         dims[dim] = L.table.new(0, node.name)

@@ -99,9 +99,9 @@ class DependencyGraph:
         self.parameters, self.buffers, self.aliases = self._tensors()
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.attention_ops = self._attention_ops()
-        # leaf id -> the parameter names of each unit, for dims split into single units (fxprune.analysis.pieces)
+        # dims split into single positions, with the parameters of each position (fxprune.analysis.pieces)
         self.unit_parameters = unit_parameters(labels, self.aliases, self.parameters)
-        self._unit_owned = {n for units in self.unit_parameters.values() for names in units for n in names}
+        self._unit_owned = {n for p in self.unit_parameters for names in p.names for n in names}
         self.groups = self._build_groups()
 
     # -- tensors ---------------------------------------------------------------
@@ -129,9 +129,9 @@ class DependencyGraph:
     def count_parameters(self, kept_counts: dict[int, int]) -> int:
         """Unique parameters after keeping `kept_counts[atom_id]` units of each listed atom."""
         total = 0
-        for leaf_id, units in self.unit_parameters.items():  # units alike: each kept unit keeps its own
-            kept = kept_counts.get(leaf_id, len(units))
-            total += kept * sum(self._count(n, kept_counts) for n in units[0])
+        for pieces in self.unit_parameters:  # positions alike: each kept position keeps its own
+            kept = self.table.kept_int(pieces.atom, kept_counts)
+            total += kept * sum(self._count(n, kept_counts) for n in pieces.names[0])
         for name, t in self.parameters.items():
             if name not in self._unit_owned:
                 total += self._count(name, kept_counts)
@@ -157,8 +157,7 @@ class DependencyGraph:
         for atom_id, occ in sorted(occurrences.items(), key=lambda kv: self._first_use(kv[1])):
             leaf = T.atoms[atom_id]
             members = [Member(name, d, T.digit_map(atom, leaf)) for name, d, atom in occ]
-            for unit, names in enumerate(self.unit_parameters.get(atom_id, [])):  # all of it is unit's
-                members += [Member(n, 0, torch.full((self.parameters[n].shape[0],), unit)) for n in names]
+            members += self._piece_members(leaf)
             if not any(m.name in self.parameters for m in members):
                 continue
             before = self.num_parameters()
@@ -175,6 +174,18 @@ class DependencyGraph:
             g.nodes = self._nodes_with(g.atom_id)
             g.renormalised_by = tuple(dict.fromkeys(renormalised_by.get(g.atom_id, ())))
         return groups
+
+    def _piece_members(self, leaf) -> list[Member]:
+        """The parameters of the positions of split dims that `leaf` is part of: all of a position's
+        parameters belong to the unit of `leaf` that the position has."""
+        members = []
+        for pieces in self.unit_parameters:
+            if leaf.id not in {l.id for l in self.table.leaves(pieces.atom)}:
+                continue
+            units = pieces.unit_of_positions(self.table, leaf)
+            members += [Member(n, 0, torch.full((self.parameters[n].shape[0],), int(units[i])))
+                        for i, names in enumerate(pieces.names) for n in names]
+        return members
 
     def _uses(self, occ):
         names = {name for name, _, _ in occ}

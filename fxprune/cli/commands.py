@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from fxprune.analysis.capture import CaptureError
-from fxprune.planning.config import ALLOCATIONS, RECONSTRUCTIONS, REFIT_PRECISIONS, TARGETS
+from fxprune.planning.config import ALLOCATIONS, TARGETS
+from fxprune.reconstruction.settings import MODES as REFIT_MODES, PRECISIONS as REFIT_PRECISIONS
 from fxprune.evaluation.tasks import TASKS
 
 DEFAULT_EVAL_TASKS = ("ppl", *TASKS)
@@ -47,7 +48,7 @@ def cmd_prune(args) -> int:
     """`fxprune prune`: check the settings and data files, load the model, prune it, print perplexity before and
     after with the counts, time and memory, and save to `--output`. Returns the exit code."""
     import fxprune
-    from fxprune.data.loaders import calibration_samples
+    from fxprune.data.calibration import Calibration
     from fxprune.data.models import load_model
     from fxprune.data.sources import calibration_source, wikitext_source
     from fxprune.cli.streamed import prune_streamed, streamed_size, streaming_defaults
@@ -65,12 +66,12 @@ def cmd_prune(args) -> int:
         print(f"fxprune prune: perplexity skipped: {wiki.skip}", file=sys.stderr)
     wiki = wiki.value if wiki is not None and not wiki.skip else None
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    calib = calibration_samples(calib_src.value, tok, n_samples=args.calib_samples, seq_len=args.calib_len)
+    calib = Calibration.from_text(tok, calib_src.value, n=args.calib_samples, seq_len=args.calib_len)
     rows = [("calibration", calib_src.origin)]
     ppl_before = evaluate_ppl(model, tok, wiki, args) if wiki is not None else None
     t1 = time.time()
-    refit = calibration_samples(calib_src.value, tok, n_samples=cfg.reconstruct_samples,
-                                seq_len=args.calib_len) if cfg.reconstruct != "none" else None
+    refit = Calibration.from_text(tok, calib_src.value, n=cfg.reconstruct.samples,
+                                  seq_len=args.calib_len) if cfg.reconstruct.enabled else None
     gm = fxprune.compile(model, config=cfg, calibration=calib, refit_calibration=refit)
     prune_s = time.time() - t1
     ppl_after = evaluate_ppl(gm, tok, wiki, args) if wiki is not None else None
@@ -80,7 +81,7 @@ def cmd_prune(args) -> int:
         tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
              ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
-             ("reconstruct", plan.config.reconstruct),
+             ("reconstruct", plan.config.reconstruct.mode),
              ("targets", " ".join(args.targets)), ("parameters before", f"{plan.params_before:,}"),
              ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
              (f"wikitext-2 ppl before ({args.eval_tokens} tok, w{args.window})", fmt(ppl_before)),
@@ -101,21 +102,20 @@ def report(rows, args) -> int:
 def prune_config(args):
     """The library's PruneConfig for the command's flags; a flag left out keeps the library default."""
     import fxprune
+    from fxprune.reconstruction.settings import Refit
     options = {}
     if args.importance is not None:
         options["importance"] = args.importance
-    if args.reconstruct is not None:
-        options["reconstruct"] = args.reconstruct
+    refit = {name: value for name, value in (("mode", args.reconstruct), ("samples", args.refit_samples),
+                                             ("precision", args.refit_precision)) if value is not None}
+    if refit:  # the flags left out keep Refit's defaults
+        options["reconstruct"] = Refit(**refit)
     if args.allocation is not None:
         options["allocation"] = args.allocation
     if args.protect is not None:
         options["protect_layers"] = tuple(args.protect) or None
     if args.round_to is not None:
         options["round_to"] = None if args.round_to == "none" else args.round_to
-    if args.refit_samples is not None:
-        options["reconstruct_samples"] = args.refit_samples
-    if args.refit_precision is not None:
-        options["refit_precision"] = args.refit_precision
     return fxprune.PruneConfig(ratio=args.ratio, targets=tuple(args.targets), uniform_widths=args.uniform_widths,
                                calibration_samples=args.calib_samples, calibration_len=args.calib_len,
                                batch_size=args.batch, **options)
@@ -267,11 +267,12 @@ def add_prune_parser(sub) -> None:
     r.add_argument("model", nargs="?", default=None)
     r.add_argument("--ratio", type=float, default=0.2)
     r.add_argument("--importance", default=None, help="importance estimator (default: the library's, hywia)")
-    r.add_argument("--reconstruct", default=None, choices=list(RECONSTRUCTIONS),
+    r.add_argument("--reconstruct", default=None, choices=list(REFIT_MODES),
                    help="refit the projections that lost inputs on the calibration text so the residual stream "
                         "matches the dense model's (default: lstsq; none skips it, see docs/reconstruction.md)")
     r.add_argument("--refit-samples", type=int, default=None,
-                   help="calibration windows the refit reads (default: 64); more fit better and cost forward passes")
+                   help="calibration windows the refit reads (Refit.samples, default: 64); more fit better and cost "
+                        "forward passes")
     r.add_argument("--refit-precision", default=None, choices=list(REFIT_PRECISIONS),
                    help="the refit's forward passes in float32 (default) or under bfloat16 autocast: about as good, "
                         "several times faster on a CPU with bfloat16 instructions (docs/reconstruction.md)")

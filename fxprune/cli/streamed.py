@@ -58,7 +58,7 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     from transformers import AutoTokenizer
     from fxprune.data.loaders import calibration_samples
     from fxprune.data.sources import calibration_source
-    from fxprune.serialization import streamed_config
+    from fxprune.checkpoint import streamed_config
     cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
     print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
           "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)

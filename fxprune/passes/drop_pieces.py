@@ -1,8 +1,9 @@
-"""Rewrite pass: drop the pieces of removed units where a dim was split into single units and put back.
+"""Rewrite pass: drop the pieces of removed positions where a dim was split into single positions and put back.
 
-After SliceParametersPass the split sees only the kept units, so its pieces are renumbered: piece
-`kept[j]` is now output j. The cat takes the kept pieces' chains in order; the chains of removed
-units become dead code and go, and so do the parameters only they read (fxprune.analysis.pieces).
+After SliceParametersPass the split sees only the kept positions (those whose units all survive), so
+its pieces are renumbered: piece `kept[j]` is now output j. The cat takes the kept pieces' chains in
+order; the chains of removed positions become dead code and go, and so do the parameters only they
+read (fxprune.analysis.pieces).
 """
 from __future__ import annotations
 
@@ -17,28 +18,30 @@ from fxprune.analysis.meta_keys import PIECES
 
 
 class DropPiecesPass(PassBase):
-    """Removes a pruned unit's piece of a `split` into single positions: its ops up to the `cat`, its `cat` input
-    and the parameters only it reads (`unit_parameters`), for the units not in `kept`."""
-    def __init__(self, table, kept: dict, unit_parameters: dict):
+    """Removes a pruned position's piece of a `split` into single positions: its ops up to the `cat`, its `cat`
+    input and the parameters only it reads (`unit_parameters`), for the positions whose units are not all kept."""
+    def __init__(self, table, kept: dict, unit_parameters: list):
         super().__init__()
         self.T, self.kept, self.unit_parameters = table, kept, unit_parameters
 
-    def kept_units(self, node):
-        """The kept units of the leaf a split or cat node's pieces are, or None if it keeps all."""
+    def kept_positions(self, node):
+        """The kept positions of the dim a split or cat node's pieces are, or None if it keeps all."""
         atom = node.meta.get(PIECES)
-        if atom is None:
-            return None
-        leaves = [l.id for l in self.T.leaves(atom) if l.id in self.kept]
-        return self.kept[leaves[0]].tolist() if leaves else None
+        index = None if atom is None else self.T.kept_index(atom, self.kept)
+        return None if index is None else index.tolist()
 
     def removed_parameters(self) -> list[str]:
-        return [n for leaf, units in self.unit_parameters.items() if leaf in self.kept
-                for i, names in enumerate(units) if i not in set(self.kept[leaf].tolist()) for n in names]
+        out = []
+        for pieces in self.unit_parameters:
+            kept = pieces.kept_positions(self.T, self.kept)
+            if kept is not None:
+                out += [n for i, names in enumerate(pieces.names) if i not in set(kept) for n in names]
+        return out
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
         for node in list(gm.graph.nodes):
-            kept = self.kept_units(node)
+            kept = self.kept_positions(node)
             if kept is None:
                 continue
             if node.op == "call_function" and node.target is not operator.getitem and node.users and all(

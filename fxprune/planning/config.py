@@ -3,17 +3,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fxprune.reconstruction.settings import Refit, as_refit, from_old_fields
+from fxprune.scoring.aggregate import AGGREGATIONS
 from fxprune.scoring.methods import Method, method_from_dict, method_to_dict
 
 TARGETS = ("heads", "mlp", "hidden", "experts")  # experts: whole experts of a routed MoE layer
 GQA_MODES = ("groups", "heads")       # remove whole KV groups, or the same query heads from every group
-ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group, or one global ranking of
-    # scores over their group's mean, standardised (FLAP), or as they are (absolute: obs's errors)
-RECONSTRUCTIONS = ("none", "bias", "lstsq")   # see fxprune/reconstruction/reconstruct_layers.py
+ALLOCATIONS = ("uniform", "global", "flap", "absolute")  # same fraction per group (LLM-Pruner), one global
+    # ranking of scores over their group's mean, FLAP's standardised scores against one global threshold, or one
+    # global ranking of the scores as they are per parameter (for scores on one scale everywhere: obs's errors)
 RENORMALISING = ("allow", "exclude")  # prune groups whose units an op takes statistics over, or leave them
-WEIGHTINGS = ("residual", "uniform")  # reconstruction's token weights (fxprune/reconstruction/reconstruct_layers.py)
-REFIT_TARGETS = ("stream", "output")  # what the refit matches: the dense residual stream, or the dense output only
-REFIT_PRECISIONS = ("float32", "bfloat16")  # what the refit's forward passes compute in (its fits stay float64)
 AUTO = "auto"
 
 
@@ -37,13 +36,9 @@ class PruneConfig:
     allocation: str = "uniform"
     aggregation: str = "sum"
     seed: int = 0
-    reconstruct: str = "lstsq"  # refit the projections that lost inputs onto the dense stream (docs/reconstruction.md)
-    ridge: float | str = AUTO     # lstsq: pull towards the sliced weights; auto: chosen per projection on held-out rows
-    weighting: str = "residual"   # reconstruction's token weights: 1/mean square of the residual stream, or uniform
-    refit_target: str = "stream"  # stream: also take back the drift earlier layers left in the stream it is added to
-    refit_precision: str = "float32"  # bfloat16: the refit's forward passes under autocast, faster on a bf16 CPU
+    reconstruct: Refit | str = Refit()  # refit the projections that lost inputs (fxprune/reconstruction/settings.py); a mode
+                                        # name ("lstsq", "bias", "none") is Refit(mode=name)
     calibration_samples: int = 32                # size of the packaged calibration drawn when none is given
-    reconstruct_samples: int = 64   # packaged windows the refit reads when none is given: it fits ~1,500 inputs
     calibration_len: int = 128
     batch_size: int = 1  # calibration rows per forward pass of the gradient methods
     renormalising: str = "allow"  # "exclude": never prune a renormalising group (see Group.renormalising)
@@ -72,18 +67,9 @@ class PruneConfig:
                              f"{self.protect_layers} unpruned: pass protect_layers=None (CLI: --protect with no value)")
         if self.round_to not in (None, AUTO) and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be a positive int, None or 'auto', got {self.round_to!r}")
-        if self.reconstruct not in RECONSTRUCTIONS:
-            raise ValueError(f"reconstruct must be one of {RECONSTRUCTIONS}, got {self.reconstruct!r}")
-        if self.ridge != AUTO and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
-            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.refit_target not in REFIT_TARGETS:
-            raise ValueError(f"refit_target must be one of {REFIT_TARGETS}, got {self.refit_target!r}")
-        if self.refit_precision not in REFIT_PRECISIONS:
-            raise ValueError(f"refit_precision must be one of {REFIT_PRECISIONS}, got {self.refit_precision!r}")
-        if self.reconstruct_samples < 1:
-            raise ValueError(f"reconstruct_samples must be >= 1, got {self.reconstruct_samples!r}")
+        object.__setattr__(self, "reconstruct", as_refit(self.reconstruct))
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2:
             raise ValueError(f"calibration_samples >= 1 and calibration_len >= 2 needed, got "
                              f"{self.calibration_samples} and {self.calibration_len}")
@@ -99,11 +85,13 @@ class PruneConfig:
         """The settings as a JSON-ready dict (the importance method as its own dict)."""
         d = asdict(self)
         d["importance"] = method_to_dict(self.importance)
+        d["reconstruct"] = self.reconstruct.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
-        """Rebuild a config from `to_dict`'s output; keys this version does not know are ignored."""
+        """The config of a saved plan; one written before `Refit` has its flat refit fields read into one."""
+        d = from_old_fields(d)
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if "importance" in d:

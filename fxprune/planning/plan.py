@@ -11,6 +11,7 @@ import torch
 
 from fxprune.planning.config import PruneConfig, mlp_rounding, protected_layers
 from fxprune.analysis.groups import DependencyGraph
+from fxprune.scoring.hybrid import register_planner
 
 KINDS_FOR_TARGET = {"mlp": ("mlp",), "hidden": ("hidden",), "experts": ("experts",)}
 TOLERANCE = 0.01  # absolute, on the fraction of parameters removed
@@ -282,7 +283,7 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
     kept = {n: {d: idx.tolist() for d, idx in dims.items()}
             for n, dims in kept_positions(dg, {a: torch.tensor(u) for a, u in atom_units.items()}).items()}
     after = dg.count_parameters({a: len(u) for a, u in atom_units.items()})
-    if cfg.reconstruct != "none":
+    if cfg.reconstruct.enabled:
         after += added_biases(dg, kept)
     before = dg.num_parameters()
     achieved = 1 - after / before
@@ -296,7 +297,7 @@ def make_plan(dg: DependencyGraph, cfg: PruneConfig, scores: dict[int, torch.Ten
 
 def added_biases(dg: DependencyGraph, kept: dict) -> int:
     """Parameters the reconstruction adds: a bias on each refitted projection that had none."""
-    from fxprune.reconstruction.reconstruct_layers import dense_projections
+    from fxprune.reconstruction.projections import dense_projections
     return sum(p.dense_weight.shape[0] if p.rows is None else len(p.rows)
                for p in dense_projections(dg.gm, dg.aliases, kept).values() if p.dense_bias is None)
 
@@ -306,3 +307,11 @@ def frozen_summary(dg: DependencyGraph) -> str:
     if not dg.frozen_ops:
         return "none"
     return "; ".join(f"{n} ({op}): {why}" for n, op, why in dg.frozen_ops[:12])
+
+
+def default_counts(dg: DependencyGraph, groups, scores, ratio: float) -> dict[int, int]:
+    """Kept counts per group under the default settings at `ratio`: what HyWIA learns its fractions for."""
+    return select(dg, groups, scores, PruneConfig(ratio=ratio))
+
+
+register_planner(default_counts)

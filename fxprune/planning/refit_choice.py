@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fxprune.data.calibration import Calibration
 from fxprune.planning.config import PruneConfig
-from fxprune.defaults import calibration_batch
 from fxprune.analysis.groups import DependencyGraph
-from fxprune.util.lm import lm_loss, model_logits
+from fxprune.util.lm import mean_token_loss, model_logits
 from fxprune.planning.plan import make_plan
-from fxprune.rewrite.emit import prune
-from fxprune.data.calibration import batches, vocab_size
-from fxprune.scoring.hybrid import split_rows
+from fxprune.reconstruction.pruned_model import prune
+from fxprune.scoring.calibration import calibration_for
+from fxprune.scoring.hybrid import VALIDATION_ROWS
 
 
 @dataclass
@@ -35,17 +35,11 @@ class RefitChoice:
     losses: dict[str, float]                   # held-out LM loss of every candidate's refitted model
 
 
-def held_out_loss(gm, rows) -> float:
-    """Mean LM loss of `gm` over the (ids, mask) batches `rows`, weighted by their target tokens."""
-    total, count = 0.0, 0
+def held_out_loss(gm, rows: Calibration) -> float:
+    """LM loss of `gm` on the calibration `rows`, every target token weighted alike (`lm.mean_token_loss`)."""
     device = next(iter(gm.parameters())).device  # the pruned model lives where the model's weights do
     with torch.no_grad():
-        for ids, mask in rows:
-            ids, mask = ids.to(device), None if mask is None else mask.to(device)
-            n = int((ids.shape[1] - 1) * ids.shape[0] if mask is None else mask[:, 1:].sum())
-            total += float(lm_loss(model_logits(gm, ids, mask), ids, mask)) * n
-            count += n
-    return total / max(count, 1)
+        return mean_token_loss(lambda ids, mask: model_logits(gm, ids, mask), rows.batches(VALIDATION_ROWS, device))
 
 
 def choose_after_refit(dg: DependencyGraph, cfg: PruneConfig, candidates: dict[str, dict], calibration,
@@ -53,18 +47,18 @@ def choose_after_refit(dg: DependencyGraph, cfg: PruneConfig, candidates: dict[s
     """The candidate ranking whose plan, refitted on the training rows of `calibration`, has the lowest loss
     on its last `holdout` fraction of rows (the split HyWIA used). `candidates`: name -> scores, e.g.
     `HyWIAResult.candidates()`."""
-    if cfg.reconstruct == "none":
+    if not cfg.reconstruct.enabled:
         raise ValueError("choose_after_refit judges candidates after the plan's refit, but this config has "
-                         "reconstruct='none'")
-    train, held = split_rows(batches(calibration, vocab_size(dg)), holdout)
+                         "reconstruct mode 'none'")
+    calibration = calibration_for(dg, calibration, "choose_after_refit")
+    train, held = calibration.split_holdout(calibration.held_out_rows(holdout))
     held = held or train  # one calibration row (or holdout=0): judged on the rows it was fitted on, as HyWIA does
-    fit = calibration_batch([{"input_ids": ids, "attention_mask": mask} for ids, mask in train])  # one padded batch
     losses, seen = {}, {}
     for name, scores in candidates.items():
         plan = make_plan(dg, cfg, scores)
         key = tuple(sorted((g, tuple(u)) for g, u in plan.units.items()))
         if key not in seen:
-            seen[key] = held_out_loss(prune(dg, plan, fit), held)
+            seen[key] = held_out_loss(prune(dg, plan, train), held)
             gc.collect()  # a GraphModule is freed only by the collector (its graph and nodes form cycles)
         losses[name] = seen[key]
     name = min(losses, key=lambda k: (losses[k], k != "learned"))

@@ -37,164 +37,16 @@ the same time then refits on about twice the calibration tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.analysis.fx_util import get_attr_path
-from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
-from fxprune.analysis.meta_keys import READ_AS, WEIGHT_OF
-
-MODES = ("none", "bias", "lstsq")
-AUTO = "auto"
-
-
-@dataclass
-class Projection:
-    """One dense projection whose input dimension the plan prunes."""
-    weight: str                 # the name the graph reads the weight under (the module path + ".weight")
-    dense_weight: torch.Tensor  # [out, in] of the dense model
-    dense_bias: torch.Tensor | None
-    rows: torch.Tensor | None   # kept output positions (None: all)
-    cols: torch.Tensor          # kept input positions
-
-    def output(self, xd: torch.Tensor) -> torch.Tensor:
-        """The dense projection's output (every row) for dense inputs `xd` [tokens, in], in float32."""
-        y = xd.float() @ self.dense_weight.t().float()
-        return y if self.dense_bias is None else y + self.dense_bias.float()
-
-    def kept_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The columns of `t` [tokens, out] at the kept output positions."""
-        return t if self.rows is None else t[:, self.rows]
-
-
-def first_projections(gm: torch.fx.GraphModule):
-    """(node, name the weight is read under, weight node, bias node or None, weight stored [in, out]) for
-    the first projection node reading each weight, in graph order (the spellings LiftLinearModulesPass lifts)."""
-    seen, matcher = set(), LiftLinearModulesPass()
-    for node in gm.graph.nodes:
-        match = matcher.match(gm, node)
-        if match is None:
-            continue
-        _, w, b, transposed, _ = match
-        name = w.meta.get(READ_AS, w.target)
-        if name not in seen:
-            seen.add(name)
-            yield node, name, w, b, transposed
-
-
-def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node, Projection]:
-    """The dense graph's projections (first read of each weight) whose input dimension is pruned.
-
-    A weight tied to another parameter (a tied lm_head) is left alone: refitting it would change
-    the embedding too.
-    """
-    found = {}
-    for node, name, w, b, transposed in first_projections(dense_gm):
-        canonical = aliases.get(name, name)
-        if canonical != name or canonical in aliases.values():
-            continue
-        dims = kept.get(canonical, {})
-        in_dim = 0 if transposed else 1
-        if in_dim not in dims:
-            continue
-        weight = get_attr_path(dense_gm, w.target).detach()
-        weight = weight.t() if transposed else weight
-        bias = None if b is None else get_attr_path(dense_gm, b.target).detach()
-        rows = dims.get(1 - in_dim)
-        found[node] = Projection(name, weight, bias, None if rows is None else torch.as_tensor(rows),
-                                 torch.as_tensor(dims[in_dim]))
-    return found
-
-
-def projection_input(node: torch.fx.Node) -> torch.fx.Node:
-    """The input x of a projection node (addmm(bias, x, W) takes it second; linear, matmul and a lifted
-    module first)."""
-    return node.args[1] if node.target is torch.ops.aten.addmm.default else node.args[0]
-
-
-def step(gm: torch.fx.GraphModule, inputs: dict, stops: dict, partners: dict | None = None):
-    """Run `gm` node by node; before each node in `stops`, yield (stops[node], its input value, the value of
-    partners[node], or None when that is not computed yet (a parallel branch the graph computes later)).
-    Nothing after the last stop runs: the rest of the graph (a large vocabulary's
-    logits, above all) would cost time and memory for values no refit reads."""
-    interp = torch.fx.Interpreter(gm, garbage_collect_values=True)
-    env, partners, remaining = interp.env, partners or {}, len(stops)
-    for node in gm.graph.nodes:
-        if node in stops:
-            partner = partners.get(node)
-            yield stops[node], env[projection_input(node)], env.get(partner)
-            remaining -= 1
-            if remaining == 0:
-                return
-        if node.op == "output":
-            return
-        if node.op == "placeholder":
-            env[node] = inputs[node.name] if node.name in inputs else (node.args[0] if node.args else None)
-        else:
-            env[node] = interp.run_node(node)
-        for dead in interp.user_to_last_uses.get(node, []):
-            env.pop(dead, None)
-
-
-_PASS_THROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-                 torch.ops.aten.clone.default, torch.ops.aten.dropout.default, torch.ops.aten.contiguous.default}
-
-
-def residual_partner(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The residual stream a projection's output is added to (the other operand of the add its output flows
-    into through views), or None when it is not added to one (a projection read by attention, say)."""
-    current = node
-    for _ in range(4):
-        if len(current.users) != 1:
-            return None
-        (user,) = current.users
-        if user.op != "call_function":
-            return None
-        if user.target == torch.ops.aten.add.Tensor:
-            other = [a for a in user.args[:2] if a is not current]
-            if other and isinstance(other[0], torch.fx.Node) and other[0].op == "get_attr":
-                current = user  # the projection's own bias (x @ W^T + b as matmul, add): part of its output
-                continue
-            return other[0] if other and isinstance(other[0], torch.fx.Node) else None
-        if user.target not in _PASS_THROUGH:
-            return None
-        current = user
-    return None
-
-
-def stream_like(value, n_tokens: int, width: int) -> torch.Tensor | None:
-    """`value` as [n_tokens, width] when it holds a `width`-wide vector for each of the projection's
-    `n_tokens` input positions, else None: an add's other operand may be a broadcast bias, not the stream."""
-    ok = (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == width
-          and value.numel() == n_tokens * width)
-    return value.reshape(-1, width) if ok else None
-
-
-def inverse_energy(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """Per token, 1 / mean square of the dense residual stream after this projection's output `dense_out` is
-    added to it (ones when the output is not added to a residual stream): an output error's weight once the
-    next norm divides the stream by its root mean square."""
-    if residual is None:
-        return torch.ones(dense_out.shape[0], dtype=torch.float64)
-    after = residual.to(dense_out.dtype) + dense_out
-    return 1.0 / after.double().pow(2).mean(-1).clamp_min(1e-12)
-
-
-def token_weights(dense_out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """Per-token weights of the fit, mean 1: `inverse_energy`. The next norm divides the stream by its root
-    mean square, so an output error counts in proportion to 1/rms there; a few positions (attention sinks)
-    carry a stream hundreds of times larger than the rest and would otherwise dominate the fit. Uniform
-    when the output is not added to a residual stream."""
-    w = inverse_energy(dense_out, residual)
-    return w / w.mean()
-
+from fxprune.data.calibration import Calibration
+from fxprune.analysis.contracts import ContractError
+from fxprune.passes.lift_linear_modules import WEIGHT_OF
+from fxprune.reconstruction.projections import dense_projections, residual_partner, step, stream_like, token_weights
+from fxprune.reconstruction.settings import AUTO, Refit
 
 RIDGES = (0.01, 0.1, 0.3, 1.0, 3.0)  # the strengths ridge="auto" chooses among (x the mean input energy)
-WEIGHTINGS = ("residual", "uniform")
-FIT_TARGETS = ("stream", "output")
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}  # the forward passes' autocast dtype (None: off)
 
 
 def autocast_steps(steps, device_type: str, dtype):
@@ -262,7 +114,7 @@ def fit(xp, y, w0, b0, mode: str, ridge, weights=None, held_out=None):
     weights = torch.ones(xp.shape[0], dtype=torch.float64) if weights is None else weights.double()
     w0 = w0.double()
     b0 = torch.zeros(w0.shape[0], dtype=torch.float64) if b0 is None else b0.double()
-    if ridge != "auto":
+    if ridge != AUTO:
         weight, bias = solve(Stats(xp.float(), y, weights), w0, mode, ridge)
         return weight, bias, mode
     fit_rows = ~held_out
@@ -286,42 +138,34 @@ class ReconstructLayersPass(PassBase):
     """Refit (mode "lstsq") or bias-correct (mode "bias") the projections reading pruned dimensions.
 
     `dense_gm` is the analysed dense graph (`DependencyGraph.gm`), `aliases` its tied-weight names,
-    `kept` the plan's kept positions, `calibration` (input_ids [B, L], attention_mask or None): one
-    batch, all of whose unmasked tokens are fitted on. `ridge`: a strength, or "auto" to choose per
-    projection on held-out calibration rows (every fourth row); `weighting`: "residual" weighs each token by
-    the inverse mean square of the residual stream the output is added to, "uniform" weighs all alike;
-    `target`: "stream" or "output" (see the module docstring). `choices` records, per refitted weight,
-    what was kept ("keep", "bias", "lstsq:<ridge>"). `precision`: "float32", or "bfloat16" for the forward
-    passes under autocast (see the module docstring).
+    `kept` the plan's kept positions, `calibration` a `Calibration` all of whose unmasked tokens are
+    fitted on, `settings` a `Refit` (see fxprune/reconstruction/settings.py and the module docstring). ridge="auto" holds out
+    every fourth calibration row to choose each projection's candidate. `choices` records, per refitted
+    weight, what was kept ("keep", "bias", "lstsq:<ridge>").
     """
 
-    def __init__(self, dense_gm, aliases: dict, kept: dict, calibration, mode: str = "lstsq", ridge=AUTO,
-                 weighting: str = "residual", target: str = "stream", precision: str = "float32"):
+    def __init__(self, dense_gm, aliases: dict, kept: dict, calibration: Calibration, settings: Refit = Refit()):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"reconstruct must be one of {MODES}, got {mode!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if ridge != AUTO and not (isinstance(ridge, (int, float)) and ridge >= 0):
-            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-        if target not in FIT_TARGETS:
-            raise ValueError(f"target must be one of {FIT_TARGETS}, got {target!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if not isinstance(settings, Refit):
+            raise TypeError(f"ReconstructLayersPass: settings must be a Refit, got {type(settings).__name__}")
+        if not isinstance(calibration, Calibration):
+            raise TypeError(f"ReconstructLayersPass: calibration must be a Calibration (Calibration.of(ids)), got "
+                            f"{type(calibration).__name__}")
         self.dense_gm, self.aliases, self.kept = dense_gm, aliases, kept
-        self.ids, self.mask = calibration
-        self.mode, self.ridge, self.weighting, self.target = mode, ridge, weighting, target
-        self.precision = precision
+        self.ids, self.mask = calibration.ids, calibration.mask
+        self.settings = settings
         self.refitted: list[str] = []
         self.choices: dict[str, str] = {}
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if not any(WEIGHT_OF in n.meta for n in gm.graph.nodes if n.op == "call_module"):
-            raise ValueError("ReconstructLayersPass runs after LiftLinearModulesPass: no lifted projection found")
+            raise ContractError("ReconstructLayersPass runs after LiftLinearModulesPass: no lifted projection found "
+                                "in the graph")
 
     @torch.no_grad()
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        if self.mode == "none":
+        cfg = self.settings
+        if not cfg.enabled:
             return PassResult(gm, False)
         dense = dense_projections(self.dense_gm, self.aliases, self.kept)
         wanted = {p.weight for p in dense.values()}
@@ -333,14 +177,14 @@ class ReconstructLayersPass(PassBase):
         if not pruned:
             return PassResult(gm, False)
         by_name = {p.weight: p for p in dense.values()}
-        mask = torch.ones_like(self.ids) if self.mask is None else self.mask
+        mask = self.mask
         inputs = {"input_ids": self.ids, "attention_mask": mask, "use_cache": False}
         tokens = mask.reshape(-1).bool()
         rows = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])[tokens]
         held_out = rows % 4 == 3 if mask.shape[0] >= 4 else torch.arange(rows.numel()) % 4 == 3
         partners = {n: r for n in dense if (r := residual_partner(n)) is not None}
-        own = {n: r for n in pruned if (r := residual_partner(n)) is not None} if self.target == "stream" else {}
-        device, dtype = self.ids.device.type, PRECISIONS[self.precision]
+        own = {n: r for n in pruned if (r := residual_partner(n)) is not None} if cfg.target == "stream" else {}
+        device, dtype = self.ids.device.type, None if cfg.precision == "float32" else getattr(torch, cfg.precision)
         dense_steps = autocast_steps(step(self.dense_gm, inputs, {n: p.weight for n, p in dense.items()}, partners),
                                      device, dtype)
         for name, xp, own_residual in autocast_steps(step(gm, inputs, pruned, own), device, dtype):
@@ -361,8 +205,8 @@ class ReconstructLayersPass(PassBase):
                 # "stream": the output that makes the pruned stream after the add equal the dense one, so the
                 # fit also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
                 y = y - (own_residual.float() - proj.kept_rows(residual).float())
-            weights = token_weights(dense_out, residual if self.weighting == "residual" else None)
-            weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, self.mode, self.ridge,
+            weights = token_weights(dense_out, residual if cfg.weighting == "residual" else None)
+            weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, cfg.mode, cfg.ridge,
                                                    weights, held_out)
             set_weight_and_bias(module, weight, bias)
             self.refitted.append(name)

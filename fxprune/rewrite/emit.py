@@ -11,7 +11,6 @@ from fxprune.passes.insert_gathers import InsertGathersPass
 from fxprune.passes.lift_linear_modules import LiftLinearModulesPass
 from fxprune.analysis.meta_keys import READ_AS
 from fxprune.passes.normalize_signature import NormalizeSignaturePass
-from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
 from fxprune.passes.rewrite_shape_literals import RewriteShapeLiteralsPass
 from fxprune.passes.slice_parameters import SliceParametersPass
 
@@ -76,20 +75,13 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> 
         LiftLinearModulesPass(),
         finish or NormalizeSignaturePass(),
     ]
-    manager = PassManager(passes=passes, run_checks_after_each_pass=True)
-    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
-    gm = manager(gm).graph_module
+    gm = run_passes(gm, passes)
     gm.recompile()
     return gm
 
 
-def prune(dg: DependencyGraph, plan, calibration=None) -> torch.fx.GraphModule:
-    """The pruned GraphModule of `plan` (a checked `PrunePlan` of `dg`), refitted on `calibration` (a LongTensor
-    [rows, seq] or (ids, mask) batch) when given and the plan asks for reconstruction."""
-    kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
-    gm = rewrite(dg, kept)
-    cfg = plan.config
-    if calibration is not None and cfg.reconstruct != "none" and plan.kept:
-        ReconstructLayersPass(dg.gm, dg.aliases, plan.kept, calibration, cfg.reconstruct, cfg.ridge, cfg.weighting,
-                              cfg.refit_target, cfg.refit_precision)(gm)
-    return gm
+def run_passes(gm: torch.fx.GraphModule, passes) -> torch.fx.GraphModule:
+    """`passes` in order under a PassManager that checks the graph before and after every one."""
+    manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
+    manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
+    return manager(gm).graph_module

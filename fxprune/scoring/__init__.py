@@ -40,9 +40,9 @@ model is never modified: gradients are taken with `torch.func.functional_call` o
 tensors and `torch.autograd.grad`, so no ``.grad`` is ever set on the model's parameters.
 
 The modules: `methods` (the settings), `estimators` (the registry and the per-member formulas),
-`calibration` (validating and batching calibration inputs), `forward` (running the captured graph on
-detached tensors), `gradients` (G and the Fisher diagonal), `aggregate` (members -> one score per
-unit), `hybrid` (HyWIA), and `dispatch` (`score`).
+`calibration` (the `fxprune.data.calibration.Calibration` a scorer reads, checked against the vocabulary),
+`forward` (running the captured graph on detached tensors), `gradients` (G and the Fisher diagonal),
+`aggregate` (members -> one score per unit), `hybrid` (HyWIA), and `dispatch` (`score`).
 
 Adding an estimator: write ``fn(stats: UnitStats) -> Tensor[n_units]`` and decorate it with
 ``@register_estimator("name", needs=(...))``; "name" is then a shorthand. For typed settings, add a
@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from fxprune.util.lm import lm_loss
 from fxprune.scoring.aggregate import AGGREGATIONS
-from fxprune.data.calibration import batches
+from fxprune.data.calibration import Calibration
 from fxprune.scoring.dispatch import score
 from fxprune.scoring.estimators import ESTIMATORS, NEEDS, UnitStats, register_estimator, unit_sum
 from fxprune.scoring.gradients import GradientStats, compute_gradients
@@ -76,4 +76,4 @@ from fxprune.scoring.methods import (HyWIA, OBS, Fluctuation, Magnitude, Method,
 __all__ = ["ESTIMATORS", "AGGREGATIONS", "NEEDS", "UnitStats", "GradientStats", "HyWIAResult", "register_estimator",
            "unit_sum", "compute_gradients", "score", "hywia", "output_projection_members", "planned_fractions",
            "Method", "Fluctuation", "Wanda", "OBS", "Magnitude", "Taylor", "Vector", "Fisher", "Random", "Registered", "HyWIA", "as_method",
-           "lm_loss", "batches", "MASKABLE_KINDS"]
+           "lm_loss", "Calibration", "MASKABLE_KINDS"]

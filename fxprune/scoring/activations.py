@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 
 from fxprune.analysis.fx_util import get_attr_path
-from fxprune.reconstruction.reconstruct_layers import first_projections, inverse_energy, residual_partner, step, stream_like
-from fxprune.data.calibration import batches, chunks, vocab_size
+from fxprune.reconstruction.projections import first_projections, inverse_energy, residual_partner, step, stream_like
+from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.forward import compute_device
 
 
@@ -27,8 +27,10 @@ class InputStats:
     mean: torch.Tensor
     var: torch.Tensor
     sq_norm: torch.Tensor    # sum over tokens of x**2 (Wanda's ||X_j||^2)
-    # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T with the refit's token weights
-    # (`reconstruct_layers.token_weights`), so errors compare across layers once scaled by `weight_scale`.
+    # When asked for: sum over tokens of w_t [x_t, 1][x_t, 1]^T, [in + 1, in + 1] float32, with w_t the
+    # reconstruction pass's token weights (`projections.token_weights`: 1 / mean square of the residual
+    # stream, normalised to mean 1 over all calibration tokens), and that mean before normalising: errors
+    # measured with `gram` times `weight_scale` are errors of the normalised stream, comparable across layers.
     gram: torch.Tensor | None = None
     weight_scale: float = 1.0
 
@@ -122,9 +124,8 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     biases = {r.name: None if r.bias is None else get_attr_path(dg.gm, r.bias.target) for r in found.values()}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
-    for ids, mask in chunks(batches(calibration, vocab_size(dg)), batch_size):
+    for ids, mask in calibration_for(dg, calibration, "activation statistics").batches(batch_size, device):
         mask, tokens = token_mask(ids, mask)
-        ids, mask, tokens = ids.to(device), mask.to(device), tokens.to(device)
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         run = step(dg.gm, inputs, found, partners)
         for reading, x, residual in run:

@@ -7,7 +7,7 @@ import torch
 
 from fxprune.analysis.groups import DependencyGraph
 from fxprune.util.lm import lm_loss
-from fxprune.data.calibration import batches, chunks, vocab_size
+from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.forward import compute_device, forward, model_tensors
 
 @dataclass
@@ -40,10 +40,7 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     `checkpoint=True` (or an int: the number of segments) recomputes activations in backward,
     keeping only segment boundaries alive: less memory for about one more forward pass.
     """
-    pairs = batches(calibration, vocab_size(dg))
-    if not pairs:
-        raise ValueError("gradient-based scoring needs calibration data: an iterable of input_ids "
-                         "LongTensors [batch, seq] or dicts with 'input_ids'")
+    calibration = calibration_for(dg, calibration, "gradient-based scoring")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = member_names(dg, dg.groups) if names is None else [n for n in names if n in dg.parameters]
@@ -53,9 +50,7 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     grad = {n: torch.zeros(tensors[n].shape, dtype=torch.float32, device=device) for n in names}
     sq = {n: torch.zeros_like(grad[n]) for n in names} if second_order else None
     n_samples, total = 0, 0.0
-    for ids, mask in chunks(pairs, 1 if second_order else batch_size):
-        ids = ids.to(device)
-        mask = None if mask is None else mask.to(device)
+    for ids, mask in calibration.batches(1 if second_order else batch_size, device):
         loss = lm_loss(forward(dg, tensors, ids, mask, checkpoint), ids, mask)
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         rows = ids.shape[0]
@@ -84,8 +79,6 @@ def gradients_for(dg, groups, needs, method, calibration, gradients, batch_size,
     second = "sq_grad" in needs
     if gradients is not None and gradients.covers(names, second):
         return gradients
-    if calibration is None:
-        raise ValueError(f"method {method!r} uses gradients of the LM loss: pass calibration=[input_ids, ...] "
-                         "(LongTensors [batch, seq] or dicts with 'input_ids')")
+    calibration = calibration_for(dg, calibration, f"method {method!r} (gradients of the LM loss)")
     return compute_gradients(dg, calibration, names, second_order=second, batch_size=batch_size,
                              device=device, dtype=dtype, checkpoint=checkpoint)

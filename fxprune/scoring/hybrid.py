@@ -26,7 +26,7 @@ the attention of their (layer, kind) query, which keeps its initial equal weight
 maskable group shares it.
 Validation (`validate=True`): the learned blend and each corner of the attention (one granularity
 alone, e.g. alpha_fine = 1: element1's ranking) prune the model (hard masks); the one with the lowest
-mean LM loss on the held-out calibration rows is returned (`validation` holds every loss, `choice` the
+LM loss on the held-out calibration rows (every target token weighted alike, `lm.mean_token_loss`) is returned (`validation` holds every loss, `choice` the
 winner). The last `holdout` fraction of the calibration rows is kept out of the attention's training
 for that (the gradients and activation statistics behind the granularities still use every row), so
 the choice is not made on the rows the blend was fitted to. This masked validation is what `score` and
@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fxprune.analysis.groups import DependencyGraph, Group, Member
-from fxprune.util.lm import lm_loss
+from fxprune.util.lm import lm_loss, mean_token_loss
 from fxprune.scoring.aggregate import AGGREGATIONS, estimate, resolve_groups
-from fxprune.data.calibration import batches, chunks, to_device, vocab_size
+from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.estimators import ESTIMATORS
 from fxprune.scoring.forward import compute_device, forward, model_tensors
 from fxprune.scoring.activations import input_statistics
@@ -51,6 +51,7 @@ from fxprune.scoring.gradients import GradientStats, gradients_for, member_names
 from fxprune.scoring.methods import HYWIA_GRANULARITIES as GRANULARITIES, HyWIA
 
 MASKABLE_KINDS = ("heads", "kv_groups", "group_heads", "mlp")
+VALIDATION_ROWS = 8  # held-out rows per forward pass of a validation (memory, not the result: the mean is per token)
 
 
 def output_projection_members(dg: DependencyGraph, group: Group) -> list[Member]:
@@ -99,23 +100,27 @@ def _features(n: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.log1p(torch.stack([std, n.max(), n.min(), q]).clamp_min(0))
 
 
-def _mean_loss(dg, tensors, pieces, device, checkpoint) -> float:
-    total = 0.0
-    for ids, attn in (to_device(c, device) for c in pieces):
-        total += float(lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn))
-    return total / len(pieces)
-
-
 def planned_fractions(dg: DependencyGraph, groups, ratio: float, scores=None) -> dict[int, float]:
     """Per group, the fraction of its units that the (uniform) planner removes for these `scores` when
     `ratio` of the parameters go. It exceeds `ratio` (embeddings, norms and protected layers stay),
     and where one fraction for all groups cannot meet the ratio, the planner's top-up by score decides
     which groups give more (so it depends on `scores`; equal scores when None)."""
-    from fxprune.planning.config import PruneConfig
-    from fxprune.planning.plan import select
+    if _PLANNER is None:
+        raise RuntimeError("no planner registered: import fxprune (fxprune.planning registers its default planner)")
     scores = scores or {g.id: torch.ones(g.n_units) for g in groups}
-    counts = select(dg, groups, scores, PruneConfig(ratio=ratio))
+    counts = _PLANNER(dg, groups, scores, ratio)
     return {g.id: 1 - counts[g.id] / g.n_units for g in groups}
+
+
+# The default planner's kept counts per group, (dg, groups, scores, ratio) -> {group id: count}. Planning
+# registers it, since planning depends on scoring and not the other way round.
+_PLANNER = None
+
+
+def register_planner(planner) -> None:
+    """Make `planner(dg, groups, scores, ratio) -> {group id: kept count}` the one HyWIA learns its fractions for."""
+    global _PLANNER
+    _PLANNER = planner
 
 
 def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2, aggregation: str = "sum",
@@ -137,9 +142,11 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     settings = settings or HyWIA(steps=steps, lr=lr, temperature=temperature, dim=dim, relaxation=relaxation,
                                  validate=validate)
-    if calibration is None:
-        raise ValueError("hywia learns its attention on the LM loss: pass calibration=[input_ids, ...] "
-                         "(LongTensors [batch, seq] or dicts with 'input_ids')")
+    if settings.after_refit and settings.validate:
+        raise ValueError("HyWIA(after_refit=True) judges its candidates after the plan's refit, which only "
+                         "fxprune.plan makes: call fxprune.plan(model, ratio, importance=HyWIA(after_refit=True)), "
+                         "or score with HyWIA(after_refit=False)")
+    calibration = calibration_for(dg, calibration, "hywia (it learns its attention on the LM loss)")
     groups = resolve_groups(dg, groups)
     device = compute_device(dg, device)
     kinds = settings.granularities
@@ -153,8 +160,8 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     for k in kinds:
         raw = estimate(dg, groups, ESTIMATORS[GRANULARITIES[k]], aggregation, grads, seed, device, None, inputs)
         levels[k] = {g.id: _normalise(raw[g.id]) for g in groups}
-    train, held_out = split_rows(batches(calibration, vocab_size(dg)), settings.holdout)
-    samples = list(chunks(train, max(batch_size, 1)))
+    train, held_out = calibration.split_holdout(calibration.held_out_rows(settings.holdout))
+    samples = list(train.batches(max(batch_size, 1)))
     masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device, dtype, bool(samples))
     first = levels[kinds[0]]
     attention = _Attention(groups, levels, masker.fractions_for(lambda g: first[g.id]), settings.dim, seed)
@@ -167,37 +174,18 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
         if settings.validate and masker.maskable and samples:
             # The relaxation can settle on a blend that prunes worse than one granularity alone (a corner of
             # the attention); keep whichever prunes with the lowest loss on the held-out rows.
-            pieces = list(chunks(held_out or train, 8))
+            pieces = list((held_out or train).batches(VALIDATION_ROWS, device))
             candidates = {"learned": scores, **levels}
             for name, cand in candidates.items():
-                validation[name] = _mean_loss(dg, masker.masked(lambda g: cand[g.id], "hard"), pieces, device,
-                                              checkpoint)
+                tensors = masker.masked(lambda g: cand[g.id], "hard")
+                validation[name] = mean_token_loss(lambda ids, mask: forward(dg, tensors, ids, mask, checkpoint),
+                                                   pieces)
             choice = min(validation, key=lambda k: (validation[k], k != "learned"))
             if choice != "learned":
                 scores = {g.id: levels[choice][g.id].clone() for g in groups}
                 corner = torch.tensor([float(k == choice) for k in kinds])
                 alpha = {g.id: corner.clone() for g in groups}
     return HyWIAResult(scores, alpha, levels, losses, validation, choice, learned)
-
-
-def split_rows(pairs, holdout: float):
-    """(train, held-out) lists of (ids, mask) pairs: the last `holdout` fraction of all rows held out
-    (at least one row when holdout > 0 and there are two rows or more; none otherwise)."""
-    rows = [(ids[i:i + 1], None if mask is None else mask[i:i + 1]) for ids, mask in pairs for i in range(ids.shape[0])]
-    n_out = min(len(rows) - 1, max(1, round(holdout * len(rows)))) if holdout > 0 and len(rows) > 1 else 0
-    return _regroup(rows[:len(rows) - n_out]), _regroup(rows[len(rows) - n_out:])
-
-
-def _regroup(rows):
-    """Consecutive single rows of equal length and mask kind back into one batch each (chunks re-cut them)."""
-    out = []
-    for ids, mask in rows:
-        if out and out[-1][0][0].shape == ids.shape and (out[-1][1][0] is None) == (mask is None):
-            out[-1][0].append(ids)
-            out[-1][1].append(mask)
-        else:
-            out.append(([ids], [mask]))
-    return [(torch.cat(i), None if m[0] is None else torch.cat(m)) for i, m in out]
 
 
 def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[float]:
@@ -207,7 +195,7 @@ def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[flo
         return losses
     opt = torch.optim.Adam(attention.learnables, lr=settings.lr)
     for step in range(settings.steps):
-        ids, attn = to_device(samples[step % len(samples)], device)
+        ids, attn = (t.to(device) for t in samples[step % len(samples)])
         loss = run(masker.masked(attention.blended, settings.relaxation), ids, attn)
         opt.zero_grad()
         loss.backward()

@@ -6,7 +6,7 @@ strings are shorthands (`as_method`): "l1" is `Magnitude(p=1)`, "element1" is `T
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 
 def _check(ok: bool, what: str, value) -> None:
@@ -185,10 +185,10 @@ SHORTHANDS = {"l1": Magnitude(1), "l2": Magnitude(2), "vector": Vector(), "eleme
               "flap": Fluctuation(), "wanda": Wanda(), "obs": OBS()}
 
 
-def as_method(method, known=(), seed: int = 0, **hywia) -> Method:
+def as_method(method, known=(), seed: int = 0) -> Method:
     """Settings for `method`: a `Method` as it is, or a shorthand string. `known`: the registered names.
 
-    A shorthand takes `seed` (random) and the HyWIA keywords (steps, lr, temperature) given beside it.
+    The "random" shorthand takes `seed`; other settings are given as settings (`HyWIA(steps=10)`).
     """
     if isinstance(method, Method):
         return method
@@ -199,9 +199,6 @@ def as_method(method, known=(), seed: int = 0, **hywia) -> Method:
         base = SHORTHANDS[method]
         if isinstance(base, Random):
             return Random(seed)
-        if isinstance(base, HyWIA):
-            names = {f.name for f in fields(HyWIA)}
-            return replace(base, **{k: v for k, v in hywia.items() if k in names and v is not None})
         return base
     if method in known:
         return Registered(method)

@@ -3,12 +3,16 @@
 The pruned GraphModule (or a saved directory) carries its plan and the base model's description;
 the base is rebuilt without weights, a program with a static KV cache that runs the prompt and then
 one token per step is captured from it (`kv_capture`), the plan is replayed on it (`replay`) and
-rewritten, and the pruned weights are copied in. Programs are built per (batch, cache length) and kept. Families whose attention does not use transformers' Cache raise a
+rewritten, and the pruned weights are copied in. A program is built per batch size and kept; it attends only
+over the filled part of its cache, so one program serves every cache length (its buffers grow on demand).
+`generate` keeps its Generators per GraphModule and per saved directory. Families whose attention does not use transformers' Cache raise a
 CaptureError naming the family; `fxprune.evaluation.evaluate.generate` (recompute, no cache) still serves them.
 """
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,8 @@ from fxprune.serving.kv_capture import CACHE_PREFIXES, CacheSignaturePass, captu
 from fxprune.serving.replay import replay_kept
 from fxprune.rewrite.emit import rewrite
 
+CACHE_LENGTH_DIM = 2  # transformers' static cache layers are [batch, KV heads, length, head_dim]
+CAPTURE_LEN = 64  # the cache length traced; programs then take any length
 WRAPPED = "model."  # CachedLM holds the model as `model`: the prefix of every model tensor in its programs
 
 
@@ -38,6 +44,17 @@ class Program:
     def cache_bytes(self) -> int:
         """Memory the KV cache takes, in bytes."""
         return sum(t.numel() * t.element_size() for t in self.cache_buffers().values())
+
+    def reserve(self, max_len: int) -> None:
+        """Cache buffers of at least `max_len` positions, zeroed when they grow (the graph reads only the
+        filled window, never the buffers' length, so any length serves)."""
+        if max_len <= self.max_len:
+            return
+        for name, t in self.cache_buffers().items():
+            shape = list(t.shape)
+            shape[CACHE_LENGTH_DIM] = max_len
+            self.step.register_buffer(name, t.new_zeros(shape), persistent=False)
+        self.max_len = max_len
 
 
 def original_name(name: str) -> str | None:
@@ -72,25 +89,25 @@ _CAPTURES: dict = {}  # analysed KV-cache captures, shared by the Generators of 
 KEEP_CAPTURES = 4
 
 
-def analysed_capture(base: dict, dtype, batch: int, max_len: int):
+def analysed_capture(base: dict, dtype, batch: int):
     """The dependency analysis of the KV-cache capture of the base model `base` describes. Captured once per
-    (model, dtype, batch, cache length): plans of the same model (20% and 50%, rounded or not) replay on it."""
+    (model, dtype, batch): plans of the same model (20% and 50%, rounded or not) replay on it."""
     from fxprune.serialization import rebuild_base
-    key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch, max_len)
+    key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch)
     if key not in _CAPTURES:
         model = rebuild_base(base["architecture"], base["config"], dtype)
-        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, max_len), model)
+        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, CAPTURE_LEN), model)
         while len(_CAPTURES) > KEEP_CAPTURES:
             _CAPTURES.pop(next(iter(_CAPTURES)))
     return _CAPTURES[key]
 
 
-def build_program(dg, plan, state, batch: int, max_len: int, device) -> Program:
-    """Capture the KV-cache step of `dg`'s model, replay `plan` on it, copy the pruned weights from `state`, zero
-    the cache and move it to `device`; batch and cache length are fixed."""
+def build_program(dg, plan, state, batch: int, device) -> Program:
+    """Capture the KV-cache step of `dg`'s model for `batch` rows, replay `plan` on it, copy the pruned weights from
+    `state`, zero the cache and move it to `device`; the cache length is not part of the program."""
     from fxprune.serving.kv_capture import family_of
     kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(dg.model)}")
-    program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, max_len)
+    program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, CAPTURE_LEN)
     copy_weights(program.step, state)
     for t in program.cache_buffers().values():
         t.zero_()
@@ -145,16 +162,16 @@ class Generator:
         self.state = {k: t.detach() for k, t in model_tensors(source).items()}
         first = next(source.parameters())
         self.dtype, self.device = first.dtype, torch.device(device) if device else first.device
-        self.cache_block = cache_block  # cache lengths are rounded up to it, so prompts of similar length share a program
-        self._programs: dict[tuple[int, int], Program] = {}
+        self.cache_block = cache_block  # cache lengths are rounded up to it, so the buffers grow in a few steps
+        self._programs: dict[int, Program] = {}
 
     def program(self, batch: int, max_len: int) -> Program:
-        """The KV-cache program for `batch` rows and a cache of `max_len` positions (built once)."""
-        key = (batch, max_len)
-        if key not in self._programs:
-            dg = analysed_capture(self.base, self.dtype, batch, max_len)
-            self._programs[key] = build_program(dg, self.plan, self.state, batch, max_len, self.device)
-        return self._programs[key]
+        """The KV-cache program for `batch` rows (built once) with a cache of at least `max_len` positions."""
+        if batch not in self._programs:
+            dg = analysed_capture(self.base, self.dtype, batch)
+            self._programs[batch] = build_program(dg, self.plan, self.state, batch, self.device)
+        self._programs[batch].reserve(max_len)
+        return self._programs[batch]
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
@@ -181,7 +198,7 @@ class Generator:
         cache_mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = step(ids, cache_mask, positions, torch.tensor(0, device=self.device))[:, -1]
+        logits = step(ids, cache_mask[:, :prompt], positions, torch.tensor(0, device=self.device))[:, -1]
         position = positions[:, -1:] + 1
         rng = torch.Generator().manual_seed(seed)
         pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -197,12 +214,47 @@ class Generator:
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             cache_mask[:, prompt + t] = 1
-            logits = step(token[:, None], cache_mask, position, torch.tensor(prompt + t, device=self.device))[:, -1]
+            # The filled part of the cache only: the program attends over as many positions as the mask has.
+            filled = cache_mask[:, :prompt + t + 1]
+            logits = step(token[:, None], filled, position, torch.tensor(prompt + t, device=self.device))[:, -1]
             position = position + 1
         out = torch.cat([ids, torch.stack(new, 1)], 1)
         return (out, torch.stack(steps, 1)) if return_logits else out
 
 
+_BY_MODULE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GraphModule -> (weights' signature, Generator)
+_BY_DIRECTORY: dict = {}  # (path, files' mtimes) -> Generator, the latest few
+KEEP_DIRECTORIES = 4
+
+
+def weights_signature(gm: torch.nn.Module) -> tuple:
+    """Changes when a tensor of `gm` is replaced or written in place (training, a merged LoRA): the programs'
+    copies of the weights are then stale."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in model_tensors(gm).items())
+
+
+def generator_for(source) -> Generator:
+    """The Generator `generate` keeps for a GraphModule (while its weights are unchanged) or a saved directory
+    (while its files are), so later calls reuse the captured programs."""
+    if not isinstance(source, (str, Path)):
+        signature = weights_signature(source)
+        kept = _BY_MODULE.get(source)
+        if kept is None or kept[0] != signature:
+            kept = _BY_MODULE[source] = (signature, Generator(source))
+        return kept[1]
+    from fxprune.serialization import FILES
+    path = Path(source).resolve()
+    if not all((path / f).is_file() for f in FILES):
+        return Generator(path)  # load names what is missing
+    key = (str(path), tuple(os.stat(path / f).st_mtime_ns for f in FILES))
+    if key not in _BY_DIRECTORY:
+        _BY_DIRECTORY[key] = Generator(path)
+        while len(_BY_DIRECTORY) > KEEP_DIRECTORIES:
+            _BY_DIRECTORY.pop(next(iter(_BY_DIRECTORY)))
+    return _BY_DIRECTORY[key]
+
+
 def generate(source, input_ids, attention_mask=None, max_new_tokens: int = 32, **options):
-    """`Generator(source).generate(...)`: keep a Generator to reuse its captured programs across calls."""
-    return Generator(source).generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
+    """`Generator(source).generate(...)`, with the Generator kept for later calls on the same GraphModule or
+    directory (`generator_for`): only the first call captures and builds programs."""
+    return generator_for(source).generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)

@@ -23,18 +23,37 @@ def family_of(model) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
+def window_layer(max_len: int):
+    """A transformers `StaticLayer` whose attention reads only the first `window` cache positions (the
+    filled part: the length of the step's cache mask), so a step costs what the tokens so far need."""
+    from transformers.cache_utils import StaticLayer
+
+    class WindowLayer(StaticLayer):
+        window = max_len
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return keys[:, :, :self.window], values[:, :, :self.window]
+
+        def get_mask_sizes(self, query_length):
+            return self.window, 0
+
+    return WindowLayer(max_len)
+
+
 class CachedLM(torch.nn.Module):
-    """`forward(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)` -> logits [B, S, V];
-    writes the keys/values of the S tokens at cache positions start..start+S-1."""
+    """`forward(input_ids [B, S], cache_mask [B, W], position_ids [B, S], start)` -> logits [B, S, V];
+    writes the keys/values of the S tokens at cache positions start..start+S-1 and attends over the first
+    W positions (W <= the cache's length L; W = start + S reads exactly the filled part)."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
         super().__init__()
-        from transformers.cache_utils import StaticCache, StaticLayer
+        from transformers.cache_utils import StaticCache
         self.model = model
-        # Every layer a plain StaticLayer: sliding-window layers branch on Python values (as the
-        # ExecuTorch recipe does; a window is then applied by the mask only).
+        # Every layer a full (windowed) static layer: sliding-window layers branch on Python values (as the
+        # ExecuTorch recipe does; a sliding window is then applied by the mask only).
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.cache.layers = [StaticLayer(max_len) for _ in self.cache.layers]
+        self.cache.layers = [window_layer(max_len) for _ in self.cache.layers]
         ids = torch.ones(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
         try:
             with torch.no_grad():  # one eager step allocates each layer's cache with the shapes it writes
@@ -60,27 +79,35 @@ class CachedLM(torch.nn.Module):
             layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
             layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
             layer.cumulative_length.copy_(start)
+            layer.window = cache_mask.shape[1]  # attend over the positions the mask covers, not the whole cache
         out = self.model(input_ids=input_ids, attention_mask=cache_mask, position_ids=position_ids,
                          cache=self.cache, use_cache=True)
         return out.logits
 
 
-def example_step(batch: int, max_len: int, seq: int, device):
-    """Example inputs of one prefill step of `seq` tokens for the capture: ids, cache mask, positions, start."""
+def example_step(batch: int, max_len: int, seq: int, window: int, device):
+    """Example inputs of one prefill step of `seq` tokens attending over `window` cache slots: ids, cache mask,
+    positions, start."""
     ids = torch.ones(batch, seq, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, window, dtype=torch.long, device=device)
     mask[:, :seq] = 1
     pos = torch.arange(seq, device=device).expand(batch, seq).contiguous()
     return ids, mask, pos, torch.tensor(0, device=device)
 
 
 def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured:
-    """Export `CachedLM(model)` with a dynamic step length (1..max_len): the same program runs the
-    prompt (prefill) and every one-token decode step."""
+    """Export `CachedLM(model)` with a dynamic step length and a dynamic attended window (1..max_len - 1):
+    the same program runs the prompt (prefill) and every one-token decode step, each attending over the
+    `cache_mask.shape[1]` first cache positions only."""
     wrapper = CachedLM(model, batch, max_len)
     device = next(model.parameters()).device
     seq = torch.export.Dim("seq", min=1, max=max_len)
-    example, dynamic = example_step(batch, max_len, min(4, max_len), device), ({1: seq}, None, {1: seq}, None)
+    # A window of the whole cache would make the slice a no-op, which export guards on: the last token
+    # generated is never fed back, so a window of max_len - 1 covers a cache of max_len.
+    window = torch.export.Dim("window", min=1, max=max_len - 1)
+    # Example sizes distinct from each other and from max_len, so that export specialises none of them.
+    example = example_step(batch, max_len, min(3, max_len), min(5, max_len), device)
+    dynamic = ({1: seq}, {1: window}, {1: seq}, None)
     was_training = model.training
     model.eval()
     try:

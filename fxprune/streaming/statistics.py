@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.data.calibration import batches, chunks, vocab_size
-from fxprune.reconstruction.reconstruct_layers import projection_input, residual_partner
+from fxprune.reconstruction.projections import projection_input, residual_partner
 from fxprune.scoring import ESTIMATORS, HyWIA, as_method, score
 from fxprune.scoring.activations import InputStats, accumulate, finish, gram_members, projection_inputs, token_mask
 from fxprune.scoring.aggregate import resolve_groups
+from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.gradients import member_names
 from fxprune.streaming.executor import SourceTensors, StreamedExecutor
 
@@ -24,9 +24,7 @@ def streamed_input_statistics(executor: StreamedExecutor, calibration, names=Non
     found = projection_inputs(dg.gm, dg.aliases, names)
     gram = set(gram)
     partners = {n: residual_partner(n) for n, r in found.items() if (r.name, r.dim) in gram}
-    rows = list(chunks(batches(calibration, vocab_size(dg)), batch_size))
-    if not rows:
-        raise ValueError("streamed statistics need calibration: pass calibration=[input_ids, ...]")
+    rows = list(calibration_for(dg, calibration, "streamed statistics").batches(batch_size))
     tokens = [token_mask(ids, mask)[1].to(executor.device) for ids, mask in rows]
     sums: dict[str, list] = {}
 

@@ -42,3 +42,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | Non
         valid = valid & (mask[:, 1:] != 0).to(logits.device).reshape(-1)
     valid = valid.to(ce.dtype)
     return (ce * valid).sum() / valid.sum().clamp_min(1)
+
+
+def mean_token_loss(logits_for, batches) -> float:
+    """The LM loss over all `batches` ((ids, mask) pairs) with every target token weighted alike: the sum
+    of the token losses over the number of target tokens, however the rows are cut into batches.
+    `logits_for(ids, mask)` gives a batch's logits. What every held-out validation reports."""
+    total, count = 0.0, 0
+    for ids, mask in batches:
+        n = int((mask[:, 1:] != 0).sum())
+        total += float(lm_loss(logits_for(ids, mask), ids, mask)) * n
+        count += n
+    return total / max(count, 1)

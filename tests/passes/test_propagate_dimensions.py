@@ -73,6 +73,32 @@ def test_an_op_without_a_rule_freezes_what_it_touches():
     assert all(leaf.frozen for leaf in labels.table.leaves(rows))
 
 
+
+def test_a_slice_bounded_at_run_time_keeps_the_sliced_dimension_whole_and_the_others_prunable():
+    """A KV cache read over its filled window only: cache[:, :W] with W the mask's dynamic length."""
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 6)
+            self.register_buffer("cache", torch.randn(6, 10))
+
+        def forward(self, x, mask):
+            return self.a(x) @ self.cache[:, :mask.shape[1]]
+
+    window = torch.export.Dim("window", min=1, max=9)
+    gm = torch.export.export(Window(), (torch.randn(2, 4), torch.ones(2, 5)), dynamic_shapes=(None, {1: window}),
+                             strict=False).module()
+    drop_input_guards(gm)
+    propagate = PropagateDimensionsPass()
+    propagate(gm)
+    labels = propagate.labels
+    assert labels.frozen_ops == []
+    rows = leaves(labels, gm, "a.weight", 0)
+    cache = labels.tensor_atoms[id(gm.get_buffer("cache"))]
+    assert {leaf.id for leaf in labels.table.leaves(cache[0])} == rows  # the channels stay coupled, unfrozen
+    assert not any(leaf.frozen for leaf in labels.table.leaves(cache[0]))
+    assert all(leaf.frozen for leaf in labels.table.leaves(cache[1]))
+
 def test_the_labels_are_promised():
     gm = torch.export.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),), strict=False).module()
     drop_input_guards(gm)

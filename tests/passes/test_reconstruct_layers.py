@@ -3,7 +3,10 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.reconstruction.reconstruct_layers import Projection, ReconstructLayersPass
+from fxprune.data.calibration import Calibration
+from fxprune.reconstruction.reconstruct_layers import ReconstructLayersPass
+from fxprune.reconstruction.projections import Projection
+from fxprune.reconstruction.settings import Refit
 from fxprune.rewrite.emit import rewrite
 from models import llama
 from oracles import inputs, module_inputs, random_scores, rel_err, zero_masked
@@ -28,8 +31,8 @@ def pruned(setup, mode, ridge=0.0, targets=("mlp",), ratio=0.3, calibration=CAL,
     if key not in _CACHE:
         model, dg = setup
         plan = fxprune.plan(model, ratio, targets=targets, scores=random_scores(dg, 1), dg=dg, allocation="global",
-                            reconstruct=mode, ridge=ridge, weighting=weighting, calibration=calibration,
-                            refit_target=target, refit_precision=precision)
+                            reconstruct=Refit(mode=mode, ridge=ridge, weighting=weighting, target=target,
+                                              precision=precision), calibration=calibration)
         _CACHE[key] = plan, fxprune.apply(model, plan, calibration=calibration, dg=dg)
     return _CACHE[key]
 
@@ -131,7 +134,7 @@ def test_later_layers_are_fitted_on_the_pruned_models_own_activations(setup):
 def stream_before_mlp_add(gm, layer):
     """The residual stream layer `layer`'s MLP output is added to: its post-attention norm's input, taken
     by running the graph with an Interpreter (the norm is inlined in the exported graph), as [tokens, hidden]."""
-    from fxprune.reconstruction.reconstruct_layers import first_projections, residual_partner
+    from fxprune.reconstruction.projections import first_projections, residual_partner
     path = f"model.layers.{layer}.mlp.down_proj"
     lifted = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]  # the pruned graph's
     down = lifted[0] if lifted else next(n for n, name, *_ in first_projections(gm) if name == path + ".weight")
@@ -204,7 +207,7 @@ def test_nothing_pruned_changes_nothing(setup):
     model, dg = setup
     gm = rewrite(dg, {})
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    result = ReconstructLayersPass(dg.gm, dg.aliases, {}, (CAL, None), "lstsq", ridge="auto")(gm)
+    result = ReconstructLayersPass(dg.gm, dg.aliases, {}, Calibration.of(CAL), Refit(mode="lstsq", ridge="auto"))(gm)
     assert not result.modified
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     ids, mask = inputs()
@@ -279,7 +282,7 @@ class TwoLinears(torch.nn.Module):
 
 def test_stepping_stops_after_the_last_projection_it_was_asked_for():
     """The refit never runs what follows its last projection (a large vocabulary's logits, say)."""
-    from fxprune.reconstruction.reconstruct_layers import step
+    from fxprune.reconstruction.projections import step
 
     gm = torch.fx.symbolic_trace(TwoLinears())
     ran = []
@@ -301,7 +304,7 @@ def test_bfloat16_forward_passes_refit_about_as_float32_does_with_the_fits_in_fu
     ratio = 0.3
     _, exact = pruned(setup, "lstsq", ridge=0.1, ratio=ratio)
     plan, fast = pruned(setup, "lstsq", ridge=0.1, ratio=ratio, precision="bfloat16")
-    assert plan.config.refit_precision == "bfloat16"
+    assert plan.config.reconstruct.precision == "bfloat16"
     for name, p in fast.named_parameters():
         if name.endswith(("down_proj.weight", "down_proj.bias")):
             q = exact.get_parameter(name)
@@ -311,7 +314,8 @@ def test_bfloat16_forward_passes_refit_about_as_float32_does_with_the_fits_in_fu
 
 def test_autocast_covers_only_the_forward_steps():
     """The items come from autocast-ed matmuls; the caller's work between two items runs without autocast."""
-    from fxprune.reconstruction.reconstruct_layers import autocast_steps, step
+    from fxprune.reconstruction.reconstruct_layers import autocast_steps
+    from fxprune.reconstruction.projections import step
 
     gm = torch.fx.symbolic_trace(TwoLinears())
     stops = {n: n.name for n in gm.graph.nodes if n.target == "b"}  # b reads relu(a(x))

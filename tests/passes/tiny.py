@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_manager import PassManager
 from transformers.modeling_outputs import CausalLMOutput
 
 import fxprune
 from fxprune.util.lm import logits_of
-from fxprune.analysis.contracts import check_graph
+from fxprune.rewrite.emit import run_passes  # noqa: F401  (the rewrite's PassManager and graph check)
 
 VOCAB, HIDDEN, HEAD_DIM, TOTAL = 32, 16, 4, 4  # TOTAL: the original model's head count
 
@@ -117,13 +116,6 @@ def group_of(dg, kind: str):
     found = [g for g in dg.groups if g.kind == kind]
     assert len(found) == 1, dg.summary()
     return found[0]
-
-
-def run_passes(gm: torch.fx.GraphModule, passes) -> torch.fx.GraphModule:
-    """The passes under a PassManager with the rewrite's graph check after each one."""
-    manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
-    manager.add_checks(check_graph)
-    return manager(gm).graph_module
 
 
 def flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
