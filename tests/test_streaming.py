@@ -198,7 +198,7 @@ def test_missing_weight_and_gradient_methods_are_refused_before_any_work(llama_e
     executor = streamed.executor()
     with pytest.raises(ValueError, match="needs gradients"):
         streamed_score(executor, method="element1", calibration=CALIB)
-    with pytest.raises(ValueError, match="need calibration"):
+    with pytest.raises(ValueError, match="reads calibration text"):
         streamed_score(executor, method="flap")
     assert not executor.source.reads
 
