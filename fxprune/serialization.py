@@ -76,9 +76,9 @@ def save_streamed(executor, plan: PrunePlan, directory, budget: int | None = Non
     pruned by `plan` (made on that analysis, without refit), to `directory` in `save`'s format, a shard per
     group of segments whose tensors fit `budget` bytes: the pruned model is never held whole.
     `progress(segment)` is called for each segment of a written shard."""
-    if plan.config.reconstruct != "none" and plan.kept:
+    if plan.config.reconstruct.enabled and plan.kept:
         raise ValueError(f"save_streamed writes plans without refit, this one has reconstruct="
-                         f"{plan.config.reconstruct!r}: make it with reconstruct='none'")
+                         f"{plan.config.reconstruct.mode!r}: make it with reconstruct='none'")
     dg = executor.dg
     check_plan(dg, plan)
     kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}

@@ -78,7 +78,7 @@ def test_every_scorer_setting_reaches_hywia_when_the_plan_refits(analysed, monke
         return RefitChoice("fine", chosen, {})
 
     monkeypatch.setattr(fxprune.scoring, "hywia", fake_hywia)
-    monkeypatch.setattr(fxprune.refit_validation, "choose_after_refit", fake_choice)
+    monkeypatch.setattr(fxprune.planning.refit_choice, "choose_after_refit", fake_choice)
     calibration, grads = [torch.zeros(2, 4, dtype=torch.long)], object()
     cfg = PruneConfig(ratio=0.2, importance=HyWIA(steps=3, lr=0.2, holdout=0.5, after_refit=True), aggregation="max",
                       seed=5, batch_size=4)

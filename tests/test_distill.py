@@ -1,4 +1,4 @@
-"""Distillation from the dense model during recovery (fxprune.distill, fxprune.recovery.lora.tune(teacher=...))."""
+"""Distillation from the dense model during recovery (fxprune.recovery.distill, fxprune.recovery.tune(teacher=...))."""
 from __future__ import annotations
 
 import json

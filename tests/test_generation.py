@@ -23,7 +23,7 @@ def prompt(batch, seq, seed=0, vocab=128):
 
 @torch.no_grad()
 def recompute(gm, ids, n):
-    """Greedy tokens and per-step logits re-running the whole sequence (fxprune.evaluation.evaluate.generate's method)."""
+    """Greedy tokens and per-step logits re-running the whole sequence (fxprune.evaluation.generate's method)."""
     logits = []
     for _ in range(n):
         step = gm(ids).logits[:, -1].detach()
@@ -202,7 +202,7 @@ def test_family_without_cache_support_names_itself_and_the_fallback():
     from replicas import REPLICAS
     model = REPLICAS["chatglm"](attn_implementation="sdpa")
     _, _, gm = prune_random(model, 0.2)
-    with pytest.raises(fxprune.CaptureError, match=r"fxprune_chatglm.*Cache\.update.*fxprune\.evaluate\.generate"):
+    with pytest.raises(fxprune.CaptureError, match=r"fxprune_chatglm.*Cache\.update.*fxprune\.evaluation\.generate"):
         Generator(gm).generate(prompt(1, 4), max_new_tokens=2)
 
 

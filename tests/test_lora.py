@@ -1,4 +1,4 @@
-"""LoRA post-training of pruned GraphModules (fxprune.lora): targets, training, merge, resume, DDP."""
+"""LoRA post-training of pruned GraphModules (fxprune.recovery): targets, training, merge, resume, DDP."""
 from __future__ import annotations
 
 import copy

@@ -73,14 +73,15 @@ def test_the_pass_requires_lifted_projections_and_runs_under_the_graph_checks(an
     with pytest.raises(TypeError, match="calibration must be a Calibration"):
         ReconstructLayersPass(dg.gm, dg.aliases, {}, CAL)
     import fxprune.rewrite.emit as rewrite
+    from fxprune.reconstruction.pruned_model import prune
     checked = []
     real = rewrite.check_graph
     monkeypatch.setattr(rewrite, "check_graph", lambda gm: checked.append(gm) or real(gm))
     plan = fxprune.plan(model, 0.3, scores=random_scores(dg), dg=dg, reconstruct="bias", calibration=CAL)
     before = len(checked)
-    rewrite.prune(dg, plan, None)  # no calibration: the rewrite's passes only
+    prune(dg, plan, None)  # no calibration: the rewrite's passes only
     rewrite_checks = len(checked) - before
-    rewrite.prune(dg, plan, Calibration.of(CAL))
+    prune(dg, plan, Calibration.of(CAL))
     assert len(checked) - before - rewrite_checks == rewrite_checks + 2  # the refit: checked before and after
 
 

@@ -283,15 +283,15 @@ class Unread(CheckpointWeights):
 def test_prune_checkpoint_refuses_what_it_cannot_stream_before_reading(tmp_path_factory, monkeypatch, setting,
                                                                        message):
     streamed = built("llama_gqa", tmp_path_factory)
-    monkeypatch.setattr("fxprune.serialization.CheckpointWeights", Unread)
-    monkeypatch.setattr("fxprune.serialization.empty_model", lambda *a: pytest.fail("the model was built"))
+    monkeypatch.setattr("fxprune.checkpoint.CheckpointWeights", Unread)
+    monkeypatch.setattr("fxprune.checkpoint.empty_model", lambda *a: pytest.fail("the model was built"))
     with pytest.raises(ValueError, match=message):
         fxprune.prune_checkpoint(streamed.dir, 0.3, **{"importance": "flap", "calibration": CAL, **setting})
 
 
 def test_a_budget_below_one_segment_is_refused_naming_it(tmp_path_factory, monkeypatch):
     streamed = built("llama_gqa", tmp_path_factory)
-    monkeypatch.setattr("fxprune.serialization.CheckpointWeights", Unread)
+    monkeypatch.setattr("fxprune.checkpoint.CheckpointWeights", Unread)
     need = max(segment_bytes(streamed.dg, s) for s in streamed.segments)
     largest = next(s for s in streamed.segments if segment_bytes(streamed.dg, s) == need)
     with pytest.raises(ValueError, match=rf"segment {largest.index} \(decoder layer {largest.index - 1}, reading "

@@ -1,4 +1,4 @@
-"""Task parsers (fxprune.tasks) on hand-written records: lm-eval's prompt, choices and gold for each task."""
+"""Task parsers (fxprune.evaluation.tasks) on hand-written records: lm-eval's prompt, choices and gold for each task."""
 import bz2
 import json
 

@@ -45,7 +45,7 @@ def arc_record(rng, labels="ABCD"):
 
 
 def write_local(root: Path, seed=0) -> None:
-    """N_DOCS records of every task in the local formats fxprune reads (see fxprune.tasks)."""
+    """N_DOCS records of every task in the local formats fxprune reads (see fxprune.evaluation.tasks)."""
     rng = random.Random(seed)
     files = {}
     files["boolq/dev.jsonl"] = [{"question": phrase(rng), "passage": phrase(rng, 5, 12) + ".",

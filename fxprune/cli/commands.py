@@ -32,7 +32,7 @@ def table(rows) -> str:
 def cmd_inspect(args) -> int:
     """`fxprune inspect`: print a model's group table, and optionally write its Graphviz file or one layer's
     picture. Returns the exit code."""
-    from fxprune.analysis import analyze
+    from fxprune.analysis.analyze import analyze
     from fxprune.data.models import load_model
     model, _ = load_model(args.model, tokenizer=False)
     dg = analyze(model)

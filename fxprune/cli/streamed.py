@@ -74,7 +74,7 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     return [("calibration", calib_src.origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
-            ("reconstruct", plan.config.reconstruct), ("targets", " ".join(args.targets)),
+            ("reconstruct", plan.config.reconstruct.mode), ("targets", " ".join(args.targets)),
             ("parameters before", f"{plan.params_before:,}"),
             ("parameters after", f"{plan.params_after:,} (-{plan.removed_fraction:.2%})"),
             ("pruning time", f"{time.time() - t0:.1f} s"), ("saved to", args.output)]

@@ -6,7 +6,7 @@ one token per step is captured from it (`kv_capture`), the plan is replayed on i
 rewritten, and the pruned weights are copied in. A program is built per batch size and kept; it attends only
 over the filled part of its cache, so one program serves every cache length (its buffers grow on demand).
 `generate` keeps its Generators per GraphModule and per saved directory. Families whose attention does not use transformers' Cache raise a
-CaptureError naming the family; `fxprune.evaluation.evaluate.generate` (recompute, no cache) still serves them.
+CaptureError naming the family; `fxprune.evaluation.generate` (recompute, no cache) still serves them.
 """
 from __future__ import annotations
 

@@ -60,12 +60,12 @@ class CachedLM(torch.nn.Module):
                 model(input_ids=ids, cache=self.cache, use_cache=True)
         except Exception as exc:
             raise CaptureError(f"{family_of(model)}: the model cannot run with a transformers StaticCache "
-                               f"({type(exc).__name__}: {exc}); use fxprune.evaluation.evaluate.generate (recompute, "
+                               f"({type(exc).__name__}: {exc}); use fxprune.evaluation.generate (recompute, "
                                "no cache) for this family") from exc
         unused = [i for i, layer in enumerate(self.cache.layers) if not layer.is_initialized]
         if unused:
             raise CaptureError(f"{family_of(model)}: the model never wrote its KV cache (layers {unused[:4]} "
-                               "unused: its attention does not call Cache.update); use fxprune.evaluation.evaluate.generate")
+                               "unused: its attention does not call Cache.update); use fxprune.evaluation.generate")
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"key_cache_{i}", layer.keys.zero_(), persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values.zero_(), persistent=False)
@@ -114,7 +114,7 @@ def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured
         ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache step "
-                           f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluation.evaluate.generate") from exc
+                           f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluation.generate") from exc
     finally:
         model.train(was_training)
     gm = ep.module()
