@@ -20,7 +20,8 @@ import torch
 
 from fxprune.analysis.analyze import analyze_captured
 from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
-from fxprune.serving.kv_capture import CACHE_PREFIXES, CacheSignaturePass, capture_cached
+from fxprune.passes.cache_signature import CacheSignaturePass
+from fxprune.serving.kv_capture import CACHE_PREFIXES, capture_cached
 from fxprune.serving.replay import replay_kept
 from fxprune.rewrite.emit import rewrite
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from fxprune.serving.kv_capture import CacheSignaturePass, capture_cached
+from fxprune.passes.cache_signature import CacheSignaturePass
+from fxprune.serving.kv_capture import capture_cached
 from fxprune.analysis.contracts import graphs_of
 from models import llama
 from oracles import rel_err
