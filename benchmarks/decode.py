@@ -284,8 +284,10 @@ def plot(report: dict, path: Path) -> None:
 def render(report: dict, png: Path) -> str:
     s = report["settings"]
     lines = report_head("Generation speed with a KV cache, pruned vs dense (issues 14, 31)", report) + [
-        f"SmolLM2-135M-Instruct {s['dtype']} on {s['device']} ({report['params_dense']:,} parameters), pruned with "
-        f"{s['importance']} importance, heads + MLP, protected layers {tuple(s['protect'])}. Prompt {s['prompt']} random "
+        f"SmolLM2-135M-Instruct {s['dtype']} on {s['device']} ({report['params_dense']:,} parameters), "
+        + (f"pruned models loaded from {', '.join(s['load'])} (their own plans)" if s.get("load") else
+           f"pruned with {s['importance']} importance, heads + MLP, protected layers {tuple(s['protect'])}")
+        + f". Prompt {s['prompt']} random "
         f"tokens, {s['new']} new tokens, greedy; {s['runs']} rounds alternating dense and every pruned variant, "
         "medians. Dense: Hugging Face `generate` with its cache (eager: DynamicCache; compile: static cache and "
         "`torch.compile`d forward). Pruned: `fxprune.serving.generation.Generator` (static KV cache holding the kept KV "
