@@ -8,11 +8,11 @@ from fxprune.serving.generation import Generator, generate
 from fxprune.analysis.groups import DependencyGraph, Group, Member
 from fxprune.planning.plan import PlanError, PrunePlan
 from fxprune.reconstruction.settings import Refit
-from fxprune.checkpoint import prune_checkpoint
+from fxprune.checkpoint import estimate_checkpoint, prune_checkpoint
 from fxprune.serialization import load, save
 from fxprune.export import ExportError, export_gguf, export_hf, export_program
 
 __all__ = ["analyze", "apply", "compile", "plan", "capture", "CaptureError", "PruneConfig", "DependencyGraph",
-           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load", "prune_checkpoint",
+           "Group", "Member", "PlanError", "PrunePlan", "PLAN_KEY", "save", "load", "prune_checkpoint", "estimate_checkpoint",
            "ExportError", "export_gguf", "export_hf", "export_program", "Generator", "generate",
            "Refit", "Calibration"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from fxprune.analysis.analyze import analyze
 from fxprune.api import config_from
 from fxprune.defaults import resolve_data
@@ -11,7 +13,11 @@ from fxprune.planning.config import PruneConfig
 from fxprune.planning.plan import PrunePlan, make_plan
 from fxprune.serialization import save_streamed
 from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
-from fxprune.streaming.budget import check_budget, parse_bytes
+from fxprune.scoring import ESTIMATORS, HyWIA, as_method
+from fxprune.scoring.calibration import calibration_for
+from fxprune.streaming.budget import check_budget, largest_segment, parse_bytes
+from fxprune.streaming.estimate import CostEstimate
+from fxprune.streaming.probe import probe
 from fxprune.streaming.statistics import forward_only
 from fxprune.streaming.weights import checkpoint_files
 
@@ -63,3 +69,46 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
         # writing a shard holds its dense tensors, their pruned copies and the serialised shard
         save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
     return pruning
+
+
+def sweeps(cfg: PruneConfig, output: bool) -> tuple[str, ...]:
+    """The sweeps over the layers a streamed prune under `cfg` makes: scoring (forward, and backward for the
+    gradient estimators, once per HyWIA step besides), then the write (with the refit when it is asked for)."""
+    method = as_method(cfg.importance, ESTIMATORS, cfg.seed)
+    needs = getattr(ESTIMATORS.get(getattr(method, "estimator", None)), "needs", frozenset())
+    passes = ("score", "backward") if isinstance(method, HyWIA) or needs & {"grad", "sq_grad"} else ("score",)
+    if isinstance(method, HyWIA):
+        passes += ("score", "backward") * method.steps
+    if output:
+        passes += ("refit",) if cfg.reconstruct.enabled else ("write",)
+    return passes
+
+
+def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bool = True, *, importance=None,
+                        max_memory=None, calibration=None, tokenizer=None, **options) -> CostEstimate:
+    """The cost of `prune_checkpoint` with the same arguments, before any of it runs (`fxprune prune --dry-run`):
+    sizes from the config captured on the meta device, time and memory from running the embedding and the first
+    decoder layer on the calibration, multiplied out over the layers and sweeps. Reads only those two segments'
+    weights; refuses what `prune_checkpoint` would refuse, before reading any."""
+    cfg = streamed_config(ratio, importance, **options)
+    budget = parse_bytes(max_memory)
+    files = checkpoint_files(Path(checkpoint))
+    skeleton = empty_model(checkpoint)
+    dg = analyze(skeleton)
+    segments = partition(dg)
+    check_budget(dg, segments, budget)
+    largest, largest_bytes = largest_segment(dg, segments)
+    cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
+    zero = {g.id: torch.zeros(g.n_units) for g in dg.groups}
+    after = make_plan(dg, cfg, zero).params_after  # the ratio fixes the count; which units, the scores
+    dtype = next(iter(dg.parameters.values())).dtype
+    source = CheckpointWeights(checkpoint, skeleton)
+    buffers = sum(t.numel() * t.element_size() for n, t in dg.buffers.items() if n in source.names() or not t.is_meta)
+    executor = StreamedExecutor(dg, source, segments[:2])
+    rows = list(calibration_for(dg, batches, "the dry run's probe").batches(8)) if batches is not None else \
+        [(torch.ones(1, cfg.calibration_len, dtype=torch.long), None)]
+    measured = probe(executor, rows, count=min(2, len(segments)))
+    size = sum((Path(checkpoint) / f).stat().st_size for f in set(files.values()))
+    return CostEstimate(sum(t.numel() for t in dg.parameters.values()), after, size,
+                        after * (torch.finfo(dtype).bits // 8) + buffers, len(segments) - 2, largest, largest_bytes,
+                        sweeps(cfg, output), budget, measured)

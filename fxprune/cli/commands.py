@@ -51,8 +51,10 @@ def cmd_prune(args) -> int:
     from fxprune.data.calibration import Calibration
     from fxprune.data.models import load_model
     from fxprune.data.sources import calibration_source, wikitext_source
-    from fxprune.cli.streamed import prune_streamed, streamed_size, streaming_defaults
+    from fxprune.cli.streamed import dry_run, prune_streamed, streamed_size, streaming_defaults
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.dry_run:
+        return report(dry_run(args, prune_config(streaming_defaults(args))), args)
     size = streamed_size(args.model, args.max_memory)
     if size is not None:
         return report(prune_streamed(args, prune_config(streaming_defaults(args)), size) +
@@ -306,6 +308,9 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--max-memory", default=None,
                    help="e.g. 2GB: a safetensors checkpoint directory larger than this is pruned streamed, one layer "
                         "at a time (default importance flap, no refit) and written layer by layer")
+    r.add_argument("--dry-run", action="store_true",
+                   help="checkpoint directory: print the streamed prune's time, memory and disk, measured on its "
+                        "first layer, and stop")
     r.add_argument("--json", default=None, help="also write the report as JSON")
     r.set_defaults(fn=cmd_prune)
 

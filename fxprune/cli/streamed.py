@@ -51,28 +51,47 @@ def progress_bars():
     return update
 
 
-def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
-    """Prune checkpoint `args.model` under `cfg` streamed into `args.output` (with the checkpoint's tokenizer);
-    returns the report's rows."""
-    import fxprune
+def checkpoint_calibration(args):
+    """(tokenizer, calibration rows, where they came from) for a streamed run on checkpoint `args.model`."""
     from transformers import AutoTokenizer
     from fxprune.data.loaders import calibration_samples
     from fxprune.data.sources import calibration_source
-    from fxprune.checkpoint import streamed_config
-    cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
-    print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
-          "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)
     calib_src = calibration_source(args.calib_data, args.data_dir)
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"{args.model} has no tokenizer to draw the calibration with: {exc}") from exc
-    calib = calibration_samples(calib_src.value, tok, n_samples=args.calib_samples, seq_len=args.calib_len)
+    return tok, calibration_samples(calib_src.value, tok, n_samples=args.calib_samples, seq_len=args.calib_len), \
+        calib_src.origin
+
+
+def dry_run(args, cfg) -> list[tuple[str, str]]:
+    """The report of `fxprune prune CHECKPOINT_DIR --dry-run`: what pruning it streamed under `cfg` will cost
+    (`fxprune.estimate_checkpoint`), measured on its first decoder layer."""
+    from fxprune.checkpoint import estimate_checkpoint, streamed_config
+    if not args.model or not Path(args.model).is_dir():
+        raise ValueError(f"--dry-run estimates a local checkpoint directory of safetensors; got {args.model or 'none'}")
+    cfg = streamed_config(cfg)
+    _, calib, origin = checkpoint_calibration(args)
+    estimate = estimate_checkpoint(args.model, cfg, output=bool(args.output), calibration=calib,
+                                   max_memory=args.max_memory)
+    return [("dry run", f"{args.model}: nothing written"), ("calibration", origin), *estimate.lines()]
+
+
+def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
+    """Prune checkpoint `args.model` under `cfg` streamed into `args.output` (with the checkpoint's tokenizer);
+    returns the report's rows."""
+    import fxprune
+    from fxprune.checkpoint import streamed_config
+    cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
+    print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
+          "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)
+    tok, calib, origin = checkpoint_calibration(args)
     t0 = time.time()
     plan = fxprune.prune_checkpoint(args.model, cfg, args.output, calibration=calib, max_memory=args.max_memory,
                                     progress=progress_bars())
     tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
-    return [("calibration", calib_src.origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
+    return [("calibration", origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
             ("reconstruct", plan.config.reconstruct.mode), ("targets", " ".join(args.targets)),
             ("parameters before", f"{plan.params_before:,}"),

@@ -34,13 +34,18 @@ def describe(segment: Segment, count: int) -> str:
     return f"segment {segment.index} ({kind}{first})"
 
 
+def largest_segment(dg, segments: list[Segment]) -> tuple[str, int]:
+    """(description, bytes) of the segment whose tensors take the most bytes."""
+    largest = max(segments, key=lambda s: segment_bytes(dg, s))
+    return describe(largest, len(segments)), segment_bytes(dg, largest)
+
+
 def check_budget(dg, segments: list[Segment], budget: int | None) -> int:
     """The bytes the largest segment's tensors need; raises ValueError naming that segment when they exceed
     `budget` (None: no limit)."""
-    largest = max(segments, key=lambda s: segment_bytes(dg, s))
-    need = segment_bytes(dg, largest)
+    largest, need = largest_segment(dg, segments)
     if budget is not None and need > budget:
-        raise ValueError(f"max_memory of {budget:,} bytes is too small: {describe(largest, len(segments))} needs "
+        raise ValueError(f"max_memory of {budget:,} bytes is too small: {largest} needs "
                          f"{need:,} bytes of weights; give at least that plus room for the activations")
     return need
 

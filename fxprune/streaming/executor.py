@@ -135,16 +135,16 @@ class StreamedExecutor:
         return out
 
     @torch.no_grad()
-    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True):
+    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True, segments: int | None = None):
         """Run the graph on `batches` ((input_ids, attention_mask or None) pairs); `hooks`: node -> hook, called
         for every batch before that node runs. Returns each batch's logits when `logits`; otherwise the run
-        stops after the segment of the last hooked node and returns None."""
+        stops after the segment of the last hooked node (or after the first `segments`) and returns None."""
         hooks = hooks or {}
         batches = list(batches)
         todo = self.segments
         if not logits:
             hooked = [s.index for s in self.segments for n in s.nodes if n in hooks]
-            todo = self.segments[:max(hooked, default=-1) + 1]
+            todo = self.segments[:max(hooked, default=-1) + 1 if segments is None else segments]
         self.store = ActivationStore(self.budget, self.spill_dir, self.device)
         by_name = {n.name: n for n in self.nodes}
         try:

@@ -1,0 +1,52 @@
+"""Time and memory of the first segments of a streamed run: what a dry run extrapolates to the whole model."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fxprune.streaming.executor import StreamedExecutor
+from fxprune.util.memory import reset_resident_peak, resident_peak
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What running the first `len(seconds)` segments over every calibration batch took."""
+    seconds: tuple[float, ...]   # wall time of each segment: its weights read, every batch through it
+    read_seconds: float          # reading the last probed segment's tensors alone
+    handed_on: int               # bytes the last probed segment hands on, all batches together
+    before: int | None           # resident bytes before the probe (the capture, the analysis, the imports)
+    peak: int | None             # resident high-water mark during the probe
+
+    @property
+    def layer_seconds(self) -> float:
+        """Seconds of the last probed segment (a decoder layer when two or more are probed)."""
+        return self.seconds[-1]
+
+
+def probe(executor: StreamedExecutor, batches, count: int = 2) -> Probe:
+    """Run the first `count` segments of `executor` (the embedding and the first decoder layer by default) on
+    `batches` and measure them; nothing is kept."""
+    batches = list(batches)
+    marks, handed = [], []
+    previous = executor.progress
+
+    def record(segment):
+        marks.append(time.perf_counter())
+        handed.append(executor.store.in_memory)
+
+    budget, executor.budget, executor.progress = executor.budget, None, record
+    before = resident_peak() if reset_resident_peak() else None
+    try:
+        start = time.perf_counter()
+        executor.run(batches, logits=False, segments=count)
+        peak = resident_peak() if before is not None else None
+        segment = executor.segments[count - 1]
+        t0 = time.perf_counter()
+        for name in segment.tensors:
+            if name in executor.stored_as:
+                executor.read(name)
+        read = time.perf_counter() - t0
+    finally:
+        executor.budget, executor.progress = budget, previous
+    seconds = tuple(b - a for a, b in zip([start] + marks, marks))
+    return Probe(seconds, read, handed[-1], before, peak)
