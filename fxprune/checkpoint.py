@@ -2,6 +2,7 @@
 stage's executor, scores and output under the API's settings and plan)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from fxprune.scoring.calibration import calibration_for
 from fxprune.streaming.budget import check_budget, largest_segment, parse_bytes
 from fxprune.streaming.estimate import CostEstimate
 from fxprune.streaming.probe import probe
+from fxprune.streaming.resume import WorkFolder, checkpoint_key
 from fxprune.streaming.statistics import forward_only
 from fxprune.streaming.weights import checkpoint_files
 
@@ -38,7 +40,8 @@ def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options
 
 
 def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, *, importance=None, max_memory=None,
-                     calibration=None, tokenizer=None, spill_dir=None, progress=None, **options) -> PrunePlan:
+                     calibration=None, tokenizer=None, spill_dir=None, progress=None, snapshot_every: float = 60.0,
+                     **options) -> PrunePlan:
     """Prune the Hugging Face checkpoint directory `checkpoint` (safetensors) without loading it whole: captured on
     the meta device, scored one decoder layer at a time with its weights read from the shards, planned, and
     (with `output`) written pruned to `output` in `fxprune.save`'s format, layer by layer. Returns the plan.
@@ -48,7 +51,10 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     weight is read. Forward-only importances only (flap, the default, wanda, obs, l2, l1) and
     reconstruct="none" (the default unless `ratio` is a PruneConfig): the others are refused at once.
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
-    "write"). Other keywords are `PruneConfig` fields."""
+    "write"). With `output`, a run interrupted (killed, or stopped by an exception) and started again with the
+    same arguments resumes: after the last layer whose boundary was recorded (every `snapshot_every` seconds)
+    while scoring, after the plan while writing; it writes the same bytes. Other keywords are `PruneConfig`
+    fields."""
     cfg = streamed_config(ratio, importance, **options)
     budget = parse_bytes(max_memory)
     checkpoint_files(Path(checkpoint))  # no safetensors: fails here
@@ -62,12 +68,22 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
                                 budget=None if budget is None else max(budget - weights, 0),
                                 progress=report("score"))
-    scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
-                            seed=cfg.seed)
-    pruning = make_plan(dg, cfg, scores)
+    work = None
+    if output is not None:  # an interrupted run starts again where this one stopped
+        rows = None if batches is None else calibration_for(dg, batches, "the streamed prune")
+        work = WorkFolder(output, checkpoint_key(checkpoint, config=cfg.to_dict(), ids=getattr(rows, "ids", None),
+                                                 mask=getattr(rows, "mask", None)))
+    if work is not None and work.plan_file.is_file():
+        pruning = PrunePlan.from_json(work.plan_file.read_text())
+    else:
+        scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
+                                seed=cfg.seed, snapshots=None if work is None else work.snapshots("score", snapshot_every))
+        pruning = make_plan(dg, cfg, scores)
     if output is not None:
+        work.plan_file.write_text(pruning.to_json())
         # writing a shard holds its dense tensors, their pruned copies and the serialised shard
         save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
+        work.clear()
     return pruning
 
 
@@ -93,9 +109,11 @@ def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bo
     cfg = streamed_config(ratio, importance, **options)
     budget = parse_bytes(max_memory)
     files = checkpoint_files(Path(checkpoint))
+    start = time.perf_counter()
     skeleton = empty_model(checkpoint)
     dg = analyze(skeleton)
     segments = partition(dg)
+    setup = time.perf_counter() - start
     check_budget(dg, segments, budget)
     largest, largest_bytes = largest_segment(dg, segments)
     cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
@@ -111,4 +129,4 @@ def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bo
     size = sum((Path(checkpoint) / f).stat().st_size for f in set(files.values()))
     return CostEstimate(sum(t.numel() for t in dg.parameters.values()), after, size,
                         after * (torch.finfo(dtype).bits // 8) + buffers, len(segments) - 2, largest, largest_bytes,
-                        sweeps(cfg, output), budget, measured)
+                        sweeps(cfg, output), budget, measured, setup)

@@ -14,6 +14,7 @@ import transformers
 from safetensors import safe_open
 
 import fxprune
+from benchmarks.synthetic import llama_config, write_random_checkpoint
 from families import gpt2, mixtral
 from fxprune.planning.plan import make_plan
 from fxprune.scoring import score
@@ -333,30 +334,6 @@ def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys)
     assert "importance='hywia' needs gradients" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
-def write_random_llama(directory, layers: int, width: int) -> dict[str, int]:
-    """A LLaMA-shaped checkpoint of seeded random weights written one layer's shard at a time from a meta-device
-    model (never whole in memory); returns the bytes of each shard's tensors by shard name."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=4 * width, head_dim=128,
-                                   num_hidden_layers=layers, num_attention_heads=width // 128,
-                                   num_key_value_heads=width // 256, tie_word_embeddings=True)
-    with init_empty_weights():
-        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items() if k != "lm_head.weight"}
-    cfg.save_pretrained(directory)
-    shards = {}
-    for key in shapes:
-        shards.setdefault(LAYER.search(key).group(1) if LAYER.search(key) else "other", []).append(key)
-    generator, weight_map, sizes = torch.Generator().manual_seed(0), {}, {}
-    for shard, keys in shards.items():
-        tensors = {k: torch.randn(shapes[k], generator=generator) * 0.02 for k in keys}
-        save_file(tensors, directory / f"{shard}.safetensors")
-        weight_map.update(dict.fromkeys(keys, f"{shard}.safetensors"))
-        sizes[shard] = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return sizes
-
-
 # ru_maxrss keeps the high-water mark of the process that forked the child (pytest); VmHWM is the child's own
 PEAK = """
 import sys, torch
@@ -374,8 +351,11 @@ FIXED = 300 * 10**6
 
 
 def test_streamed_peak_memory_is_bounded_by_one_layer_not_the_model(tmp_path):
-    sizes = write_random_llama(tmp_path / "ckpt", layers=12, width=1024)
-    layer = sizes["0"]
+    widths = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8,
+                  num_key_value_heads=4)
+    sizes = write_random_checkpoint(tmp_path / "ckpt", llama_config(widths, vocab_size=512, tie_word_embeddings=True),
+                                    dtype=torch.float32)
+    layer = sizes["layer000"]
     bound = FIXED + 3 * layer  # a layer's dense tensors, their pruned copies and the shard being written
     assert sum(sizes.values()) > bound  # loading the model whole would exceed it
     root = Path(__file__).resolve().parents[1]

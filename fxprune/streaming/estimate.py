@@ -24,15 +24,16 @@ class CostEstimate:
     sweeps: tuple[str, ...]      # "score", "backward", "refit" or "write", in order
     budget: int | None
     probe: Probe
+    setup_seconds: float         # the meta-device capture and analysis, made once per run
 
     def sweep_seconds(self, sweep: str) -> float:
-        per_layer = (self.probe.read_seconds if sweep == "write" else
+        per_layer = (self.probe.write_seconds if sweep == "write" else
                      self.probe.layer_seconds * SWEEP_COST[sweep])
         return per_layer * (self.layers + 2)
 
     @property
     def seconds(self) -> float:
-        return sum(self.sweep_seconds(s) for s in self.sweeps)
+        return self.setup_seconds + sum(self.sweep_seconds(s) for s in self.sweeps)
 
     @property
     def spill_bytes(self) -> int:
@@ -57,11 +58,12 @@ class CostEstimate:
                 ("decoder layers", str(self.layers)),
                 ("largest segment", f"{self.largest}: {size(self.largest_bytes)} of weights (the least --max-memory)"),
                 ("probe (embedding + layer 0)", " + ".join(duration(s) for s in self.probe.seconds)
-                 + f"; reading a layer {duration(self.probe.read_seconds)}"),
+                 + f"; reading and writing a layer {duration(self.probe.write_seconds)}"),
                 ("activations per boundary", size(self.probe.handed_on)),
                 ("activations spilled to disk", size(self.spill_bytes)),
                 ("output on disk", f"about {size(self.output_bytes)}")]
         counts = {s: self.sweeps.count(s) for s in self.sweeps}
+        rows += [("capture and analysis", duration(self.setup_seconds))]
         rows += [(f"{s} sweep" + (f" x {n}" if n > 1 else ""), f"about {duration(self.sweep_seconds(s))} each")
                  for s, n in counts.items()]
         rows += [("time", f"about {duration(self.seconds)}"), ("peak memory", f"about {size(self.peak_bytes)}")]

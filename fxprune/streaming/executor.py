@@ -21,6 +21,7 @@ from torch.fx import Node
 from fxprune.analysis.fx_util import get_attr_path
 from fxprune.streaming.budget import return_freed_memory
 from fxprune.streaming.partition import Segment, last_uses, partition, tensor_attr
+from fxprune.streaming.resume import Snapshots
 from fxprune.streaming.store import ActivationStore
 from fxprune.streaming.weights import WeightSource
 from fxprune.util.lm import logits_of
@@ -135,10 +136,13 @@ class StreamedExecutor:
         return out
 
     @torch.no_grad()
-    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True, segments: int | None = None):
+    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True, segments: int | None = None,
+            snapshots: Snapshots | None = None, state: dict | None = None):
         """Run the graph on `batches` ((input_ids, attention_mask or None) pairs); `hooks`: node -> hook, called
         for every batch before that node runs. Returns each batch's logits when `logits`; otherwise the run
-        stops after the segment of the last hooked node (or after the first `segments`) and returns None."""
+        stops after the segment of the last hooked node (or after the first `segments`) and returns None.
+        `snapshots`: the run resumes after the last segment they hold and records its own boundaries, each with
+        `state` (what the hooks accumulate, updated in place when resuming)."""
         hooks = hooks or {}
         batches = list(batches)
         todo = self.segments
@@ -156,7 +160,10 @@ class StreamedExecutor:
             loaded: dict[str, torch.Tensor] = {}
             self.resident = []
             interp = _OnDevice(self.dg.gm, self.device)
-            for segment in todo:
+            done = self._resume(snapshots, state, len(batches))
+            for segment in todo[:done + 1] if self.progress is not None else ():
+                self.progress(segment)
+            for segment in todo[done + 1:]:
                 self._load(loaded, segment)
                 self.resident.append(set(loaded))
                 attrs = self._attr_values(loaded, segment, segment.nodes)
@@ -168,6 +175,8 @@ class StreamedExecutor:
                 for name in [n for n in loaded if self.last_segment[n] == segment.index]:
                     del loaded[name]
                 return_freed_memory()
+                if snapshots is not None and (snapshots.due() or segment is todo[-1]):
+                    snapshots.save(segment.index, self._values(len(batches)), state)
                 if self.progress is not None:
                     self.progress(segment)
             if not logits:
@@ -181,6 +190,32 @@ class StreamedExecutor:
             return out
         finally:
             self.store.close()
+
+    def _resume(self, snapshots: Snapshots | None, state: dict | None, count: int) -> int:
+        """The last segment the snapshots say was finished (-1: none), its hand-on values put in the store and
+        its state into `state`."""
+        saved = None if snapshots is None else snapshots.load(self.device)
+        if saved is None:
+            return -1
+        done, values, kept = saved
+        if len(values) != count:
+            raise StreamError(f"the snapshot {snapshots.path} holds {len(values)} batches, this run has {count}: "
+                              "remove it to start again")
+        for b, v in enumerate(values):
+            self.store.take(b)
+            self.store.put(b, v)
+        if state is not None:
+            state.clear()
+            state.update(kept)
+        return done
+
+    def _values(self, count: int) -> list[dict]:
+        """Every batch's hand-on values (taken from the store and put back)."""
+        out = []
+        for b in range(count):
+            out.append(self.store.take(b))
+            self.store.put(b, out[-1])
+        return out
 
     def _run_segment(self, interp, segment: Segment, env: dict, batch: int, hooks: dict) -> None:
         interp.env = env

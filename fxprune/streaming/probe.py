@@ -1,8 +1,12 @@
 """Time and memory of the first segments of a streamed run: what a dry run extrapolates to the whole model."""
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
 
 from fxprune.streaming.executor import StreamedExecutor
 from fxprune.util.memory import reset_resident_peak, resident_peak
@@ -12,7 +16,7 @@ from fxprune.util.memory import reset_resident_peak, resident_peak
 class Probe:
     """What running the first `len(seconds)` segments over every calibration batch took."""
     seconds: tuple[float, ...]   # wall time of each segment: its weights read, every batch through it
-    read_seconds: float          # reading the last probed segment's tensors alone
+    write_seconds: float         # reading the last probed segment's tensors and writing them to a shard
     handed_on: int               # bytes the last probed segment hands on, all batches together
     before: int | None           # resident bytes before the probe (the capture, the analysis, the imports)
     peak: int | None             # resident high-water mark during the probe
@@ -40,13 +44,17 @@ def probe(executor: StreamedExecutor, batches, count: int = 2) -> Probe:
         start = time.perf_counter()
         executor.run(batches, logits=False, segments=count)
         peak = resident_peak() if before is not None else None
-        segment = executor.segments[count - 1]
-        t0 = time.perf_counter()
-        for name in segment.tensors:
-            if name in executor.stored_as:
-                executor.read(name)
-        read = time.perf_counter() - t0
+        write = write_seconds(executor, executor.segments[count - 1])
     finally:
         executor.budget, executor.progress = budget, previous
     seconds = tuple(b - a for a, b in zip([start] + marks, marks))
-    return Probe(seconds, read, handed[-1], before, peak)
+    return Probe(seconds, write, handed[-1], before, peak)
+
+
+def write_seconds(executor: StreamedExecutor, segment) -> float:
+    """Seconds to read `segment`'s tensors and save them as one safetensors shard (in a directory removed after)."""
+    start = time.perf_counter()
+    tensors = {name: executor.read(name).contiguous() for name in segment.tensors if name in executor.stored_as}
+    with tempfile.TemporaryDirectory(prefix="fxprune-probe-") as folder:
+        save_file(tensors, Path(folder) / "probe.safetensors")
+        return time.perf_counter() - start

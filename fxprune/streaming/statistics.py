@@ -13,13 +13,15 @@ from fxprune.scoring.aggregate import resolve_groups
 from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.gradients import member_names
 from fxprune.streaming.executor import SourceTensors, StreamedExecutor
+from fxprune.streaming.resume import Snapshots
 
 
 @torch.no_grad()
 def streamed_input_statistics(executor: StreamedExecutor, calibration, names=None, batch_size: int = 8,
-                              gram=()) -> dict[str, InputStats]:
+                              gram=(), snapshots: Snapshots | None = None) -> dict[str, InputStats]:
     """`scoring.activations.input_statistics` computed segment by segment by `executor`: the same statistics
-    of the projections reading the weights `names` (all when None), the same batches of `batch_size` rows."""
+    of the projections reading the weights `names` (all when None), the same batches of `batch_size` rows.
+    `snapshots`: resume after the last segment they hold, and record the sweep's boundaries."""
     dg = executor.dg
     found = projection_inputs(dg.gm, dg.aliases, names)
     gram = set(gram)
@@ -35,7 +37,8 @@ def streamed_input_statistics(executor: StreamedExecutor, calibration, names=Non
                        env[reading.weight], bias, gram)
         return hook
 
-    executor.run(rows, {node: observe(node, reading) for node, reading in found.items()}, logits=False)
+    executor.run(rows, {node: observe(node, reading) for node, reading in found.items()}, logits=False,
+                 snapshots=snapshots, state=sums)
     return finish(sums, {r.name: r.dim for r in found.values()})
 
 
@@ -51,9 +54,10 @@ def forward_only(method, seed: int = 0):
 
 
 def streamed_score(executor: StreamedExecutor, groups=None, method="l2", calibration=None, aggregation: str = "sum",
-                   seed: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
+                   seed: int = 0, batch_size: int = 8, snapshots: Snapshots | None = None) -> dict[int, torch.Tensor]:
     """`fxprune.scoring.score` of a forward-only `method` (l1, l2, wanda, flap, obs, random, or one registered
-    without gradient needs) for the graph `executor` streams: {group id: Tensor[n_units]}."""
+    without gradient needs) for the graph `executor` streams: {group id: Tensor[n_units]}. `snapshots`: the
+    statistics sweep resumes after the last segment they hold."""
     method = forward_only(method, seed)
     needs = getattr(ESTIMATORS.get(method.estimator), "needs", frozenset())
     dg = executor.dg
@@ -61,6 +65,6 @@ def streamed_score(executor: StreamedExecutor, groups=None, method="l2", calibra
     inputs = None
     if "inputs" in needs:
         inputs = streamed_input_statistics(executor, calibration, member_names(dg, groups), batch_size,
-                                           gram_members(groups) if "gram" in needs else ())
+                                           gram_members(groups) if "gram" in needs else (), snapshots)
     return score(dg, groups, method, aggregation=aggregation, seed=seed, device=executor.device, inputs=inputs,
                  weights=SourceTensors(executor))
