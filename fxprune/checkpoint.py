@@ -2,17 +2,19 @@
 stage's executor, scores and output under the API's settings and plan)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from fxprune.analysis.analyze import analyze
 from fxprune.api import config_from
 from fxprune.defaults import resolve_data
 from fxprune.planning.config import PruneConfig
-from fxprune.planning.plan import PrunePlan, make_plan
+from fxprune.scoring import ESTIMATORS, HyWIA, as_method
+from fxprune.planning.plan import PrunePlan, make_plan, target_groups
 from fxprune.serialization import save_streamed
 from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
 from fxprune.streaming.budget import check_budget, parse_bytes
-from fxprune.streaming.statistics import forward_only
+from fxprune.streaming.scores import streamable
 from fxprune.streaming.weights import checkpoint_files
 
 
@@ -27,7 +29,7 @@ def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options
     if cfg.reconstruct.enabled:
         raise ValueError(f"reconstruct={cfg.reconstruct.mode!r} does not stream yet: pass reconstruct='none' to "
                          "prune_checkpoint, or load the model and use fxprune.compile for the refit")
-    forward_only(cfg.importance, cfg.seed)
+    as_method(cfg.importance, ESTIMATORS, cfg.seed)  # an unknown name fails here
     return cfg
 
 
@@ -39,8 +41,9 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
 
     `max_memory` ("2GB", "512MB" or bytes) bounds the weights held at once, and the activations kept in memory
     (the rest spill under `spill_dir`); a budget smaller than one segment's weights is refused before any
-    weight is read. Forward-only importances only (flap, the default, wanda, obs, l2, l1) and
-    reconstruct="none" (the default unless `ratio` is a PruneConfig): the others are refused at once.
+    weight is read. Every importance streams (flap, the default, wanda, obs, l2, l1; element1, element2, vector
+    and HyWIA by backward sweeps, HyWIA with its masked validation since no refit follows); reconstruct="none"
+    only (the default unless `ratio` is a PruneConfig): the others are refused at once.
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
     "write"). Other keywords are `PruneConfig` fields."""
     cfg = streamed_config(ratio, importance, **options)
@@ -56,8 +59,11 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
                                 budget=None if budget is None else max(budget - weights, 0),
                                 progress=report("score"))
-    scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
-                            seed=cfg.seed)
+    method = streamable(cfg.importance, cfg.seed)
+    if isinstance(method, HyWIA):  # no refit to judge after (as fxprune.plan without one): its masked validation
+        method = dataclasses.replace(method, after_refit=False)
+    scores = streamed_score(executor, target_groups(dg, cfg), method, batches, cfg.aggregation, cfg.seed,
+                            cfg.batch_size, cfg.ratio)
     pruning = make_plan(dg, cfg, scores)
     if output is not None:
         # writing a shard holds its dense tensors, their pruned copies and the serialised shard

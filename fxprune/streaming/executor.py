@@ -27,6 +27,8 @@ from fxprune.util.lm import logits_of
 
 # hook(batch index, env): called before its node runs; env maps every live node to its value
 Hook = Callable[[int, dict], None]
+# transform(canonical name, tensor read from the source) -> the tensor the graph reads in its place
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class SourceTensors(Mapping):
@@ -118,10 +120,10 @@ class StreamedExecutor:
         like = self.dg.parameters.get(name, self.dg.buffers.get(name))
         return self.source.read(self.stored_as[name]).to(self.device, like.dtype)
 
-    def _load(self, loaded: dict, segment: Segment) -> None:
+    def _load(self, loaded: dict, segment: Segment, transform: Transform | None = None) -> None:
         for name in segment.tensors:
             if name in self.stored_as and name not in loaded:
-                loaded[name] = self.read(name)
+                loaded[name] = self.read(name) if transform is None else transform(name, self.read(name))
 
     def _attr_values(self, loaded: dict, segment: Segment, ops) -> dict[Node, object]:
         out = {}
@@ -135,10 +137,12 @@ class StreamedExecutor:
         return out
 
     @torch.no_grad()
-    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True):
+    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True,
+            transform: Transform | None = None):
         """Run the graph on `batches` ((input_ids, attention_mask or None) pairs); `hooks`: node -> hook, called
-        for every batch before that node runs. Returns each batch's logits when `logits`; otherwise the run
-        stops after the segment of the last hooked node and returns None."""
+        for every batch before that node runs; `transform(name, tensor)`: what the graph reads in place of each
+        tensor read from the source (a masked weight). Returns each batch's logits when `logits`; otherwise the
+        run stops after the segment of the last hooked node and returns None."""
         hooks = hooks or {}
         batches = list(batches)
         todo = self.segments
@@ -157,7 +161,7 @@ class StreamedExecutor:
             self.resident = []
             interp = _OnDevice(self.dg.gm, self.device)
             for segment in todo:
-                self._load(loaded, segment)
+                self._load(loaded, segment, transform)
                 self.resident.append(set(loaded))
                 attrs = self._attr_values(loaded, segment, segment.nodes)
                 for b in range(len(batches)):
