@@ -59,11 +59,12 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
                                 budget=None if budget is None else max(budget - weights, 0),
                                 progress=report("score"))
-    method = streamable(cfg.importance, cfg.seed)
-    if isinstance(method, HyWIA):  # no refit to judge after (as fxprune.plan without one): its masked validation
-        method = dataclasses.replace(method, after_refit=False)
-    scores = streamed_score(executor, target_groups(dg, cfg), method, batches, cfg.aggregation, cfg.seed,
-                            cfg.batch_size, cfg.ratio)
+    method, groups = streamable(cfg.importance, cfg.seed), None  # None: all groups, a full sweep
+    if isinstance(method, HyWIA):
+        # its blend depends on the groups it learns over, as in fxprune.plan; no refit to judge after, so it
+        # keeps its masked validation
+        method, groups = dataclasses.replace(method, after_refit=False), target_groups(dg, cfg)
+    scores = streamed_score(executor, groups, method, batches, cfg.aggregation, cfg.seed, cfg.batch_size, cfg.ratio)
     pruning = make_plan(dg, cfg, scores)
     if output is not None:
         # writing a shard holds its dense tensors, their pruned copies and the serialised shard

@@ -10,6 +10,9 @@ segment takes the loss, `lm_loss` of each batch's logits, as `scoring.gradients.
 Only the values that depend on the weights and are floating point (the residual stream) get a gradient;
 masks, rotary tables and integer values do not. A tensor read by several segments (a tied embedding) is read
 once per sweep in each direction and gets the sum of its segments' gradients.
+
+Three stores beside the executor's own keep up to its budget each in memory (the rest on disk): the segments'
+inputs, the gradients at the current boundary, and the partial gradients of tensors read by several segments.
 """
 from __future__ import annotations
 
