@@ -2,6 +2,7 @@
 stage's executor, scores and output under the API's settings and plan)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,16 +12,16 @@ from fxprune.analysis.analyze import analyze
 from fxprune.api import config_from
 from fxprune.defaults import resolve_data
 from fxprune.planning.config import PruneConfig
-from fxprune.planning.plan import PrunePlan, make_plan
-from fxprune.serialization import save_streamed
-from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
 from fxprune.scoring import ESTIMATORS, HyWIA, as_method
 from fxprune.scoring.calibration import calibration_for
+from fxprune.planning.plan import PrunePlan, make_plan, target_groups
+from fxprune.serialization import save_streamed
+from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
 from fxprune.streaming.budget import check_budget, largest_segment, parse_bytes
 from fxprune.streaming.estimate import CostEstimate
 from fxprune.streaming.probe import probe
 from fxprune.streaming.resume import WorkFolder, checkpoint_key
-from fxprune.streaming.statistics import forward_only
+from fxprune.streaming.scores import streamable
 from fxprune.streaming.weights import checkpoint_files
 
 
@@ -35,7 +36,7 @@ def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options
     if cfg.reconstruct.enabled:
         raise ValueError(f"reconstruct={cfg.reconstruct.mode!r} does not stream yet: pass reconstruct='none' to "
                          "prune_checkpoint, or load the model and use fxprune.compile for the refit")
-    forward_only(cfg.importance, cfg.seed)
+    as_method(cfg.importance, ESTIMATORS, cfg.seed)  # an unknown name fails here
     return cfg
 
 
@@ -48,8 +49,9 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
 
     `max_memory` ("2GB", "512MB" or bytes) bounds the weights held at once, and the activations kept in memory
     (the rest spill under `spill_dir`); a budget smaller than one segment's weights is refused before any
-    weight is read. Forward-only importances only (flap, the default, wanda, obs, l2, l1) and
-    reconstruct="none" (the default unless `ratio` is a PruneConfig): the others are refused at once.
+    weight is read. Every importance streams (flap, the default, wanda, obs, l2, l1; element1, element2, vector
+    and HyWIA by backward sweeps, HyWIA with its masked validation since no refit follows); reconstruct="none"
+    only (the default unless `ratio` is a PruneConfig): the others are refused at once.
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
     "write"). With `output`, a run interrupted (killed, or stopped by an exception) and started again with the
     same arguments resumes: after the last layer whose boundary was recorded (every `snapshot_every` seconds)
@@ -76,8 +78,14 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     if work is not None and work.plan_file.is_file():
         pruning = PrunePlan.from_json(work.plan_file.read_text())
     else:
-        scores = streamed_score(executor, method=cfg.importance, calibration=batches, aggregation=cfg.aggregation,
-                                seed=cfg.seed, snapshots=None if work is None else work.snapshots("score", snapshot_every))
+        method, groups = streamable(cfg.importance, cfg.seed), None  # None: all groups, a full sweep
+        if isinstance(method, HyWIA):
+            # its blend depends on the groups it learns over, as in fxprune.plan; no refit to judge after, so it
+            # keeps its masked validation
+            method, groups = dataclasses.replace(method, after_refit=False), target_groups(dg, cfg)
+        snapshots = None if work is None else work.snapshots("score", snapshot_every)
+        scores = streamed_score(executor, groups, method, batches, cfg.aggregation, cfg.seed, cfg.batch_size,
+                                cfg.ratio, snapshots)
         pruning = make_plan(dg, cfg, scores)
     if output is not None:
         work.plan_file.write_text(pruning.to_json())

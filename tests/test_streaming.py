@@ -17,7 +17,7 @@ import fxprune
 from benchmarks.synthetic import llama_config, write_random_checkpoint
 from families import gpt2, mixtral
 from fxprune.planning.plan import make_plan
-from fxprune.scoring import score
+from fxprune.scoring import HyWIA, score
 from fxprune.scoring.activations import input_statistics
 from fxprune.serialization import save_streamed
 from fxprune.streaming import (CheckpointWeights, ModelWeights, StreamedExecutor, StreamError, empty_model, partition,
@@ -191,14 +191,16 @@ class Hiding(CheckpointWeights):
         return super().names() - {self.hidden}
 
 
-def test_missing_weight_and_gradient_methods_are_refused_before_any_work(llama_env):
+def test_missing_weight_and_what_cannot_stream_are_refused_before_any_work(llama_env):
     streamed, _ = llama_env
     name = "model.layers.1.mlp.down_proj.weight"
     with pytest.raises(StreamError, match=re.escape(name) + r".*segment 2"):
         StreamedExecutor(streamed.dg, Hiding(streamed.dir, streamed.skeleton, name))
     executor = streamed.executor()
-    with pytest.raises(ValueError, match="needs gradients"):
-        streamed_score(executor, method="element1", calibration=CALIB)
+    with pytest.raises(ValueError, match="after the plan's refit, which streaming does not make"):
+        streamed_score(executor, method=HyWIA(after_refit=True), calibration=CALIB)
+    with pytest.raises(ValueError, match="reads calibration text"):
+        streamed_score(executor, method="element2")
     with pytest.raises(ValueError, match="reads calibration text"):
         streamed_score(executor, method="flap")
     assert not executor.source.reads
@@ -276,8 +278,7 @@ class Unread(CheckpointWeights):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"importance": "hywia"}, r"importance='hywia' needs gradients.*importance='flap'"),
-    ({"importance": "element1"}, r"importance='element1' needs gradients"),
+    ({"importance": "taylor"}, r"unknown scoring method 'taylor'"),
     ({"reconstruct": "lstsq"}, r"reconstruct='lstsq' does not stream yet: pass reconstruct='none'"),
     ({"max_memory": "lots"}, r"max_memory 'lots' is not a size"),
 ])
@@ -329,9 +330,9 @@ def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys)
     assert got.meta[fxprune.PLAN_KEY].units == want.units
     fxprune.save(fxprune.apply(model, want, reconstruct=False), tmp_path / "in_memory", base_model=model)
     assert torch.allclose(logits_of_saved(tmp_path / "out"), logits_of_saved(tmp_path / "in_memory"), atol=1e-4)
-    assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--importance", "hywia",
+    assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--reconstruct", "lstsq",
                  "--output", str(tmp_path / "no")]) == 2
-    assert "importance='hywia' needs gradients" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert "reconstruct='lstsq' does not stream yet" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 # ru_maxrss keeps the high-water mark of the process that forked the child (pytest); VmHWM is the child's own

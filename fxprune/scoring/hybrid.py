@@ -123,23 +123,31 @@ def register_planner(planner) -> None:
     _PLANNER = planner
 
 
+def check_arguments(ratio: float, aggregation: str) -> None:
+    """Raise ValueError for a ratio outside (0, 1) or an unknown aggregation (before any slow work)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio (the fraction of parameters the plan removes) must be in (0, 1), got {ratio}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+
 def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2, aggregation: str = "sum",
           seed: int = 0, steps: int = 30, lr: float = 0.05, temperature: float = 0.25, dim: int = 8,
           batch_size: int = 1, device=None, dtype=None, checkpoint: bool = False,
           gradients: GradientStats | None = None, relaxation: str = "hard", fractions: dict | None = None,
-          validate: bool = True, settings: HyWIA | None = None, inputs: dict | None = None) -> HyWIAResult:
+          validate: bool = True, settings: HyWIA | None = None, inputs: dict | None = None, weights=None,
+          objective: "MaskedObjective | None" = None) -> HyWIAResult:
     """Hybrid-grained weight importance of `groups` (default: all) learned on `calibration`, for a plan
     that removes `ratio` of the parameters; the method is in this module's docstring.
 
     `settings` (a `HyWIA`) overrides steps, lr, temperature, dim, relaxation and validate; `fractions`
     fixes the per-group fractions f_g; `gradients` reuses a `compute_gradients` result and `inputs` an
-    `activations.input_statistics` result (for the activation-aware granularities).
+    `activations.input_statistics` result (for the activation-aware granularities); `weights` (name ->
+    tensor) is read in place of `dg.parameters` and `objective` runs the masked model in place of the in-memory
+    graph (`fxprune.streaming` hands its streamed ones, with the gradients and inputs it computed).
     See docs/hywia.md for the reasons behind these choices.
     """
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio (the fraction of parameters the plan removes) must be in (0, 1), got {ratio}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    check_arguments(ratio, aggregation)
     settings = settings or HyWIA(steps=steps, lr=lr, temperature=temperature, dim=dim, relaxation=relaxation,
                                  validate=validate)
     if settings.after_refit and settings.validate:
@@ -158,15 +166,16 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
         inputs = input_statistics(dg, calibration, member_names(dg, groups))
     levels = {}
     for k in kinds:
-        raw = estimate(dg, groups, ESTIMATORS[GRANULARITIES[k]], aggregation, grads, seed, device, None, inputs)
+        raw = estimate(dg, groups, ESTIMATORS[GRANULARITIES[k]], aggregation, grads, seed, device, None, inputs,
+                       weights)
         levels[k] = {g.id: _normalise(raw[g.id]) for g in groups}
     train, held_out = calibration.split_holdout(calibration.held_out_rows(settings.holdout))
     samples = list(train.batches(max(batch_size, 1)))
-    masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device, dtype, bool(samples))
+    masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device)
+    objective = objective or InMemoryObjective(dg, device, dtype, checkpoint)
     first = levels[kinds[0]]
     attention = _Attention(groups, levels, masker.fractions_for(lambda g: first[g.id]), settings.dim, seed)
-    run = lambda tensors, ids, attn: lm_loss(forward(dg, tensors, ids, attn, checkpoint), ids, attn)
-    losses = _train(attention, masker, samples, settings, device, run)
+    losses = _train(attention, masker, samples, settings, device, objective)
     with torch.no_grad():
         scores = learned = {g.id: attention.blended(g).detach().cpu() for g in groups}
         alpha = {g.id: attention.weights(g).detach().cpu() for g in groups}
@@ -177,9 +186,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
             pieces = list((held_out or train).batches(VALIDATION_ROWS, device))
             candidates = {"learned": scores, **levels}
             for name, cand in candidates.items():
-                tensors = masker.masked(lambda g: cand[g.id], "hard")
-                validation[name] = mean_token_loss(lambda ids, mask: forward(dg, tensors, ids, mask, checkpoint),
-                                                   pieces)
+                validation[name] = objective.held_out(masker.column_masks(lambda g: cand[g.id], "hard"), pieces)
             choice = min(validation, key=lambda k: (validation[k], k != "learned"))
             if choice != "learned":
                 scores = {g.id: levels[choice][g.id].clone() for g in groups}
@@ -188,7 +195,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     return HyWIAResult(scores, alpha, levels, losses, validation, choice, learned)
 
 
-def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[float]:
+def _train(attention, masker, samples, settings: HyWIA, device, objective: "MaskedObjective") -> list[float]:
     """Adam steps on the LM loss of the masked model, one calibration chunk per step in order."""
     losses = []
     if not (masker.maskable and samples and settings.steps > 0):
@@ -196,11 +203,10 @@ def _train(attention, masker, samples, settings: HyWIA, device, run) -> list[flo
     opt = torch.optim.Adam(attention.learnables, lr=settings.lr)
     for step in range(settings.steps):
         ids, attn = (t.to(device) for t in samples[step % len(samples)])
-        loss = run(masker.masked(attention.blended, settings.relaxation), ids, attn)
         opt.zero_grad()
-        loss.backward()
+        loss = objective.step(masker.column_masks(attention.blended, settings.relaxation), ids, attn)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
     return losses
 
 
@@ -231,15 +237,52 @@ class _Attention:
         return sum(a[i] * n[g.id] for i, n in enumerate(self.levels))
 
 
-class _Masker:
-    """The model's tensors with each maskable group's units masked at their output projection."""
+class MaskedObjective:
+    """How HyWIA runs its masked model. `masks`: {weight name: column mask} (the member dim is the last one),
+    differentiable in the attention's learnables, each multiplying its weight's columns."""
 
-    def __init__(self, dg, groups, ratio, fractions, temperature, device, dtype, has_data: bool):
+    def step(self, masks: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> float:
+        """The LM loss of one training chunk under `masks`, backpropagated into them (`.backward()`)."""
+        raise NotImplementedError
+
+    def held_out(self, masks: dict[str, torch.Tensor], batches: list) -> float:
+        """`lm.mean_token_loss` of the model under `masks` over the (ids, mask) `batches`."""
+        raise NotImplementedError
+
+
+class InMemoryObjective(MaskedObjective):
+    """The masked model as detached copies of the analysed model's tensors, run by `forward`."""
+
+    def __init__(self, dg, device, dtype, checkpoint):
+        self.dg, self.device, self.dtype, self.checkpoint = dg, device, dtype, checkpoint
+        self._base = None
+
+    def masked(self, masks) -> dict[str, torch.Tensor]:
+        if self._base is None:
+            self._base = model_tensors(self.dg, self.device, self.dtype)
+        tensors = dict(self._base)
+        for name, cm in masks.items():
+            tensors[name] = self._base[name] * cm.to(self._base[name].dtype)
+        return tensors
+
+    def step(self, masks, ids, mask):
+        loss = lm_loss(forward(self.dg, self.masked(masks), ids, mask, self.checkpoint), ids, mask)
+        loss.backward()
+        return float(loss.detach())
+
+    def held_out(self, masks, batches):
+        tensors = self.masked(masks)
+        return mean_token_loss(lambda ids, mask: forward(self.dg, tensors, ids, mask, self.checkpoint), batches)
+
+
+class _Masker:
+    """Column masks of each maskable group's units at their output projection."""
+
+    def __init__(self, dg, groups, ratio, fractions, temperature, device):
         self.dg, self.groups, self.ratio, self.fractions = dg, groups, ratio, fractions
         self.temperature, self.device = temperature, device
         maskable = [(g, output_projection_members(dg, g)) for g in groups]
         self.maskable = [(g, ms) for g, ms in maskable if ms and g.n_units > 1]
-        self.base = model_tensors(dg, device, dtype) if self.maskable and has_data else None
 
     def fractions_for(self, score_of) -> dict[int, float]:
         if self.fractions is not None:
@@ -260,8 +303,9 @@ class _Masker:
             m = keep + m - m.detach()
         return m
 
-    def masked(self, score_of, relax: str) -> dict[str, torch.Tensor]:
-        """As many units masked per group as the planner removes for the scores `score_of(group)`."""
+    def column_masks(self, score_of, relax: str) -> dict[str, torch.Tensor]:
+        """{weight name: column mask}, as many units masked per group as the planner removes for the scores
+        `score_of(group)`."""
         frac = self.fractions_for(score_of)
         device = self.device
         col_masks: dict[str, torch.Tensor] = {}
@@ -271,7 +315,4 @@ class _Masker:
                 unit_of = mem.unit_of.to(device)
                 per_col = torch.where(unit_of >= 0, m.to(device)[unit_of.clamp_min(0)], torch.ones((), device=device))
                 col_masks[mem.name] = col_masks.get(mem.name, 1) * per_col
-        tensors = dict(self.base)
-        for name, cm in col_masks.items():
-            tensors[name] = self.base[name] * cm.to(self.base[name].dtype)  # columns: the member dim is the last one
-        return tensors
+        return col_masks

@@ -28,6 +28,8 @@ from fxprune.util.lm import logits_of
 
 # hook(batch index, env): called before its node runs; env maps every live node to its value
 Hook = Callable[[int, dict], None]
+# transform(canonical name, tensor read from the source) -> the tensor the graph reads in its place
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class SourceTensors(Mapping):
@@ -119,10 +121,10 @@ class StreamedExecutor:
         like = self.dg.parameters.get(name, self.dg.buffers.get(name))
         return self.source.read(self.stored_as[name]).to(self.device, like.dtype)
 
-    def _load(self, loaded: dict, segment: Segment) -> None:
+    def _load(self, loaded: dict, segment: Segment, transform: Transform | None = None) -> None:
         for name in segment.tensors:
             if name in self.stored_as and name not in loaded:
-                loaded[name] = self.read(name)
+                loaded[name] = self.read(name) if transform is None else transform(name, self.read(name))
 
     def _attr_values(self, loaded: dict, segment: Segment, ops) -> dict[Node, object]:
         out = {}
@@ -136,11 +138,13 @@ class StreamedExecutor:
         return out
 
     @torch.no_grad()
-    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True, segments: int | None = None,
-            snapshots: Snapshots | None = None, state: dict | None = None):
+    def run(self, batches, hooks: dict[Node, Hook] | None = None, logits: bool = True,
+            transform: Transform | None = None, segments: int | None = None, snapshots: Snapshots | None = None,
+            state: dict | None = None):
         """Run the graph on `batches` ((input_ids, attention_mask or None) pairs); `hooks`: node -> hook, called
-        for every batch before that node runs. Returns each batch's logits when `logits`; otherwise the run
-        stops after the segment of the last hooked node (or after the first `segments`) and returns None.
+        for every batch before that node runs; `transform(name, tensor)`: what the graph reads in place of each
+        tensor read from the source (a masked weight). Returns each batch's logits when `logits`; otherwise the
+        run stops after the segment of the last hooked node (or after the first `segments`) and returns None.
         `snapshots`: the run resumes after the last segment they hold and records its own boundaries, each with
         `state` (what the hooks accumulate, updated in place when resuming)."""
         hooks = hooks or {}
@@ -164,7 +168,7 @@ class StreamedExecutor:
             for segment in todo[:done + 1] if self.progress is not None else ():
                 self.progress(segment)
             for segment in todo[done + 1:]:
-                self._load(loaded, segment)
+                self._load(loaded, segment, transform)
                 self.resident.append(set(loaded))
                 attrs = self._attr_values(loaded, segment, segment.nodes)
                 for b in range(len(batches)):

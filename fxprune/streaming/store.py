@@ -14,7 +14,7 @@ def nbytes(values: dict) -> int:
 
 
 class ActivationStore:
-    """Hand-on values by batch index. `budget`: bytes kept in memory (None: no limit); a batch that would
+    """Hand-on values by batch index (or any hashable key). `budget`: bytes kept in memory (None: no limit); a batch that would
     exceed it goes to a file under `directory` (a temporary one by default), removed once taken back."""
 
     def __init__(self, budget: int | None = None, directory=None, device=None):
@@ -33,7 +33,7 @@ class ActivationStore:
         if self.budget is not None and self.in_memory + size > self.budget:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="fxprune-stream-", dir=self._root)
-            path = Path(self._tmp.name) / f"batch{batch}.pt"
+            path = Path(self._tmp.name) / f"{self.spilled}.pt"  # keys may be tuples: (segment, batch)
             torch.save(values, path)
             self._disk[batch] = path
             self.spilled += 1
