@@ -27,6 +27,7 @@ from fxprune.rewrite.emit import unique_tensors
 from fxprune.streaming.output import write_shards
 from fxprune.streaming.weights import INDEX, SINGLE, checkpoint_files
 from fxprune.rewrite.verify import verify
+from fxprune.util.distributed import on_rank_zero
 
 FORMAT = 1
 FILES = ("plan.json", "config.json", "fxprune.json")
@@ -41,8 +42,12 @@ def missing_files(directory: Path) -> list[str]:
 
 def write_directory(directory, plan, base: dict, dtype: torch.dtype, write_weights) -> Path:
     """Write `directory` atomically (in a temporary sibling, then renamed): the weights by `write_weights(folder)`,
-    then the plan, the base model's config (`base_description`) and the format with `dtype`."""
-    directory = Path(directory)
+    then the plan, the base model's config (`base_description`) and the format with `dtype`. Under a process
+    group (`fxprune.util.distributed`) rank 0 writes and the other ranks wait for it."""
+    return on_rank_zero(lambda: _write_directory(Path(directory), plan, base, dtype, write_weights))
+
+
+def _write_directory(directory: Path, plan, base: dict, dtype: torch.dtype, write_weights) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fxprune-", dir=directory.parent))
     try:

@@ -59,6 +59,7 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     from fxprune.data.loaders import calibration_samples
     from fxprune.data.sources import calibration_source
     from fxprune.checkpoint import streamed_config
+    from fxprune.util.distributed import on_rank_zero
     cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
     print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
           "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)
@@ -71,7 +72,8 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     t0 = time.time()
     plan = fxprune.prune_checkpoint(args.model, cfg, args.output, calibration=calib, max_memory=args.max_memory,
                                     progress=progress_bars())
-    tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
+    # so `fxprune tune/eval DIR` find the tokenizer beside the weights; rank 0 only under torchrun
+    on_rank_zero(lambda: tok.save_pretrained(args.output))
     return [("calibration", calib_src.origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
             ("reconstruct", plan.config.reconstruct.mode), ("targets", " ".join(args.targets)),

@@ -13,18 +13,20 @@ from fxprune.scoring.aggregate import resolve_groups
 from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.gradients import member_names
 from fxprune.streaming.executor import SourceTensors, StreamedExecutor
+from fxprune.util.distributed import local_share
 
 
 @torch.no_grad()
 def streamed_input_statistics(executor: StreamedExecutor, calibration, names=None, batch_size: int = 8,
                               gram=()) -> dict[str, InputStats]:
     """`scoring.activations.input_statistics` computed segment by segment by `executor`: the same statistics
-    of the projections reading the weights `names` (all when None), the same batches of `batch_size` rows."""
+    of the projections reading the weights `names` (all when None), the same batches of `batch_size` rows.
+    Under a process group each rank streams its share of the batches; `finish` adds up the ranks' sums."""
     dg = executor.dg
     found = projection_inputs(dg.gm, dg.aliases, names)
     gram = set(gram)
     partners = {n: residual_partner(n) for n, r in found.items() if (r.name, r.dim) in gram}
-    rows = list(calibration_for(dg, calibration, "streamed statistics").batches(batch_size))
+    rows = local_share(calibration_for(dg, calibration, "streamed statistics").batches(batch_size))
     tokens = [token_mask(ids, mask)[1].to(executor.device) for ids, mask in rows]
     sums: dict[str, list] = {}
 
@@ -35,7 +37,8 @@ def streamed_input_statistics(executor: StreamedExecutor, calibration, names=Non
                        env[reading.weight], bias, gram)
         return hook
 
-    executor.run(rows, {node: observe(node, reading) for node, reading in found.items()}, logits=False)
+    if rows:  # a rank without a batch of its own still adds its (empty) sums in `finish`
+        executor.run(rows, {node: observe(node, reading) for node, reading in found.items()}, logits=False)
     return finish(sums, {r.name: r.dim for r in found.values()})
 
 
