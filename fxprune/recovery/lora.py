@@ -45,6 +45,16 @@ def _launched_on_cpu() -> bool:
     return not available
 
 
+def _warn_unless_sharded(accelerator) -> None:
+    """Warn when `accelerate launch` was given an FSDP config but accelerate did not set FSDP up: accelerate
+    shards only on accelerators (GPUs, ...); on CPU it runs the processes as DDP, each holding the whole model."""
+    from accelerate.utils import DistributedType
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        logger.warning("an FSDP config was given but accelerate runs %s (it shards only on accelerators, not on "
+                       "CPU): every process holds the whole model", accelerator.distributed_type)
+
+
 def _trainable_model(gm, settings: LoraSettings, targets):
     """peft's LoRA model around `gm` (settings.trainable == "lora"), or `gm` itself with every parameter
     trainable ("full": the pruned weights are fine-tuned)."""
@@ -102,6 +112,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
                            f"each would train alone and overwrite the others' checkpoints. On CPU, launch with "
                            f"ACCELERATE_USE_CPU=1 (e.g. `accelerate launch --multi_gpu --num_processes N`, or torchrun)")
+    _warn_unless_sharded(accelerator)
     dataset = Examples(examples, settings.cutoff_len)
     fingerprint = run_fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
     fingerprint["teacher"] = teacher is not None

@@ -104,7 +104,8 @@ def all_reduce_sums(sums: dict[K, torch.Tensor | float | int]) -> dict[K, torch.
 
 def on_rank_zero(write: Callable[[], T]) -> T:
     """`write()` on rank 0 only (files, directories); the other ranks wait for it and get its return value.
-    An exception on rank 0 is raised on every rank, so none waits forever. Plain `write()` without a group."""
+    An exception on rank 0 is raised on every rank. Collective: every rank calls it (a call on rank 0 alone
+    waits forever). Plain `write()` without a group."""
     if not active():
         return write()
     result, error = None, None
