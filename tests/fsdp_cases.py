@@ -5,7 +5,8 @@ tests/test_distributed_recovery.py under torchrun:
 
 Each projection is its own FSDP unit and the GraphModule (embedding, norms, adapters) the root one; each rank
 trains on its share of the examples and writes to OUT_DIR/rank<r>.pt its step losses (averaged over the ranks),
-the adapters gathered whole, and the fraction of the projections' weights it holds.
+the adapters gathered whole, the fraction of the projections' weights it holds, and the logits of the sharded
+model and of the unsharded copy given the trained adapters and merged (`fxprune.recovery.sharding`).
 """
 import json
 import sys
@@ -18,7 +19,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import fxprune
-from fxprune.recovery import collate, linear_targets
+from fxprune.recovery import collate, linear_targets, merge
+from fxprune.recovery.sharding import load_trained, unsharded_copy
 from fxprune.util.distributed import init_from_env, local_share, rank_and_world
 from fxprune.util.lm import lm_loss, logits_of
 
@@ -31,7 +33,13 @@ def main(pruned: Path, data: Path, out: Path) -> None:
     rank, world = rank_and_world()
     torch.manual_seed(0)  # the same adapters' initialisation on every rank
     gm = fxprune.load(pruned)
-    model = get_peft_model(gm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=linear_targets(gm)))
+    plain = unsharded_copy(gm)
+
+    def lora(graph):
+        return get_peft_model(graph, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules=linear_targets(graph)))
+
+    model = lora(gm)
     mesh = init_device_mesh("cpu", (world,))
     projections = [m.base_layer for m in model.modules() if hasattr(m, "base_layer")]
     for layer in projections:
@@ -55,7 +63,14 @@ def main(pruned: Path, data: Path, out: Path) -> None:
         dist.all_reduce(mean)
         losses.append(float(mean) / world)
     adapters = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"losses": losses, "adapters": adapters, "held": held / whole}, out / f"rank{rank}.pt")
+    # what tune() does after FSDP training: the trained weights into the unsharded copy, then peft's merge
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        sharded = logits_of(model(input_ids=ids)).clone()
+        merged = logits_of(merge(load_trained(lora(plain), model))(ids))
+    torch.save({"losses": losses, "adapters": adapters, "held": held / whole, "sharded": sharded, "merged": merged},
+               out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 

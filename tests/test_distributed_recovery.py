@@ -4,7 +4,9 @@ repository's FSDP config (configs/accelerate_fsdp.yaml), and the pruned GraphMod
 accelerate (1.16) sets FSDP up on accelerators only: on CPU it runs the config's processes as DDP over gloo
 (every rank holds the whole model) and fxprune warns. So the first test checks what accelerate runs here (the
 config launches, trains, and keeps the ranks' adapters equal), the second that FSDP2 itself shards the pruned
-graph with its LoRA adapters on CPU: each rank holds half of each projection and the adapters agree."""
+graph with its LoRA adapters on CPU: each rank holds half of each projection, the adapters agree, and gathered
+into an unsharded copy and merged (`fxprune.recovery.sharding`, what tune() does after FSDP training) they
+give the sharded model's logits."""
 import json
 import os
 import socket
@@ -82,3 +84,5 @@ def test_fsdp2_shards_the_pruned_graph_and_its_adapters_on_cpu(pruned):
     for name, value in ranks[0]["adapters"].items():
         assert torch.equal(value, ranks[1]["adapters"][name]), name
     assert any(not torch.all(v == 0) for n, v in ranks[0]["adapters"].items() if "lora_B" in n)  # they trained
+    for rank in ranks:  # the trained shards, gathered into the unsharded copy and merged, give the same model
+        torch.testing.assert_close(rank["merged"], rank["sharded"], rtol=1e-4, atol=1e-4)
