@@ -64,11 +64,11 @@ def _layout(value):
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
 
 
-def _reduce_device(tensor: torch.Tensor | None) -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo is sure to reduce CPU ones
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if tensor is None else tensor.device
+    return torch.device("cpu")
 
 
 def all_reduce_sums(sums: dict[K, torch.Tensor | float | int]) -> dict[K, torch.Tensor | float | int]:
@@ -91,12 +91,12 @@ def all_reduce_sums(sums: dict[K, torch.Tensor | float | int]) -> dict[K, torch.
     for key in sorted(union):
         kind, value = union[key], sums.get(key)
         if isinstance(kind, tuple):  # a tensor: (shape, dtype)
-            buffer = (torch.zeros(kind[0], dtype=kind[1], device=_reduce_device(None)) if value is None
-                      else value.detach().to(_reduce_device(value), copy=True))
+            buffer = (torch.zeros(kind[0], dtype=kind[1], device=_reduce_device()) if value is None
+                      else value.detach().to(_reduce_device(), copy=True))
             dist.all_reduce(buffer)
             out[key] = buffer if value is None else buffer.to(value.device)
         else:  # a count or a loss sum: float64 holds it exactly enough
-            buffer = torch.tensor(float(value or 0), dtype=torch.float64, device=_reduce_device(None))
+            buffer = torch.tensor(float(value or 0), dtype=torch.float64, device=_reduce_device())
             dist.all_reduce(buffer)
             out[key] = kind(buffer.item())
     return out
