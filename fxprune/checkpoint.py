@@ -23,6 +23,7 @@ from fxprune.streaming.probe import probe
 from fxprune.streaming.resume import WorkFolder, checkpoint_key
 from fxprune.streaming.scores import streamable
 from fxprune.streaming.weights import checkpoint_files
+from fxprune.util import distributed
 
 
 def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options) -> PruneConfig:
@@ -55,7 +56,8 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
     "write"). With `output`, a run interrupted (killed, or stopped by an exception) and started again with the
     same arguments resumes: after the last layer whose boundary was recorded (every `snapshot_every` seconds)
-    while scoring, after the plan while writing; it writes the same bytes. Other keywords are `PruneConfig`
+    while scoring, after the plan while writing; it writes the same bytes (one process: ranks of a process group
+    start again from the first layer). Other keywords are `PruneConfig`
     fields."""
     cfg = streamed_config(ratio, importance, **options)
     budget = parse_bytes(max_memory)
@@ -71,7 +73,7 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
                                 budget=None if budget is None else max(budget - weights, 0),
                                 progress=report("score"))
     work = None
-    if output is not None:  # an interrupted run starts again where this one stopped
+    if output is not None and not distributed.active():  # an interrupted run starts again where this one stopped
         rows = None if batches is None else calibration_for(dg, batches, "the streamed prune")
         work = WorkFolder(output, checkpoint_key(checkpoint, config=cfg.to_dict(), ids=getattr(rows, "ids", None),
                                                  mask=getattr(rows, "mask", None)))
@@ -87,10 +89,12 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
         scores = streamed_score(executor, groups, method, batches, cfg.aggregation, cfg.seed, cfg.batch_size,
                                 cfg.ratio, snapshots)
         pruning = make_plan(dg, cfg, scores)
-    if output is not None:
+    if work is not None:
         work.plan_file.write_text(pruning.to_json())
+    if output is not None:
         # writing a shard holds its dense tensors, their pruned copies and the serialised shard
         save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
+    if work is not None:
         work.clear()
     return pruning
 

@@ -27,6 +27,7 @@ from fxprune.rewrite.emit import unique_tensors
 from fxprune.streaming.output import write_shards
 from fxprune.streaming.weights import INDEX, SINGLE, checkpoint_files
 from fxprune.rewrite.verify import verify
+from fxprune.util.distributed import on_rank_zero
 
 FORMAT = 1
 FILES = ("plan.json", "config.json", "fxprune.json")
@@ -41,8 +42,12 @@ def missing_files(directory: Path) -> list[str]:
 
 def write_directory(directory, plan, base: dict, dtype: torch.dtype, write_weights) -> Path:
     """Write `directory` atomically (in a temporary sibling, then renamed): the weights by `write_weights(folder)`,
-    then the plan, the base model's config (`base_description`) and the format with `dtype`."""
-    directory = Path(directory)
+    then the plan, the base model's config (`base_description`) and the format with `dtype`. Under a process
+    group (`fxprune.util.distributed`) every rank calls it: rank 0 writes and the others wait for it."""
+    return on_rank_zero(lambda: _write_directory(Path(directory), plan, base, dtype, write_weights))
+
+
+def _write_directory(directory: Path, plan, base: dict, dtype: torch.dtype, write_weights) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fxprune-", dir=directory.parent))
     try:
@@ -61,7 +66,8 @@ def write_directory(directory, plan, base: dict, dtype: torch.dtype, write_weigh
 
 
 def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
-    """Write weights, plan and base config to `directory` atomically (write, then rename)."""
+    """Write weights, plan and base config to `directory` atomically (write, then rename); under a process group
+    every rank calls it and rank 0 writes (`fxprune.util.distributed`)."""
     plan = gm.meta.get(PLAN_KEY)
     base = base_description(base_model) if base_model is not None else gm.meta.get(BASE_KEY)
     if plan is None or base is None:

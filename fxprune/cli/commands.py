@@ -52,6 +52,8 @@ def cmd_prune(args) -> int:
     from fxprune.data.models import load_model
     from fxprune.data.sources import calibration_source, wikitext_source
     from fxprune.cli.streamed import dry_run, prune_streamed, streamed_size, streaming_defaults
+    from fxprune.util.distributed import init_from_env, on_rank_zero
+    init_from_env()  # under torchrun: the ranks split the calibration batches (docs/distributed.md)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.dry_run:
         return report(dry_run(args, prune_config(streaming_defaults(args))), args)
@@ -80,7 +82,7 @@ def cmd_prune(args) -> int:
     plan = gm.meta[fxprune.PLAN_KEY]
     if args.output:
         fxprune.save(gm, args.output, base_model=model)
-        tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
+        on_rank_zero(lambda: tok.save_pretrained(args.output))  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     rows += [("model", args.model or "SmolLM2-135M-Instruct (embedded GGUF)"),
              ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
              ("reconstruct", plan.config.reconstruct.mode),
@@ -94,7 +96,11 @@ def cmd_prune(args) -> int:
 
 
 def report(rows, args) -> int:
-    """Print the command's report and write it to `--json` when asked; returns the exit code."""
+    """Print the command's report and write it to `--json` when asked (rank 0 only, under torchrun); returns the
+    exit code."""
+    from fxprune.util.distributed import rank_and_world
+    if rank_and_world()[0] != 0:
+        return 0
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows), indent=1))

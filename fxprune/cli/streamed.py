@@ -90,7 +90,8 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     t0 = time.time()
     plan = fxprune.prune_checkpoint(args.model, cfg, args.output, calibration=calib, max_memory=args.max_memory,
                                     progress=progress_bars())
-    tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
+    # so `fxprune tune/eval DIR` find the tokenizer beside the weights; rank 0 only under torchrun
+    on_rank_zero(lambda: tok.save_pretrained(args.output))
     return [("calibration", origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
             ("reconstruct", plan.config.reconstruct.mode), ("targets", " ".join(args.targets)),

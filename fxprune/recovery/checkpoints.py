@@ -37,8 +37,13 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def register_lora_only_checkpointing(accelerator):
-    """Make save_state/load_state store only the trainable (LoRA) weights, not the frozen base model."""
+    """Make save_state/load_state store only the trainable (LoRA) weights, not the frozen base model. Under FSDP
+    accelerate saves and loads the sharded model itself (its own files), so nothing is registered."""
+    from accelerate.utils import DistributedType
     from safetensors.torch import load_file
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):

@@ -29,6 +29,7 @@ from fxprune.recovery.checkpoints import (CHECKPOINT_PREFIX, STATE_FILE, checkpo
 from fxprune.recovery.distill import HeadInput, Teacher, check_teacher, recovery_loss
 from fxprune.recovery.examples import Examples, collate
 from fxprune.recovery.settings import LoraSettings, mixed_precision
+from fxprune.recovery.sharding import load_trained, unsharded_copy
 from fxprune.recovery.targets import resolve_targets
 from fxprune.util.lm import lm_loss, logits_of
 
@@ -43,6 +44,16 @@ def _launched_on_cpu() -> bool:
         return False
     available = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return not available
+
+
+def _warn_unless_sharded(accelerator) -> None:
+    """Warn when `accelerate launch` was given an FSDP config but accelerate did not set FSDP up: accelerate
+    shards only on accelerators (GPUs, ...); on CPU it runs the processes as DDP, each holding the whole model."""
+    from accelerate.utils import DistributedType
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        logger.warning("an FSDP config was given but accelerate runs %s (it shards only on accelerators, not on "
+                       "CPU): every process holds the whole model", accelerator.distributed_type)
 
 
 def _trainable_model(gm, settings: LoraSettings, targets):
@@ -77,7 +88,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     depends on their order; split into pieces they would pass the same eight objects around.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
 
     settings = settings or LoraSettings()
@@ -102,6 +113,7 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
                            f"each would train alone and overwrite the others' checkpoints. On CPU, launch with "
                            f"ACCELERATE_USE_CPU=1 (e.g. `accelerate launch --multi_gpu --num_processes N`, or torchrun)")
+    _warn_unless_sharded(accelerator)
     dataset = Examples(examples, settings.cutoff_len)
     fingerprint = run_fingerprint(settings, targets, len(dataset), accelerator.num_processes, precision)
     fingerprint["teacher"] = teacher is not None
@@ -115,6 +127,8 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
                              f"(checkpoint vs now: {diff})")
 
     set_seed(settings.seed)
+    # FSDP turns the parameters into shards: the trained weights go back into this copy (recovery/sharding.py)
+    plain = unsharded_copy(gm) if accelerator.distributed_type == DistributedType.FSDP else None
     student_hidden = HeadInput(gm) if match_hidden else None
     peft_model = _trainable_model(gm, settings, targets)
     peft_model.train()
@@ -222,6 +236,8 @@ def tune(gm: torch.fx.GraphModule, examples, settings: LoraSettings | None = Non
     if student_hidden is not None:
         student_hidden.remove()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if plain is not None:  # every rank gathers the shards; each gets the whole trained model
+        peft_model = load_trained(_trainable_model(plain, settings, targets), peft_model)
     peft_model.eval()
     return peft_model, history
 

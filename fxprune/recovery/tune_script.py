@@ -126,13 +126,15 @@ def load_graph_module(path) -> torch.fx.GraphModule:
 
 
 def save_graph_module(gm: torch.fx.GraphModule, path) -> None:
-    """Save `gm` with `fxprune.save` when it carries a plan, else with `torch.save`."""
+    """Save `gm` with `fxprune.save` when it carries a plan, else with `torch.save`. Under a process group every
+    rank calls it and rank 0 writes."""
     from fxprune.analysis.meta_keys import PLAN_KEY
+    from fxprune.util.distributed import on_rank_zero
     if PLAN_KEY in gm.meta and "fxprune.base" in gm.meta:
         from fxprune.serialization import save
         save(gm, path)
     else:
-        torch.save(gm, path)
+        on_rank_zero(lambda: torch.save(gm, path))
 
 
 def main(argv=None) -> int:
@@ -168,9 +170,9 @@ def main(argv=None) -> int:
     in_sync = bool((replicas == replicas[0]).all())
 
     merged = merge(peft_model)
+    if args.merged:  # on every process: the main one writes, the others wait (fxprune.util.distributed)
+        save_graph_module(merged, args.merged)
     if state.is_main_process:
-        if args.merged:
-            save_graph_module(merged, args.merged)
         if args.result:
             backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
             Path(args.result).write_text(json.dumps({

@@ -17,6 +17,7 @@ from fxprune.analysis.fx_util import get_attr_path
 from fxprune.reconstruction.projections import first_projections, inverse_energy, residual_partner, step, stream_like
 from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.forward import compute_device
+from fxprune.util.distributed import active, all_reduce_sums, local_share
 
 
 @dataclass
@@ -91,10 +92,28 @@ def accumulate(sums: dict, reading: Reading, x, residual, tokens, weight, bias, 
         acc[3] = weighted_gram(x, weight, bias, reading.dim, residual, tokens, acc[3])
 
 
-def finish(sums: dict, dims: dict) -> dict[str, InputStats]:
-    """The `InputStats` of each weight from its `accumulate`d sums; `dims`: weight name -> input dim."""
-    out = {}
+def reduce_sums(sums: dict) -> dict:
+    """The `accumulate`d `sums` of this rank added to every other rank's (`util.distributed`): the sums of all
+    the calibration batches, by weight name; `sums` itself without a process group."""
+    if not active():
+        return sums
+    flat = {}
     for name, (n, s, sq, xx) in sums.items():
+        flat.update({(name, "count"): n, (name, "sum"): s, (name, "sq"): sq})
+        if xx is not None:
+            flat.update({(name, "gram"): xx[0], (name, "energy"): xx[1]})
+    total = all_reduce_sums(flat)  # a rank without a batch had no entry: it gets every rank's
+    names = dict.fromkeys(name for name, _ in total)
+    return {name: [total[name, "count"], total[name, "sum"], total[name, "sq"],
+                   (total[name, "gram"], total[name, "energy"]) if (name, "gram") in total else None]
+            for name in names}
+
+
+def finish(sums: dict, dims: dict) -> dict[str, InputStats]:
+    """The `InputStats` of each weight from its `accumulate`d sums (added over the ranks of a process group
+    first); `dims`: weight name -> input dim."""
+    out = {}
+    for name, (n, s, sq, xx) in reduce_sums(sums).items():
         mean = s / n
         var = (sq / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)
         stats = InputStats(dims[name], n, mean.float().cpu(), var.float().cpu(), sq.float().cpu())
@@ -124,7 +143,8 @@ def input_statistics(dg, calibration, names=None, batch_size: int = 8, gram=()) 
     biases = {r.name: None if r.bias is None else get_attr_path(dg.gm, r.bias.target) for r in found.values()}
     sums: dict[str, list] = {}
     device = compute_device(dg, None)  # the graph runs on its own weights: the tokens go where they are
-    for ids, mask in calibration_for(dg, calibration, "activation statistics").batches(batch_size, device):
+    batches = calibration_for(dg, calibration, "activation statistics").batches(batch_size, device)
+    for ids, mask in local_share(batches):  # this rank's batches; `finish` adds up the ranks' sums
         mask, tokens = token_mask(ids, mask)
         inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         run = step(dg.gm, inputs, found, partners)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from fxprune.analysis.groups import DependencyGraph
+from fxprune.util.distributed import all_reduce_sums, local_share
 from fxprune.util.lm import lm_loss
 from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.forward import compute_device, forward, model_tensors
@@ -39,6 +40,8 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     per-sample gradients. Otherwise samples go in chunks of `batch_size` rows.
     `checkpoint=True` (or an int: the number of segments) recomputes activations in backward,
     keeping only segment boundaries alive: less memory for about one more forward pass.
+    Under a process group (`fxprune.util.distributed`) each rank runs its share of the batches and the
+    sums are all-reduced before they are divided: every rank gets the one-process result.
     """
     calibration = calibration_for(dg, calibration, "gradient-based scoring")
     if batch_size < 1:
@@ -50,7 +53,7 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     grad = {n: torch.zeros(tensors[n].shape, dtype=torch.float32, device=device) for n in names}
     sq = {n: torch.zeros_like(grad[n]) for n in names} if second_order else None
     n_samples, total = 0, 0.0
-    for ids, mask in calibration.batches(1 if second_order else batch_size, device):
+    for ids, mask in local_share(calibration.batches(1 if second_order else batch_size, device)):
         loss = lm_loss(forward(dg, tensors, ids, mask, checkpoint), ids, mask)
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         rows = ids.shape[0]
@@ -63,7 +66,18 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
                 sq[n].addcmul_(g, g)
         n_samples += rows
         total += float(loss.detach()) * rows
-    for n in names:
+    return gradient_stats(grad, sq, n_samples, total)
+
+
+def gradient_stats(grad: dict, sq: dict | None, n_samples: int, total: float) -> GradientStats:
+    """The `GradientStats` of row-weighted gradient sums `grad` (and squared ones `sq`) over `n_samples` rows
+    whose losses sum to `total`, added up over the ranks first (the identity without a process group)."""
+    sums = {("samples", ""): n_samples, ("loss", ""): total, **{("grad", n): g for n, g in grad.items()}}
+    sums = all_reduce_sums({**sums, **{("sq", n): g for n, g in (sq or {}).items()}})
+    n_samples, total = sums["samples", ""], sums["loss", ""]
+    grad = {n: sums["grad", n] for n in grad}
+    sq = {n: sums["sq", n] for n in sq} if sq is not None else None
+    for n in grad:
         grad[n].div_(n_samples)
         if sq is not None:
             sq[n].div_(n_samples)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from fxprune.scoring.calibration import calibration_for
-from fxprune.scoring.gradients import GradientStats, member_names
+from fxprune.scoring.gradients import GradientStats, gradient_stats, member_names
 from fxprune.streaming.backward import backward_sweep
 from fxprune.streaming.executor import StreamedExecutor
+from fxprune.util.distributed import local_share
 
 
 def streamed_gradients(executor: StreamedExecutor, calibration, names=None, second_order: bool = False,
@@ -23,7 +24,7 @@ def streamed_gradients(executor: StreamedExecutor, calibration, names=None, seco
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = member_names(dg, dg.groups) if names is None else [n for n in names if n in dg.parameters]
-    rows = list(calibration.batches(1 if second_order else batch_size))
+    rows = local_share(calibration.batches(1 if second_order else batch_size))  # this rank's batches
     device = executor.device
     grad = {n: torch.zeros(dg.parameters[n].shape, dtype=torch.float32, device=device) for n in names}
     sq = {n: torch.zeros_like(grad[n]) for n in names} if second_order else None
@@ -34,13 +35,7 @@ def streamed_gradients(executor: StreamedExecutor, calibration, names=None, seco
         if sq is not None:
             sq[name].addcmul_(g, g)
 
-    losses = backward_sweep(executor, rows, names, accumulate)
+    losses = backward_sweep(executor, rows, names, accumulate) if rows else []
     n_samples = sum(ids.shape[0] for ids, _ in rows)
     total = sum(loss * ids.shape[0] for loss, (ids, _) in zip(losses, rows))
-    # all-reduce point: with the calibration rows split across ranks, grad, sq, n_samples and total are summed
-    # over the ranks here (fxprune/util/distributed.py), before the division
-    for n in names:
-        grad[n].div_(n_samples)
-        if sq is not None:
-            sq[n].div_(n_samples)
-    return GradientStats(grad, sq, n_samples, total / n_samples)
+    return gradient_stats(grad, sq, n_samples, total)
