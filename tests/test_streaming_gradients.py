@@ -160,3 +160,28 @@ def test_prune_checkpoint_with_gradients_equals_plan(tmp_path_factory, importanc
     plan = fxprune.prune_checkpoint(streamed.dir, 0.3, importance=importance, calibration=CAL, max_memory="200KB")
     want = fxprune.plan(streamed.model, 0.3, importance=importance, calibration=CAL, reconstruct="none")
     assert plan.units == want.units and plan.kept == want.kept
+
+
+@pytest.mark.parametrize("method", ["element1", "element2"])
+def test_gradient_scores_are_finished_and_released_layer_by_layer(tmp_path_factory, method, monkeypatch):
+    """Each tensor's gradients are reduced to its members' scores before the reverse sweep reads the layer below:
+    a sweep holds one layer's gradients, never the model's."""
+    import fxprune.streaming.gradients as streamed
+    streamed_model = built("llama_gqa", tmp_path_factory)
+    executor = streamed_model.executor()
+    events = []
+    read = executor.read
+    monkeypatch.setattr(executor, "read", lambda name: events.append(("read", name)) or read(name))
+    value = streamed.member_value
+    monkeypatch.setattr(streamed, "member_value", lambda group, index, *a, **k: events.append(
+        ("scored", group.members[index].name)) or value(group, index, *a, **k))
+    streamed_score(executor, method=method, calibration=CALIB)
+    layer = lambda name: int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+    backward = events[[k for k, e in enumerate(events) if e[0] == "scored"][0]:]
+    scored_layers = [layer(n) for kind, n in backward if kind == "scored" and layer(n) is not None]
+    assert scored_layers == sorted(scored_layers, reverse=True) and set(scored_layers) == {0, 1}
+    assert any(kind == "read" and layer(n) == 0 for kind, n in backward)  # layer 0 read after layer 1 is scored
+    for k, (kind, name) in enumerate(backward):
+        if kind == "read" and layer(name) == 0:  # by then every tensor of layer 1 is scored
+            assert {layer(n) for e, n in backward[:k] if e == "scored"} >= {1}
+            assert not any(e == "scored" and layer(n) == 1 for e, n in backward[k:])

@@ -61,6 +61,39 @@ def _aggregate(values: list[torch.Tensor], how: str, last: int) -> torch.Tensor:
     return values[last]
 
 
+def member_value(group: Group, index: int, estimator, weight: torch.Tensor, grad=None, sq_grad=None, seed: int = 0,
+                 settings=None, inputs=None, device=None) -> torch.Tensor | None:
+    """The estimate of `group.members[index]` (its tensor `weight`, its gradient statistics and input statistics):
+    Tensor[n_units] in float32, or None when the estimator finds it uninformative."""
+    member = group.members[index]
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    v = estimator(UnitStats(group, member, index, w, grad=grad, sq_grad=sq_grad, seed=seed, settings=settings,
+                            inputs=inputs))
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or v.shape != (group.n_units,):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"estimator returned {got} for group {group.id} ({group.kind}); "
+                         f"expected a tensor of shape ({group.n_units},)")
+    return v.float()
+
+
+def combine(dg, group: Group, values: dict[int, torch.Tensor], aggregation: str, order: dict[str, int]):
+    """One score per unit of `group` from its members' estimates `values` (member index -> Tensor; None when no
+    member was informative); `order`: `_first_use` positions, read by aggregation "last"."""
+    indices = sorted(values)
+    if not indices:
+        return None
+    uses = [order.get(group.members[i].name, -1) for i in indices]
+    last = max(range(len(indices)), key=lambda k: (uses[k], k))
+    return _aggregate([values[i] for i in indices], aggregation, last).detach().cpu()
+
+
+def first_uses(dg, aggregation: str) -> dict[str, int]:
+    """What `combine` reads for `aggregation`: the first-use positions for "last", nothing otherwise."""
+    return _first_use(dg) if aggregation == "last" else {}
+
+
 def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, seed, device, settings=None,
              inputs=None, weights=None):
     """{group id: aggregated per-unit scores} of `estimator` over each group's members; `settings`: the
@@ -68,35 +101,29 @@ def estimate(dg, groups, estimator, aggregation, grads: GradientStats | None, se
     weight name; `weights`: where the members' tensors are read (name -> tensor; `dg.parameters` when None).
     A member the estimator returns None for carries no information and is skipped; a group with no
     informative member is scored by l2."""
-    order = _first_use(dg) if aggregation == "last" else {}
+    order = first_uses(dg, aggregation)
     tensors = dg.parameters if weights is None else weights
     scores = {}
     for group in groups:
-        values, uses = [], []
+        values = {}
         for index, member in enumerate(group.members):
             if member.name not in dg.parameters:
                 continue
-            w = tensors[member.name].detach().to(device=device, dtype=torch.float32)
-            stats = UnitStats(group, member, index, w,
-                              grad=None if grads is None else grads.grad.get(member.name),
-                              sq_grad=None if grads is None or grads.sq_grad is None else grads.sq_grad.get(member.name),
-                              seed=seed, settings=settings,
-                              inputs=None if inputs is None else inputs.get(member.name))
-            v = estimator(stats)
-            if v is None:
-                continue
-            if not isinstance(v, torch.Tensor) or v.shape != (group.n_units,):
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"estimator returned {got} for group {group.id} ({group.kind}); "
-                                 f"expected a tensor of shape ({group.n_units},)")
-            values.append(v.float())
-            uses.append(order.get(member.name, -1))
-        if not values:
-            fallback = estimator is not ESTIMATORS["l2"] and inputs is not None
-            scores[group.id] = estimate(dg, [group], ESTIMATORS["l2"], aggregation, None, seed, device,
-                                       weights=weights)[group.id] \
-                if fallback else torch.zeros(group.n_units)
-            continue
-        last = max(range(len(values)), key=lambda i: (uses[i], i))
-        scores[group.id] = _aggregate(values, aggregation, last).detach().cpu()
+            v = member_value(group, index, estimator, tensors[member.name],
+                             grad=None if grads is None else grads.grad.get(member.name),
+                             sq_grad=None if grads is None or grads.sq_grad is None else grads.sq_grad.get(member.name),
+                             seed=seed, settings=settings, inputs=None if inputs is None else inputs.get(member.name),
+                             device=device)
+            if v is not None:
+                values[index] = v
+        scores[group.id] = combine(dg, group, values, aggregation, order)
+        if scores[group.id] is None:
+            scores[group.id] = fallback(dg, group, estimator, aggregation, seed, device, inputs, weights)
     return scores
+
+
+def fallback(dg, group: Group, estimator, aggregation, seed, device, inputs, weights) -> torch.Tensor:
+    """The scores of a group none of whose members informed `estimator`: l2 where statistics were given, else 0."""
+    if estimator is not ESTIMATORS["l2"] and inputs is not None:
+        return estimate(dg, [group], ESTIMATORS["l2"], aggregation, None, seed, device, weights=weights)[group.id]
+    return torch.zeros(group.n_units)

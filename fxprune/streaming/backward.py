@@ -29,15 +29,20 @@ from fxprune.util.lm import lm_loss, logits_of
 
 # on_grad(name, batch index, gradient of that batch's loss w.r.t. the tensor `name`, whole over its segments)
 GradSink = Callable[[str, int, torch.Tensor], None]
+# on_done(name, tensor as read): every batch's gradient of `name` has been handed on; called before it is dropped
+DoneSink = Callable[[str, torch.Tensor], None]
 
 
 def backward_sweep(executor: StreamedExecutor, batches, names: Iterable[str] = (), on_grad: GradSink | None = None,
-                   transform: Transform | None = None, through: Iterable[str] = ()) -> list[float]:
+                   transform: Transform | None = None, through: Iterable[str] = (),
+                   on_done: DoneSink | None = None) -> list[float]:
     """Forward and backward through `executor` on `batches` ((input_ids, attention_mask) pairs); returns each
     batch's loss. `names`: canonical names of the tensors whose gradient of each batch's loss is handed to
     `on_grad`. `transform(name, tensor)`: what the graph reads in place of each tensor (both sweeps); the
     tensors it makes differentiable (a mask's leaves) accumulate `.grad` over all batches, and `through` names
-    the tensors whose transform carries such a gradient, so the sweep reaches back to their segments."""
+    the tensors whose transform carries such a gradient, so the sweep reaches back to their segments.
+    `on_done(name, tensor)`: each of `names` once its gradients are complete (its lowest segment done), with the
+    tensor as read, so a caller can reduce them to scores and free them layer by layer."""
     batches = [(ids, torch.ones_like(ids) if mask is None else mask) for ids, mask in batches]
     names = [n for n in dict.fromkeys(names) if n in executor.stored_as]
     unknown = [n for n in through if n not in executor.stored_as]
@@ -50,7 +55,7 @@ def backward_sweep(executor: StreamedExecutor, batches, names: Iterable[str] = (
     try:
         hooks = {s.nodes[0]: _keep_inputs(executor, s, saved) for s in executor.segments[lowest:]}
         executor.run(batches, hooks, logits=False, transform=transform)
-        return _Reverse(executor, batches, names, on_grad, transform, readers, saved).run(lowest)
+        return _Reverse(executor, batches, names, on_grad, transform, readers, saved).run(lowest, on_done)
     finally:
         saved.close()
 
@@ -92,7 +97,7 @@ class _Reverse:
         self.pending = ActivationStore(*store)   # partial gradients of tensors read by several segments
         self.losses = [0.0] * len(batches)
 
-    def run(self, lowest: int) -> list[float]:
+    def run(self, lowest: int, on_done: DoneSink | None = None) -> list[float]:
         loaded: dict[str, torch.Tensor] = {}
         try:
             for segment in reversed(self.executor.segments[lowest:]):
@@ -102,6 +107,8 @@ class _Reverse:
                 for b in range(len(self.batches)):
                     self._segment(segment, b, loaded)
                 for name in [n for n in loaded if self.readers[n][0] == segment.index]:
+                    if on_done is not None and name in self.wanted:
+                        on_done(name, loaded[name])
                     del loaded[name]
                 return_freed_memory()
             return self.losses

@@ -11,7 +11,7 @@ from fxprune.scoring.aggregate import resolve_groups
 from fxprune.scoring.calibration import calibration_for
 from fxprune.scoring.gradients import member_names
 from fxprune.streaming.executor import SourceTensors, StreamedExecutor
-from fxprune.streaming.gradients import streamed_gradients
+from fxprune.streaming.gradients import streamed_gradient_scores, streamed_gradients
 from fxprune.streaming.hywia import streamed_hywia
 from fxprune.streaming.resume import Snapshots
 from fxprune.streaming.statistics import streamed_input_statistics
@@ -46,6 +46,10 @@ def streamed_score(executor: StreamedExecutor, groups=None, method="l2", calibra
     if "inputs" in needs:
         inputs = streamed_input_statistics(executor, calibration, member_names(dg, groups),
                                            gram=gram_members(groups) if "gram" in needs else (), snapshots=snapshots)
+    if needs & {"grad", "sq_grad"} and "inputs" not in needs:  # scored layer by layer, the gradients let go
+        return streamed_gradient_scores(executor, groups, ESTIMATORS[method.estimator], calibration,
+                                        "sq_grad" in needs, batch_size, aggregation, getattr(method, "seed", seed),
+                                        method)
     if needs & {"grad", "sq_grad"}:
         grads = streamed_gradients(executor, calibration, member_names(dg, groups), "sq_grad" in needs, batch_size)
     return score(dg, groups, method, aggregation=aggregation, seed=seed, device=executor.device, inputs=inputs,
