@@ -67,8 +67,14 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     segments = partition(dg)
     weights = check_budget(dg, segments, budget)
     cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
-    report = (lambda stage: lambda segment: progress(stage, segment, len(segments))) if progress else \
-        (lambda stage: None)
+    reported: dict[str, set] = {"score": set(), "write": set()}
+
+    def report(stage):  # each segment once per stage (HyWIA sweeps many times), None without a callback
+        def update(segment):
+            if segment.index not in reported[stage]:
+                reported[stage].add(segment.index)
+                progress(stage, segment, len(segments))
+        return update if progress else None
     executor = StreamedExecutor(dg, CheckpointWeights(checkpoint, skeleton), segments, spill_dir=spill_dir,
                                 budget=None if budget is None else max(budget - weights, 0),
                                 progress=report("score"))
@@ -80,15 +86,17 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     if work is not None and work.plan_file.is_file():
         pruning = PrunePlan.from_json(work.plan_file.read_text())
     else:
-        method, groups = streamable(cfg.importance, cfg.seed), None  # None: all groups, a full sweep
-        if isinstance(method, HyWIA):
-            # its blend depends on the groups it learns over, as in fxprune.plan; no refit to judge after, so it
-            # keeps its masked validation
-            method, groups = dataclasses.replace(method, after_refit=False), target_groups(dg, cfg)
+        # the groups the plan reads, as fxprune.plan scores them: a gradient sweep then stops at the lowest
+        # layer they reach and differentiates neither the embedding nor the head
+        method, groups = streamable(cfg.importance, cfg.seed), target_groups(dg, cfg)
+        if isinstance(method, HyWIA):  # no refit to judge after, so it keeps its masked validation
+            method = dataclasses.replace(method, after_refit=False)
         snapshots = None if work is None else work.snapshots("score", snapshot_every)
         scores = streamed_score(executor, groups, method, batches, cfg.aggregation, cfg.seed, cfg.batch_size,
                                 cfg.ratio, snapshots)
         pruning = make_plan(dg, cfg, scores)
+    for segment in segments if progress else ():  # those no statistic needed: resumed past, or above the last
+        report("score")(segment)
     if work is not None:
         work.plan_file.write_text(pruning.to_json())
     if output is not None:

@@ -83,6 +83,7 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     returns the report's rows."""
     import fxprune
     from fxprune.checkpoint import streamed_config
+    from fxprune.util.distributed import on_rank_zero
     cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
     print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
           "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)
