@@ -158,7 +158,7 @@ def test_streamed_statistics_equal_the_in_memory_ones(llama_env):
         assert torch.allclose(g.var, w.var, rtol=1e-6, atol=0) and torch.allclose(g.sq_norm, w.sq_norm, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["l2", "wanda", "flap"])
+@pytest.mark.parametrize("method", ["l2", "wanda", "flap", "obs"])
 def test_streamed_scores_and_plan_equal_the_in_memory_ones(llama_env, method):
     streamed, dg = llama_env
     got = streamed_score(streamed.executor(budget=1024), method=method, calibration=CALIB)

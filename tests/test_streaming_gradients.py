@@ -96,6 +96,14 @@ def test_streamed_gradient_scores_and_plan_equal_the_in_memory_ones(pair, method
     assert streamed_plan.units == plan.units and streamed_plan.kept == plan.kept
 
 
+def test_fused_gate_up_gradient_scores_stream_too(tmp_path_factory):
+    streamed = built("glm", tmp_path_factory)
+    dg = fxprune.analyze(streamed.model)
+    got = streamed_score(streamed.executor(budget=SPILL), method="element1", calibration=CALIB, batch_size=2)
+    want = score(dg, method="element1", calibration=CALIB, batch_size=2)
+    assert set(got) == set(want) and all(close(got[g], want[g], 1e-5) for g in want)
+
+
 def test_streamed_hywia_equals_the_in_memory_one(pair):
     streamed, dg = pair
     settings = HyWIA(steps=4)
