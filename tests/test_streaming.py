@@ -277,7 +277,7 @@ class Unread(CheckpointWeights):
 @pytest.mark.parametrize("setting, message", [
     ({"importance": "hywia"}, r"importance='hywia' needs gradients.*importance='flap'"),
     ({"importance": "element1"}, r"importance='element1' needs gradients"),
-    ({"reconstruct": "lstsq"}, r"reconstruct='lstsq' does not stream yet: pass reconstruct='none'"),
+    ({"reconstruct": "ridge"}, r"reconstruct must be a Refit\(\.\.\.\) or one of \('none', 'bias', 'lstsq'\)"),
     ({"max_memory": "lots"}, r"max_memory 'lots' is not a size"),
 ])
 def test_prune_checkpoint_refuses_what_it_cannot_stream_before_reading(tmp_path_factory, monkeypatch, setting,

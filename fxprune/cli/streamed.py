@@ -29,7 +29,8 @@ def streamed_size(model, max_memory) -> int | None:
 
 
 def streaming_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with the streamed run's defaults where a flag was left out: FLAP importance, no refit."""
+    """`args` with the streamed run's defaults where a flag was left out: FLAP importance, no refit (`--reconstruct
+    lstsq` or `bias` refits as the layers are written)."""
     importance = "flap" if args.importance is None else args.importance
     reconstruct = "none" if args.reconstruct is None else args.reconstruct
     return argparse.Namespace(**{**vars(args), "importance": importance, "reconstruct": reconstruct})
@@ -68,9 +69,12 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"{args.model} has no tokenizer to draw the calibration with: {exc}") from exc
     calib = calibration_samples(calib_src.value, tok, n_samples=args.calib_samples, seq_len=args.calib_len)
+    # the refit reads its own number of windows of the same text, as the in-memory prune's does
+    refit = calibration_samples(calib_src.value, tok, n_samples=cfg.reconstruct.samples,
+                                seq_len=args.calib_len) if cfg.reconstruct.enabled else None
     t0 = time.time()
     plan = fxprune.prune_checkpoint(args.model, cfg, args.output, calibration=calib, max_memory=args.max_memory,
-                                    progress=progress_bars())
+                                    progress=progress_bars(), refit_calibration=refit)
     tok.save_pretrained(args.output)  # so `fxprune tune/eval DIR` find the tokenizer beside the weights
     return [("calibration", calib_src.origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),
             ("importance", str(plan.config.importance)), ("allocation", plan.config.allocation),
