@@ -43,7 +43,9 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     at once. reconstruct="none" unless set (or `ratio` is a PruneConfig); a refit ("bias", "lstsq", any `Refit`)
     runs in the write sweep, the dense and the pruned activations carried side by side
     (`fxprune.streaming.refit`), on `refit_calibration`, else `calibration`, else the packaged sample's
-    `Refit.samples` windows: the rows `fxprune.compile` refits on, and the weights it gives.
+    `Refit.samples` windows: the rows `fxprune.compile` refits on, and the weights it gives. Its two streams share
+    the activations' part of `max_memory`; its solves hold, beside it, a few float64 matrices as large as the
+    square of the widest refitted projection's kept inputs (as the in-memory refit does).
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
     "write"). Other keywords are `PruneConfig` fields."""
     cfg = streamed_config(ratio, importance, **options)

@@ -27,12 +27,12 @@ class Stats:
             setattr(total, k, getattr(self, k) + getattr(other, k))
         return total
 
-    def scaled(self, factor: float) -> "Stats":
-        """The sums had every token weight been multiplied by `factor` (they are linear in the weights)."""
-        out = object.__new__(Stats)
+    def scale_(self, factor: float) -> "Stats":
+        """Itself, its sums made those of every token weight multiplied by `factor` (they are linear in the
+        weights); in place, since the widest projection's sums are large."""
         for k in ("sw", "sx", "sy", "sxx", "sxy", "syy"):
-            setattr(out, k, getattr(self, k) * factor)
-        return out
+            setattr(self, k, getattr(self, k) * factor)
+        return self
 
     def centred(self):
         mx, my = self.sx / self.sw, self.sy / self.sw
@@ -53,7 +53,8 @@ def solve(stats: Stats, w0: torch.Tensor, mode: str, ridge: float):
         if lam == 0:
             w0 = torch.linalg.lstsq(gram, rhs).solution.t()
         else:
-            w0 = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).t()
+            gram.diagonal().add_(lam)  # gram + lam I in place: `centred` made it for this call; it is inputs^2 large
+            w0 = torch.linalg.solve(gram, rhs).t()
     return w0, my - w0 @ mx
 
 

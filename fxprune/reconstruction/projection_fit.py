@@ -57,7 +57,7 @@ class ProjectionFit:
             # "stream": the output that makes the pruned stream after the add equal the dense one, so the fit
             # also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
             y = y - (own_residual.float() - proj.kept_rows(residual).float())
-        weights = inverse_energy(dense_out, residual if cfg.weighting == "residual" else None)
+        weights = inverse_energy(dense_out, residual if cfg.weighting == "residual" else None).to(xp.device)
         self.tokens += weights.numel()
         self.energy += float(weights.sum())
         if cfg.ridge == AUTO:
@@ -67,12 +67,14 @@ class ProjectionFit:
             self.train = _plus(self.train, Stats(xp.float(), y, weights))
 
     def result(self, w0: torch.Tensor, b0: torch.Tensor | None):
-        """(weight, bias, choice) of the refit from the sliced weight `w0` and bias `b0` (None: none)."""
+        """(weight, bias, choice) of the refit from the sliced weight `w0` and bias `b0` (None: none); once, after
+        the last batch."""
         if self.train is None:
             raise ValueError(f"the refit of {self.proj.weight} saw no calibration token")
         scale = self.tokens / self.energy  # weights of mean 1 over all tokens
-        test = None if self.test is None else self.test.scaled(scale)
-        return choose(self.train.scaled(scale), test, w0, b0, self.settings.mode, self.settings.ridge)
+        train, test, self.train, self.test = self.train, self.test, None, None
+        test = None if test is None else test.scale_(scale)
+        return choose(train.scale_(scale), test, w0, b0, self.settings.mode, self.settings.ridge)
 
 
 def _plus(total: Stats | None, more: Stats) -> Stats:

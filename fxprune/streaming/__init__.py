@@ -6,7 +6,9 @@ skeleton from a checkpoint's config), cut into one segment per decoder layer plu
 by `StreamedExecutor`: every calibration batch passes segment k before segment k+1 starts, each tensor is
 read from the `WeightSource` (safetensors shards, or an in-memory model) when its first segment starts and
 dropped after its last, and between segments only the handed-on values are kept (spilled to disk past a
-byte budget). `streamed_score` gives the forward-only estimators' scores (l2, wanda, flap, obs) through it.
+byte budget). `streamed_score` gives the forward-only estimators' scores (l2, wanda, flap, obs) through it;
+`StreamedRefit` refits the pruned projections as the output is written, the dense and the pruned stream side
+by side (`fxprune.serialization.save_streamed(..., calibration=...)`).
 
     model = empty_model(checkpoint_dir)                  # meta parameters, no weight read
     executor = StreamedExecutor(analyze(model), CheckpointWeights(checkpoint_dir, model), budget=2**30)
@@ -15,10 +17,11 @@ byte budget). `streamed_score` gives the forward-only estimators' scores (l2, wa
 """
 from fxprune.streaming.executor import SourceTensors, StreamedExecutor, StreamError
 from fxprune.streaming.partition import PartitionError, Segment, partition
+from fxprune.streaming.refit import StreamedRefit
 from fxprune.streaming.statistics import streamed_input_statistics, streamed_score
 from fxprune.streaming.store import ActivationStore
 from fxprune.streaming.weights import CheckpointWeights, ModelWeights, WeightSource, empty_model
 
 __all__ = ["StreamedExecutor", "StreamError", "SourceTensors", "PartitionError", "Segment", "partition",
-           "streamed_input_statistics", "streamed_score", "ActivationStore", "CheckpointWeights", "ModelWeights",
+           "streamed_input_statistics", "streamed_score", "StreamedRefit", "ActivationStore", "CheckpointWeights", "ModelWeights",
            "WeightSource", "empty_model"]

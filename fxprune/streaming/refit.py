@@ -45,16 +45,19 @@ def run_ops(interp, ops: list[Node], env: dict, last: dict, position: dict,
     `stops`, call its capture. With `stops`, return before the first op after the last of them."""
     interp.env = env
     remaining = len(stops or ())
-    for node in ops:
-        if stops and node in stops:
-            stops[node](env)
-            remaining -= 1
-            if remaining == 0:
-                return
-        env[node] = interp.run_node(node)
-        for src in node.all_input_nodes:
-            if last[src] <= position[node]:
-                env.pop(src, None)
+    try:
+        for node in ops:
+            if stops and node in stops:
+                stops[node](env)
+                remaining -= 1
+                if remaining == 0:
+                    return
+            env[node] = interp.run_node(node)
+            for src in node.all_input_nodes:
+                if last[src] <= position[node]:
+                    env.pop(src, None)
+    finally:
+        interp.env = {}  # the interpreter outlives the run: it must not keep the segment's weights alive
 
 
 def waves(ops: list[Node], stops: dict[Node, str], reads: dict[Node, list[Node]]) -> list[list[Node]]:
@@ -145,6 +148,9 @@ ridge on few tokens) magnifies. `budget`: bytes of each stream's
             if segment.index > self.last_segment:
                 break
             twin = twins[segment.index]
+            for node in twin.nodes:  # the rewrite made them on the CPU; the others in `gm` are on the meta device
+                if node.op == "call_module":
+                    gm.get_submodule(node.target).to(self.executor.device)
             mine = {n: self.stops[n] for n in segment.nodes if n in self.stops}
             stops = {}
             for node, name in mine.items():
