@@ -91,13 +91,12 @@ class _Graph:
 class StreamedRefit:
     """The refit of `plan_kept` (a plan's kept positions) under `settings` (a `Refit`) for the graph `executor`
     streams, on `calibration` (a `Calibration`) in batches of `batch_size` rows: by default all rows at once, as the
-in-memory pass runs them, so that every forward op sees the shapes it sees there and the refit is that pass's to
-the last bit; smaller batches hold less but differ by float32 rounding, which an ill-conditioned fit (a small
-ridge on few tokens) magnifies. `budget`: bytes of each stream's
-    hand-on values kept in memory (None: all), the rest spilled under `spill_dir`. `fit_group` refits a group
-    of consecutive segments in their rewritten graph; the groups must come in order, each once. `choices`
-    records, per refitted weight, what ridge="auto" kept. Close it (or use it as a context manager) to free the
-    streams and their spill files."""
+    in-memory pass runs them, so that every forward op sees the shapes it sees there and the refit is that pass's
+    to the last bit; smaller batches hold less but differ by float32 rounding, which an ill-conditioned fit (a
+    small ridge on few tokens) magnifies. `budget`: bytes of each stream's hand-on values kept in memory (None:
+    all), the rest spilled under `spill_dir`. `fit_group` refits a group of consecutive segments in their
+    rewritten graph; the groups must come in order, each once. `choices` records, per refitted weight, what
+    ridge="auto" kept. Close it (or use it as a context manager) to free the streams and their spill files."""
 
     def __init__(self, executor: StreamedExecutor, plan_kept: dict, settings: Refit, calibration: Calibration,
                  batch_size: int | None = None, budget: int | None = None, spill_dir=None):
@@ -138,9 +137,8 @@ ridge on few tokens) magnifies. `budget`: bytes of each stream's
         self.next_segment = group[-1].index + 1
         if group[0].index > self.last_segment:
             return  # no refit left: the streams are not needed any more
-        dg, settings = self.executor.dg, self.settings
-        aliases = dg.aliases
-        projections = dense_projections(dg.gm, aliases, self.kept, lambda target: self._dense_tensor(dense, target))
+        dg = self.executor.dg
+        projections = dense_projections(dg.gm, dg.aliases, self.kept, lambda target: self._dense_tensor(dense, target))
         pruned = _Graph(gm, self.executor.device)
         twins = pruned_segments(gm, self.executor.segments)
         lifted = {name: node for node, name in lifted_projections(gm, set(self.stops.values())).items()}
@@ -151,39 +149,46 @@ ridge on few tokens) magnifies. `budget`: bytes of each stream's
             for node in twin.nodes:  # the rewrite made them on the CPU; the others in `gm` are on the meta device
                 if node.op == "call_module":
                     gm.get_submodule(node.target).to(self.executor.device)
-            mine = {n: self.stops[n] for n in segment.nodes if n in self.stops}
-            stops = {}
-            for node, name in mine.items():
-                if lifted.get(name) not in twin.nodes:
-                    raise RuntimeError(f"projection {name} of segment {segment.index} has no lifted twin in the "
-                                       "rewritten segment")
-                stops[lifted[name]] = name
-            dense_attrs = self.executor._attr_values(dense, segment, segment.nodes)
-            pruned_attrs = self._pruned_attrs(gm, twin)
-            reads = {n: [projection_input(n)] + ([residual_partner(n)] if settings.target == "stream" else [])
-                     for n in stops}
-            reads = {n: [r for r in rs if r is not None] for n, rs in reads.items()}
-            by_name = {name: node for node, name in mine.items()}
-            for wave in waves(twin.nodes, stops, reads):
-                names = [stops[n] for n in wave]
-                fits = {name: ProjectionFit(projections[by_name[name]], settings) for name in names}
-                for b in range(len(self.batches)):
-                    seen = self._capture(self.dense, self.dense_store, segment, dense_attrs,
-                                         {by_name[name]: name for name in names}, b)
-                    own = self._capture(pruned, self.pruned_store, twin, pruned_attrs, {n: stops[n] for n in wave}, b)
-                    for name in names:
-                        (xd, residual), (xp, own_residual) = seen[name], own[name]
-                        fits[name].add(xd, residual, xp, own_residual if settings.target == "stream" else None,
-                                       self.tokens[b], self.held_out[b])
-                    del seen, own
-                for node in wave:
-                    module, name = gm.get_submodule(node.target), stops[node]
-                    weight, bias, self.choices[name] = fits[name].result(module.weight, module.bias)
-                    set_weight_and_bias(module, weight, bias)
-                    self.refitted.append(name)
-                del fits
-            self._advance(segment, dense_attrs, self.dense, self.dense_store)
-            self._advance(twin, pruned_attrs, pruned, self.pruned_store)
+            stops = self._twin_stops(segment, twin, lifted)
+            attrs = self.executor._attr_values(dense, segment, segment.nodes), self._pruned_attrs(gm, twin)
+            reads = {n: [r for r in (projection_input(n), residual_partner(n) if self.settings.target == "stream"
+                                     else None) if r is not None] for n in stops}
+            for wave in waves(twin.nodes, {n: name for n, (_, name) in stops.items()}, reads):
+                self._fit_wave(segment, twin, pruned, attrs, {n: stops[n] for n in wave}, projections)
+            self._advance(segment, attrs[0], self.dense, self.dense_store)
+            self._advance(twin, attrs[1], pruned, self.pruned_store)
+
+    def _twin_stops(self, segment: Segment, twin: Segment, lifted: dict) -> dict[Node, tuple[Node, str]]:
+        """{lifted projection in `twin`: (its dense projection in `segment`, weight name)} for the targets there."""
+        out = {}
+        for node in segment.nodes:
+            name = self.stops.get(node)
+            if name is None:
+                continue
+            if lifted.get(name) not in twin.nodes:
+                raise RuntimeError(f"projection {name} of segment {segment.index} has no lifted twin in the "
+                                   "rewritten segment")
+            out[lifted[name]] = (node, name)
+        return out
+
+    def _fit_wave(self, segment: Segment, twin: Segment, pruned: _Graph, attrs: tuple, wave: dict, projections: dict):
+        """Fit the projections of `wave` ({lifted node: (dense node, name)}) on every batch and set them in the
+        rewritten graph: one run of each segment per batch, stopping before the wave's last projection."""
+        fits = {lifted: ProjectionFit(projections[node], self.settings) for lifted, (node, _) in wave.items()}
+        stream = self.settings.target == "stream"
+        for b in range(len(self.batches)):
+            seen = self._capture(self.dense, self.dense_store, segment, attrs[0], [node for node, _ in wave.values()],
+                                 b)
+            own = self._capture(pruned, self.pruned_store, twin, attrs[1], list(wave), b)
+            for lifted, (node, _) in wave.items():
+                (xd, residual), (xp, own_residual) = seen[node], own[lifted]
+                fits[lifted].add(xd, residual, xp, own_residual if stream else None, self.tokens[b], self.held_out[b])
+            del seen, own
+        for lifted, (_, name) in wave.items():
+            module = pruned.gm.get_submodule(lifted.target)
+            weight, bias, self.choices[name] = fits.pop(lifted).result(module.weight, module.bias)
+            set_weight_and_bias(module, weight, bias)
+            self.refitted.append(name)
 
     def _dense_tensor(self, dense: dict, target: str) -> torch.Tensor:
         name = self.executor.dg.aliases.get(target, target)
@@ -197,22 +202,21 @@ ridge on few tokens) magnifies. `budget`: bytes of each stream's
         dtype = None if self.settings.precision == "float32" else getattr(torch, self.settings.precision)
         return torch.autocast(self.executor.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _capture(self, graph: _Graph, store: ActivationStore, segment: Segment, attrs: dict, stops: dict[Node, str],
+    def _capture(self, graph: _Graph, store: ActivationStore, segment: Segment, attrs: dict, stops: list[Node],
                  batch: int) -> dict:
-        """{weight name: (input, residual stream or None)} before each of `stops` (nodes of `graph`) as `segment`
-        runs on batch `batch` of the stream `store` holds."""
+        """{stop: (its input, the residual stream its output is added to, or None)} for each of `stops` (nodes of
+        `graph`) as `segment` runs on batch `batch` of the stream `store` holds."""
         seen = {}
 
-        def capture(node, name):
+        def capture(node):
             def hook(env):
                 partner = residual_partner(node)
-                seen[name] = (env[projection_input(node)], None if partner is None else env.get(partner))
+                seen[node] = (env[projection_input(node)], None if partner is None else env.get(partner))
             return hook
         env = {graph.by_name[k]: v for k, v in store.peek(batch).items()}
         env.update(attrs)
         with self._autocast():
-            run_ops(graph.interp, segment.nodes, env, graph.last, graph.position,
-                    {node: capture(node, name) for node, name in stops.items()})
+            run_ops(graph.interp, segment.nodes, env, graph.last, graph.position, {n: capture(n) for n in stops})
         return seen
 
     def _advance(self, segment: Segment, attrs: dict, graph: _Graph, store: ActivationStore) -> None:
