@@ -10,7 +10,8 @@ import torch
 
 from fxprune.analysis.analyze import analyze
 from fxprune.api import config_from
-from fxprune.defaults import resolve_data
+from fxprune.data.calibration import Calibration
+from fxprune.defaults import default_calibration, find_tokenizer, resolve_data
 from fxprune.planning.config import PruneConfig
 from fxprune.scoring import ESTIMATORS, HyWIA, as_method
 from fxprune.scoring.calibration import calibration_for
@@ -28,21 +29,20 @@ from fxprune.util import distributed
 
 def streamed_config(ratio: float | PruneConfig = 0.2, importance=None, **options) -> PruneConfig:
     """The PruneConfig of a streamed prune (`prune_checkpoint`): flap and reconstruct="none" unless set (or
-    `ratio` is a PruneConfig); raises ValueError naming a setting that does not stream yet."""
+    `ratio` is a PruneConfig); raises ValueError naming a setting that does not stream yet (an importance that
+    needs gradients)."""
     if not isinstance(ratio, PruneConfig):
         options = {"importance": importance or "flap", "reconstruct": "none", **options}
     elif importance is not None:
         options["importance"] = importance
     cfg = config_from(ratio, None, options)
-    if cfg.reconstruct.enabled:
-        raise ValueError(f"reconstruct={cfg.reconstruct.mode!r} does not stream yet: pass reconstruct='none' to "
-                         "prune_checkpoint, or load the model and use fxprune.compile for the refit")
     as_method(cfg.importance, ESTIMATORS, cfg.seed)  # an unknown name fails here
     return cfg
 
 
 def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, *, importance=None, max_memory=None,
-                     calibration=None, tokenizer=None, spill_dir=None, progress=None, snapshot_every: float = 60.0,
+                     calibration=None, tokenizer=None, spill_dir=None, progress=None, refit_calibration=None,
+                     snapshot_every: float = 60.0,
                      **options) -> PrunePlan:
     """Prune the Hugging Face checkpoint directory `checkpoint` (safetensors) without loading it whole: captured on
     the meta device, scored one decoder layer at a time with its weights read from the shards, planned, and
@@ -51,8 +51,12 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     `max_memory` ("2GB", "512MB" or bytes) bounds the weights held at once, and the activations kept in memory
     (the rest spill under `spill_dir`); a budget smaller than one segment's weights is refused before any
     weight is read. Every importance streams (flap, the default, wanda, obs, l2, l1; element1, element2, vector
-    and HyWIA by backward sweeps, HyWIA with its masked validation since no refit follows); reconstruct="none"
-    only (the default unless `ratio` is a PruneConfig): the others are refused at once.
+    and HyWIA by backward sweeps, HyWIA with its masked validation). reconstruct="none" unless set (or `ratio` is
+    a PruneConfig); a refit ("bias", "lstsq", any `Refit`) runs in the write sweep, the dense and the pruned
+    activations carried side by side (`fxprune.streaming.refit`), on `refit_calibration`, else `calibration`,
+    else the packaged sample's `Refit.samples` windows: the rows `fxprune.compile` refits on, and the weights it
+    gives. Its two streams share the activations' part of `max_memory`; its solves hold, beside it, a few float64
+    matrices as large as the square of the widest refitted projection's kept inputs (as the in-memory refit does).
     `progress(stage, segment, count)` is called after each of the `count` segments of each sweep ("score", then
     "write"). With `output`, a run interrupted (killed, or stopped by an exception) and started again with the
     same arguments resumes: after the last layer whose boundary was recorded (every `snapshot_every` seconds)
@@ -81,8 +85,10 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     work = None
     if output is not None and not distributed.active():  # an interrupted run starts again where this one stopped
         rows = None if batches is None else calibration_for(dg, batches, "the streamed prune")
+        refit = None if refit_calibration is None else Calibration.of(refit_calibration)
         work = WorkFolder(output, checkpoint_key(checkpoint, config=cfg.to_dict(), ids=getattr(rows, "ids", None),
-                                                 mask=getattr(rows, "mask", None)))
+                                                 mask=getattr(rows, "mask", None), refit_ids=getattr(refit, "ids", None),
+                                                 refit_mask=getattr(refit, "mask", None)))
     if work is not None and work.plan_file.is_file():
         pruning = PrunePlan.from_json(work.plan_file.read_text())
     else:
@@ -100,8 +106,11 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     if work is not None:
         work.plan_file.write_text(pruning.to_json())
     if output is not None:
-        # writing a shard holds its dense tensors, their pruned copies and the serialised shard
-        save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"))
+        refit = refit_rows(skeleton, pruning, calibration, refit_calibration, tokenizer)
+        # writing a shard holds its dense tensors, their pruned copies and the serialised shard; the refit's two
+        # streams share what scoring's activations had
+        save_streamed(executor, pruning, output, None if budget is None else budget // 3, report("write"), refit,
+                      None if budget is None else max(budget - weights, 0) // 2, spill_dir)
     if work is not None:
         work.clear()
     return pruning
@@ -150,3 +159,19 @@ def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bo
     return CostEstimate(sum(t.numel() for t in dg.parameters.values()), after, size,
                         after * (torch.finfo(dtype).bits // 8) + buffers, len(segments) - 2, largest, largest_bytes,
                         sweeps(cfg, output), budget, measured, setup)
+
+
+def refit_rows(model, plan: PrunePlan, calibration, refit_calibration, tokenizer) -> Calibration | None:
+    """The rows `plan`'s refit reads, as `fxprune.compile` chooses them: `refit_calibration`, else `calibration`,
+    else `Refit.samples` windows of the packaged sample (None when the plan does not refit)."""
+    settings = plan.config.reconstruct
+    if not (settings.enabled and plan.kept):
+        return None
+    given = refit_calibration if refit_calibration is not None else calibration
+    if given is not None:
+        return Calibration.of(given)
+    tok = find_tokenizer(model, tokenizer)
+    if tok is None:
+        raise ValueError(f"reconstruct={settings.mode!r} needs calibration: pass calibration= or tokenizer= to "
+                         "prune_checkpoint")
+    return default_calibration(tok, plan.config, settings.samples)

@@ -24,7 +24,9 @@ from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.analysis.fx_util import owner_and_leaf
 from fxprune.planning.plan import PrunePlan
 from fxprune.rewrite.emit import unique_tensors
+from fxprune.scoring.calibration import calibration_for
 from fxprune.streaming.output import write_shards
+from fxprune.streaming.refit import StreamedRefit
 from fxprune.streaming.weights import INDEX, SINGLE, checkpoint_files
 from fxprune.rewrite.verify import verify
 from fxprune.util.distributed import on_rank_zero
@@ -77,19 +79,33 @@ def save(gm: torch.fx.GraphModule, directory, base_model=None) -> Path:
                            lambda folder: save_file(state, folder / WEIGHTS[0]))
 
 
-def save_streamed(executor, plan: PrunePlan, directory, budget: int | None = None, progress=None) -> Path:
+def save_streamed(executor, plan: PrunePlan, directory, budget: int | None = None, progress=None, calibration=None,
+                  activations: int | None = None, spill_dir=None, refit_batch: int | None = None) -> Path:
     """Write the checkpoint `executor` streams (a `fxprune.streaming.StreamedExecutor` on a meta-device analysis),
-    pruned by `plan` (made on that analysis, without refit), to `directory` in `save`'s format, a shard per
-    group of segments whose tensors fit `budget` bytes: the pruned model is never held whole.
+    pruned by `plan` (made on that analysis) to `directory` in `save`'s format, a shard per group of segments whose
+    tensors fit `budget` bytes: the pruned model is never held whole. When the plan refits (`plan.config.reconstruct`),
+    the projections are refitted on `calibration` (any form `Calibration.of` accepts) as the shards are written
+    (`fxprune.streaming.refit.StreamedRefit`: the weights `fxprune.apply` would give), each stream's activations
+    kept in memory up to `activations` bytes and spilled under `spill_dir` past it, in batches of `refit_batch` rows
+    (all at once by default, as `fxprune.apply` runs them: the same weights to the last bit).
     `progress(segment)` is called for each segment of a written shard."""
-    if plan.config.reconstruct.enabled and plan.kept:
-        raise ValueError(f"save_streamed writes plans without refit, this one has reconstruct="
-                         f"{plan.config.reconstruct.mode!r}: make it with reconstruct='none'")
     dg = executor.dg
     check_plan(dg, plan)
+    settings = plan.config.reconstruct
+    refits = settings.enabled and bool(plan.kept)
+    if refits and calibration is None:
+        raise ValueError(f"the plan asks for reconstruct mode {settings.mode!r}, which needs calibration: pass "
+                         "calibration= (token ids) to save_streamed, or plan with reconstruct='none'")
     kept = {dg.groups[gid].atom_id: units for gid, units in plan.units.items()}
+
+    def write(folder):
+        if not refits:
+            return write_shards(executor, kept, folder, budget, progress)
+        rows = calibration_for(dg, calibration, "the streamed refit")
+        with StreamedRefit(executor, plan.kept, settings, rows, refit_batch, activations, spill_dir) as refit:
+            write_shards(executor, kept, folder, budget, progress, refit)
     return write_directory(directory, plan, base_description(dg.model), next(iter(dg.parameters.values())).dtype,
-                           lambda folder: write_shards(executor, kept, folder, budget, progress))
+                           write)
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -313,7 +313,8 @@ def add_prune_parser(sub) -> None:
     r.add_argument("--output", default="out/smollm2-pruned")
     r.add_argument("--max-memory", default=None,
                    help="e.g. 2GB: a safetensors checkpoint directory larger than this is pruned streamed, one layer "
-                        "at a time (default importance flap, no refit) and written layer by layer")
+                        "at a time (default importance flap, no refit: --reconstruct lstsq refits it as it is written) "
+                        "and written layer by layer")
     r.add_argument("--dry-run", action="store_true",
                    help="checkpoint directory: print the streamed prune's time, memory and disk, measured on its "
                         "first layer, and stop")

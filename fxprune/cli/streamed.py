@@ -29,7 +29,8 @@ def streamed_size(model, max_memory) -> int | None:
 
 
 def streaming_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with the streamed run's defaults where a flag was left out: FLAP importance, no refit."""
+    """`args` with the streamed run's defaults where a flag was left out: FLAP importance, no refit (`--reconstruct
+    lstsq` or `bias` refits as the layers are written)."""
     importance = "flap" if args.importance is None else args.importance
     reconstruct = "none" if args.reconstruct is None else args.reconstruct
     return argparse.Namespace(**{**vars(args), "importance": importance, "reconstruct": reconstruct})
@@ -83,14 +84,20 @@ def prune_streamed(args, cfg, size: int) -> list[tuple[str, str]]:
     returns the report's rows."""
     import fxprune
     from fxprune.checkpoint import streamed_config
+    from fxprune.data.loaders import calibration_samples
+    from fxprune.data.sources import calibration_source
     from fxprune.util.distributed import on_rank_zero
     cfg = streamed_config(cfg)  # what cannot stream is refused before any data is read
     print(f"fxprune prune: the checkpoint ({size:,} bytes) exceeds --max-memory {args.max_memory}: streaming it "
           "one layer at a time (perplexity is skipped: it needs the whole model)", file=sys.stderr)
     tok, calib, origin = checkpoint_calibration(args)
+    # the refit reads its own number of windows of the same text, as the in-memory prune's does
+    refit = calibration_samples(calibration_source(args.calib_data, args.data_dir).value, tok,
+                                n_samples=cfg.reconstruct.samples, seq_len=args.calib_len) \
+        if cfg.reconstruct.enabled else None
     t0 = time.time()
     plan = fxprune.prune_checkpoint(args.model, cfg, args.output, calibration=calib, max_memory=args.max_memory,
-                                    progress=progress_bars())
+                                    progress=progress_bars(), refit_calibration=refit)
     # so `fxprune tune/eval DIR` find the tokenizer beside the weights; rank 0 only under torchrun
     on_rank_zero(lambda: tok.save_pretrained(args.output))
     return [("calibration", origin), ("model", args.model), ("streamed", f"max memory {args.max_memory}"),

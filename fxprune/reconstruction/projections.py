@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fxprune.analysis.fx_util import get_attr_path
-from fxprune.passes.lift_linear_modules import READ_AS, LiftLinearModulesPass
+from fxprune.passes.lift_linear_modules import READ_AS, WEIGHT_OF, LiftLinearModulesPass
 
 @dataclass
 class Projection:
@@ -49,13 +49,15 @@ def first_projections(gm: torch.fx.GraphModule):
             yield node, name, w, b, transposed
 
 
-def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node, Projection]:
-    """The dense graph's projections (first read of each weight) whose input dimension is pruned.
+def dense_projections(dense_gm, aliases: dict, kept: dict, read=None) -> dict[torch.fx.Node, Projection]:
+    """The dense graph's projections (first read of each weight) whose input dimension is pruned. `read(target)`:
+    the tensor the graph reads at attribute `target` (the graph's own when None; the streamed refit gives the
+    checkpoint's, the graph's being on the meta device).
 
     A weight tied to another parameter (a tied lm_head) is left alone: refitting it would change
     the embedding too.
     """
-    found = {}
+    found, read = {}, read or (lambda target: get_attr_path(dense_gm, target))
     for node, name, w, b, transposed in first_projections(dense_gm):
         canonical = aliases.get(name, name)
         if canonical != name or canonical in aliases.values():
@@ -64,12 +66,24 @@ def dense_projections(dense_gm, aliases: dict, kept: dict) -> dict[torch.fx.Node
         in_dim = 0 if transposed else 1
         if in_dim not in dims:
             continue
-        weight = get_attr_path(dense_gm, w.target).detach()
+        weight = read(w.target).detach()
         weight = weight.t() if transposed else weight
-        bias = None if b is None else get_attr_path(dense_gm, b.target).detach()
+        bias = None if b is None else read(b.target).detach()
         rows = dims.get(1 - in_dim)
         found[node] = Projection(name, weight, bias, None if rows is None else torch.as_tensor(rows),
                                  torch.as_tensor(dims[in_dim]))
+    return found
+
+
+def lifted_projections(gm: torch.fx.GraphModule, names) -> dict[torch.fx.Node, str]:
+    """The first call of the lifted `nn.Linear` of each weight in `names` (as the rewritten graph `gm` reads it,
+    `LiftLinearModulesPass`), in graph order: call node -> weight name."""
+    found, names, seen = {}, set(names), set()
+    for node in gm.graph.nodes:
+        name = node.meta.get(WEIGHT_OF) if node.op == "call_module" else None
+        if name in names and name not in seen:
+            found[node] = name
+            seen.add(name)
     return found
 
 

@@ -31,6 +31,9 @@ values) are held at a time, and both stop after the last projection to refit (th
 vocabulary are never computed unless the head itself is refitted). A projection without a bias gets
 a real `nn.Linear` bias parameter, so peft, save/load and export see an ordinary biased linear.
 
+The sums and solves are `least_squares.py`'s, accumulated per projection by `projection_fit.ProjectionFit`
+(the streamed refit, fxprune/streaming/refit.py, adds them batch by batch and segment by segment instead).
+
 precision="bfloat16" runs the two graphs' forward passes under autocast (their matmuls in bfloat16, most of
 the pass's time) while every sum and solve stays in float32 / float64: on a CPU with bfloat16 instructions
 the same time then refits on about twice the calibration tokens.
@@ -43,10 +46,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.data.calibration import Calibration
 from fxprune.analysis.contracts import ContractError
 from fxprune.passes.lift_linear_modules import WEIGHT_OF
-from fxprune.reconstruction.projections import dense_projections, residual_partner, step, stream_like, token_weights
-from fxprune.reconstruction.settings import AUTO, Refit
-
-RIDGES = (0.01, 0.1, 0.3, 1.0, 3.0)  # the strengths ridge="auto" chooses among (x the mean input energy)
+from fxprune.reconstruction.least_squares import RIDGES, Stats, fit, solve  # noqa: F401 (their home before)
+from fxprune.reconstruction.projection_fit import ProjectionFit, held_out_tokens
+from fxprune.reconstruction.projections import dense_projections, lifted_projections, residual_partner, step
+from fxprune.reconstruction.settings import Refit
 
 
 def autocast_steps(steps, device_type: str, dtype):
@@ -62,76 +65,6 @@ def autocast_steps(steps, device_type: str, dtype):
             yield item
     finally:
         steps.close()
-
-
-class Stats:
-    """Weighted sums over tokens of the pruned input x and the dense target y = X_d W_d^T + b_d, enough to
-    solve any ridge refit and to score any (W, b) on these tokens; adding two gives the union's sums."""
-
-    def __init__(self, xp, y, w):
-        # The token-long products in float32 (they are most of the pass's time), kept and solved in float64.
-        xp, y, w = xp.float(), y.float(), w.float()
-        xw = xp * w[:, None]
-        self.sw, self.sx, self.sy = float(w.double().sum()), xw.double().sum(0), (y * w[:, None]).double().sum(0)
-        self.sxx, self.sxy = (xw.t() @ xp).double(), (xw.t() @ y).double()
-        self.syy = float((y.double().pow(2) * w.double()[:, None]).sum())
-
-    def __add__(self, other):
-        total = object.__new__(Stats)
-        for k in ("sw", "sx", "sy", "sxx", "sxy", "syy"):
-            setattr(total, k, getattr(self, k) + getattr(other, k))
-        return total
-
-    def centred(self):
-        mx, my = self.sx / self.sw, self.sy / self.sw
-        return mx, my, self.sxx - self.sw * torch.outer(mx, mx), self.sxy - self.sw * torch.outer(mx, my)
-
-    def error(self, weight, bias):
-        """sum_t w_t ||x_t W^T + b - y_t||^2."""
-        return float(((weight @ self.sxx) * weight).sum() - 2 * (weight * self.sxy.t()).sum() + self.syy
-                     + 2 * bias @ (weight @ self.sx - self.sy) + self.sw * bias @ bias)
-
-
-def solve(stats: Stats, w0: torch.Tensor, mode: str, ridge: float):
-    """(weight, bias) minimising the weighted error on `stats` (+ ridge pull towards w0 for "lstsq")."""
-    mx, my, gram, cross = stats.centred()
-    if mode == "lstsq":
-        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-        rhs = cross + lam * w0.t()
-        if lam == 0:
-            w0 = torch.linalg.lstsq(gram, rhs).solution.t()
-        else:
-            w0 = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).t()
-    return w0, my - w0 @ mx
-
-
-def fit(xp, y, w0, b0, mode: str, ridge, weights=None, held_out=None):
-    """(weight, bias, choice) of the refitted projection: pruned inputs `xp` [tokens, kept inputs], target `y`
-    [tokens, kept outputs] (the dense projection's output); see the module docstring. ridge="auto": each
-    candidate (the projection as it is, the bias alone, the ridge refit at each strength of RIDGES) is
-    fitted on the tokens outside `held_out` and scored on those inside; the best is refitted on all tokens
-    (keeping the projection as it is when nothing beats it)."""
-    weights = torch.ones(xp.shape[0], dtype=torch.float64) if weights is None else weights.double()
-    w0 = w0.double()
-    b0 = torch.zeros(w0.shape[0], dtype=torch.float64) if b0 is None else b0.double()
-    if ridge != AUTO:
-        weight, bias = solve(Stats(xp.float(), y, weights), w0, mode, ridge)
-        return weight, bias, mode
-    fit_rows = ~held_out
-    train = Stats(xp[fit_rows].float(), y[fit_rows], weights[fit_rows])
-    test = Stats(xp[held_out].float(), y[held_out], weights[held_out])
-    candidates = {"keep": (w0, b0), "bias": solve(train, w0, "bias", 0.0)}
-    if mode == "lstsq":
-        candidates.update({f"lstsq:{r:g}": solve(train, w0, "lstsq", r) for r in RIDGES})
-    errors = {k: test.error(*c) for k, c in candidates.items()}
-    choice = min(errors, key=errors.get)
-    if errors[choice] >= errors["keep"] - 1e-9 * max(test.syy, 1e-30):  # no measurable gain: change nothing
-        choice = "keep"
-    if choice == "keep":
-        return w0, b0, choice
-    kind, _, strength = choice.partition(":")
-    weight, bias = solve(train + test, w0, kind, float(strength or 0))
-    return weight, bias, choice
 
 
 class ReconstructLayersPass(PassBase):
@@ -168,20 +101,15 @@ class ReconstructLayersPass(PassBase):
         if not cfg.enabled:
             return PassResult(gm, False)
         dense = dense_projections(self.dense_gm, self.aliases, self.kept)
-        wanted = {p.weight for p in dense.values()}
-        pruned, paths = {}, {}
-        for node in gm.graph.nodes:
-            name = node.meta.get(WEIGHT_OF) if node.op == "call_module" else None
-            if name in wanted and name not in paths:
-                pruned[node], paths[name] = name, node.target
+        pruned = lifted_projections(gm, {p.weight for p in dense.values()})
+        paths = {name: node.target for node, name in pruned.items()}
         if not pruned:
             return PassResult(gm, False)
         by_name = {p.weight: p for p in dense.values()}
         mask = self.mask
         inputs = {"input_ids": self.ids, "attention_mask": mask, "use_cache": False}
         tokens = mask.reshape(-1).bool()
-        rows = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])[tokens]
-        held_out = rows % 4 == 3 if mask.shape[0] >= 4 else torch.arange(rows.numel()) % 4 == 3
+        held_out = held_out_tokens(mask)
         partners = {n: r for n in dense if (r := residual_partner(n)) is not None}
         own = {n: r for n in pruned if (r := residual_partner(n)) is not None} if cfg.target == "stream" else {}
         device, dtype = self.ids.device.type, None if cfg.precision == "float32" else getattr(torch, cfg.precision)
@@ -193,24 +121,12 @@ class ReconstructLayersPass(PassBase):
                     break
             else:
                 raise RuntimeError(f"projection {name} was not reached in the dense graph")
-            module, proj = gm.get_submodule(paths[name]), by_name[name]
-            residual = stream_like(residual, xd.numel() // xd.shape[-1], proj.dense_weight.shape[0])
-            own_residual = stream_like(own_residual, xp.numel() // xp.shape[-1], module.out_features)
-            xp, xd = xp.reshape(-1, xp.shape[-1])[tokens], xd.reshape(-1, xd.shape[-1])[tokens]
-            residual = None if residual is None else residual[tokens]
-            own_residual = None if own_residual is None else own_residual[tokens]
-            dense_out = proj.output(xd)  # all rows: the residual stream's weights need the whole output
-            y = proj.kept_rows(dense_out)
-            if own_residual is not None and residual is not None:
-                # "stream": the output that makes the pruned stream after the add equal the dense one, so the
-                # fit also takes back what earlier layers' pruning left in the stream (as far as x predicts it)
-                y = y - (own_residual.float() - proj.kept_rows(residual).float())
-            weights = token_weights(dense_out, residual if cfg.weighting == "residual" else None)
-            weight, bias, self.choices[name] = fit(xp, y, module.weight, module.bias, cfg.mode, cfg.ridge,
-                                                   weights, held_out)
+            module, sums = gm.get_submodule(paths[name]), ProjectionFit(by_name[name], cfg)
+            sums.add(xd, residual, xp, own_residual, tokens, held_out)
+            weight, bias, self.choices[name] = sums.result(module.weight, module.bias)
             set_weight_and_bias(module, weight, bias)
             self.refitted.append(name)
-            del xp, xd, residual, dense_out, y
+            del xp, xd, residual, sums
         dense_steps.close()
         return PassResult(gm, True)
 

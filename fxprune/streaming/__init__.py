@@ -9,6 +9,8 @@ dropped after its last, and between segments only the handed-on values are kept 
 byte budget). A backward sweep (`backward`) recomputes the segments in reverse order from their stored inputs
 for the gradients of the LM loss (`streamed_gradients`); `streamed_score` gives every estimator's scores
 (l2, wanda, flap, obs, element1, element2, vector) and HyWIA's (`streamed_hywia`) through them.
+`StreamedRefit` refits the pruned projections as the output is written, the dense and the pruned stream side
+by side (`fxprune.serialization.save_streamed(..., calibration=...)`).
 
     model = empty_model(checkpoint_dir)                  # meta parameters, no weight read
     executor = StreamedExecutor(analyze(model), CheckpointWeights(checkpoint_dir, model), budget=2**30)
@@ -20,6 +22,7 @@ from fxprune.streaming.partition import PartitionError, Segment, partition
 from fxprune.streaming.backward import backward_sweep
 from fxprune.streaming.gradients import streamed_gradients
 from fxprune.streaming.hywia import StreamedObjective, streamed_hywia
+from fxprune.streaming.refit import StreamedRefit
 from fxprune.streaming.scores import streamable, streamed_score
 from fxprune.streaming.statistics import streamed_input_statistics
 from fxprune.streaming.store import ActivationStore
@@ -27,5 +30,5 @@ from fxprune.streaming.weights import CheckpointWeights, ModelWeights, WeightSou
 
 __all__ = ["StreamedExecutor", "StreamError", "SourceTensors", "PartitionError", "Segment", "partition",
            "streamed_input_statistics", "streamed_score", "streamable", "backward_sweep", "streamed_gradients",
-           "streamed_hywia", "StreamedObjective", "ActivationStore", "CheckpointWeights", "ModelWeights",
+           "streamed_hywia", "StreamedObjective", "StreamedRefit", "ActivationStore", "CheckpointWeights", "ModelWeights",
            "WeightSource", "empty_model"]

@@ -4,7 +4,8 @@ The rewrite (`fxprune.rewrite.emit.rewrite`) runs on the meta-device analysis wi
 consecutive segments made real (read from the weight source): whatever it does to a tensor (slice it at the
 kept positions, transpose GPT-2's Conv1D weight into an nn.Linear) is done for real to those tensors only,
 and the real ones it returns make one shard. So the pruned model is never whole in memory, and its tensors
-are exactly the in-memory rewrite's. `fxprune.serialization.save_streamed` adds the plan and config.
+are exactly the in-memory rewrite's. With a refit (`fxprune.streaming.refit.StreamedRefit`), each group is refitted
+in its rewritten graph before its shard is taken. `fxprune.serialization.save_streamed` adds the plan and config.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fxprune.rewrite.emit import rewrite, unique_tensors
 from fxprune.streaming.budget import return_freed_memory, segment_bytes
 from fxprune.streaming.executor import StreamedExecutor
 from fxprune.streaming.partition import Segment
+from fxprune.streaming.refit import StreamedRefit
 from fxprune.streaming.weights import INDEX
 
 SHARD = "model-{:05d}.safetensors"
@@ -52,18 +54,25 @@ def real_view(dg, values: dict[str, torch.Tensor]):
 
 
 def write_shards(executor: StreamedExecutor, kept: dict, folder: Path, budget: int | None = None,
-                 progress: Callable[[Segment], None] | None = None) -> None:
+                 progress: Callable[[Segment], None] | None = None, refit: StreamedRefit | None = None) -> None:
     """Write to `folder` the tensors of `rewrite(executor.dg, kept)` (`kept`: atom id -> kept units), their
     values read from `executor`'s source, as one shard per group of segments fitting `budget` bytes, and the
-    index json naming each tensor's shard. `progress(segment)` is called for each segment of a written shard."""
+    index json naming each tensor's shard. `refit`: refits each group's projections before its shard is
+    written (`StreamedRefit.fit_group`). `progress(segment)` is called for each segment of a written shard."""
     dg, weight_map, total, names, done = executor.dg, {}, 0, None, set()
     for k, group in enumerate(groups_within(dg, executor.segments, budget)):
         # each output tensor comes from one input tensor: a tied one, read again by the head, is written already
-        reads = dict.fromkeys(n for s in group for n in s.tensors if n in executor.stored_as and n not in done)
+        # (but the refit runs the head, so it reads it again)
+        reads = dict.fromkeys(n for s in group for n in s.tensors if n in executor.stored_as and
+                              (refit is not None or n not in done))
         done.update(reads)
-        # a refit of these segments (reconstruct != "none") would go here, between their dense tensors and the
-        # shard, fed by the dense and the pruned stream the executor hands on side by side
-        tensors = unique_tensors(rewrite(real_view(dg, {n: executor.read(n) for n in reads}), kept))
+        dense = {n: executor.read(n) for n in reads}
+        gm = rewrite(real_view(dg, dense), kept)
+        if refit is not None:
+            refit.fit_group(group, dense, gm)
+        del dense
+        tensors = unique_tensors(gm)
+        del gm
         names = names or set(tensors)
         shard = {n: t.detach().contiguous().cpu() for n, t in tensors.items() if not t.is_meta and n not in weight_map}
         del tensors

@@ -53,6 +53,12 @@ class ActivationStore:
         self.in_memory -= nbytes(values)
         return values
 
+    def peek(self, batch: int) -> dict:
+        """The values of `batch`, kept here (a new dict: what the caller pops from it stays)."""
+        if batch in self._disk:
+            return torch.load(self._disk[batch], map_location=self.device, weights_only=True)
+        return dict(self._memory[batch])
+
     def close(self) -> None:
         """Remove the spill directory and forget every value."""
         self._memory.clear()
