@@ -3,7 +3,7 @@ written shard by shard to a temporary directory, deleted after) pruned by 20% st
 run, against a dry-run estimate made first; and the dry run of a 70B shape from its config and first layer.
 Random weights make quality meaningless; time, memory, bytes read and the plan's counts are not.
 
-    PYTHONPATH=. python -m benchmarks.scale [--shapes 7b 13b] [--runs flap:bias element1:none] [--max-memory 3GB]
+    PYTHONPATH=. python -m benchmarks.scale [--runs 7b:flap:bias 7b:element1:none 13b:flap:bias] [--max-memory 3GB]
 
 Writes benchmarks/results/scale_<date>.md/.json/.png.
 """
@@ -100,8 +100,8 @@ def plot(rows, path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--shapes", nargs="+", default=["7b", "13b"], choices=[s for s in SHAPES if s != "70b"])
-    p.add_argument("--runs", nargs="+", default=["flap:bias", "element1:none"], help="importance:reconstruct")
+    p.add_argument("--runs", nargs="+", default=["7b:flap:bias", "7b:element1:none", "13b:flap:bias"],
+                   help="shape:importance:reconstruct (shapes: 7b, 13b)")
     p.add_argument("--max-memory", default="3GB")
     p.add_argument("--tokens", default="8x128", help="calibration rows x tokens")
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick check of the script)")
@@ -109,13 +109,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     report = {**header(threads=2), "max_memory": args.max_memory, "tokens": args.tokens, "runs": []}
     extra = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    for shape in args.shapes:
+    runs: dict[str, list[str]] = {}
+    for spec in args.runs:
+        shape, run = spec.split(":", 1)
+        if shape not in SHAPES or shape == "70b":
+            raise SystemExit(f"--runs {spec!r}: the shape must be one of 7b, 13b")
+        runs.setdefault(shape, []).append(run)
+    for shape, shape_runs in runs.items():
         folder = Path(tempfile.mkdtemp(prefix=f"fxprune-scale-{shape}-", dir=args.tmp))
         try:
             start = time.time()
             sizes = write_random_checkpoint(folder / "ckpt", llama_config(shape, **extra))
             written = time.time() - start
-            for run in args.runs:
+            for run in shape_runs:
                 importance, refit = run.split(":")
                 result = child(CHILD, folder / "ckpt", folder / "out", importance, refit, args.max_memory, args.tokens)
                 out_bytes = sum(f.stat().st_size for f in (folder / "out").glob("*.safetensors"))
