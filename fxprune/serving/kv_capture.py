@@ -109,12 +109,15 @@ def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured
     dynamic = ({1: seq}, {1: window}, {1: seq}, None)
     was_training = model.training
     model.eval()
+    emit_traces = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True  # no pass reads a node's stack trace; recording one is slow
     try:
         ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache step "
                            f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluation.generate") from exc
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emit_traces
         model.train(was_training)
     gm = ep.module()
     drop_input_guards(gm)
