@@ -39,7 +39,8 @@ WRAPPED = "model."  # CachedLM holds the model as `model`: the prefix of every m
 @dataclass
 class Program:
     """The pruned KV-cache step: `step(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)`
-    -> logits [B, S, V], for S = the prompt length (prefill) or 1 (decode)."""
+    -> the last position's logits [B, 1, V] (all S positions' for a family whose head takes no
+    `logits_to_keep`), for S = the prompt length (prefill) or 1 (decode)."""
     step: torch.fx.GraphModule
     batch: int
     max_len: int
@@ -106,7 +107,7 @@ def analysed_capture(base: dict, dtype, batch: int):
     key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch)
     if key not in _CAPTURES:
         model = rebuild_base(base["architecture"], base["config"], dtype)
-        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, CAPTURE_LEN), model)
+        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, CAPTURE_LEN, last_logits=True), model)
         while len(_CAPTURES) > KEEP_CAPTURES:
             _CAPTURES.pop(next(iter(_CAPTURES)))
     return _CAPTURES[key]
