@@ -85,8 +85,9 @@ def _code_made_at_the_end() -> None:
 
 def run_passes(gm: torch.fx.GraphModule, passes) -> torch.fx.GraphModule:
     """`passes` in order under a PassManager that checks the graph before and after every one. The module's Python
-    code is generated once, after the last pass: no pass or check runs the module, and each recompile of a
-    decoder's graph (after every pass, by the pass and by the PassManager) costs about as much as a pass."""
+    code is generated once, after the last pass: no pass or check calls that code (the refit interprets the
+    graph), and each recompile of a decoder's graph (after every pass, by the pass and by the PassManager) costs
+    about as much as a pass."""
     manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
     manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
     gm.recompile = _code_made_at_the_end  # an instance attribute: shadows the method for this module only
