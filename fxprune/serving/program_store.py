@@ -57,13 +57,13 @@ def default_folder() -> Path | None:
 
 
 def swap_tensors(gm: torch.nn.Module, chosen, replace) -> list:
-    """Replace each parameter/buffer whose name `chosen(name)` accepts by `replace(tensor)`, in place; returns
+    """Replace each parameter/buffer that `chosen(name, tensor)` accepts by `replace(tensor)`, in place; returns
     what to hand to `restore_tensors`."""
     swapped = []
     for prefix, module in gm.named_modules(remove_duplicate=False):
         for table in (module._parameters, module._buffers):
             for leaf, t in list(table.items()):
-                if t is not None and chosen(f"{prefix}.{leaf}" if prefix else leaf):
+                if t is not None and chosen(f"{prefix}.{leaf}" if prefix else leaf, t):
                     swapped.append((table, leaf, t))
                     new = replace(t)
                     table[leaf] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
@@ -99,7 +99,7 @@ class ProgramStore:
         if not isinstance(stored, dict) or stored.get("key") != key:
             return None
         program = stored["program"]
-        swap_tensors(program, lambda name: True, lambda t: torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t)
+        swap_tensors(program, lambda name, t: t.is_meta, lambda t: torch.empty(t.shape, dtype=t.dtype))
         return program, stored["aliases"]
 
     def store(self, key: str, batch: int, program: torch.fx.GraphModule, aliases: dict, is_weight) -> None:
@@ -107,7 +107,7 @@ class ProgramStore:
         meta tensors (their values come from the model); the oldest files past KEEP_PROGRAMS are removed."""
         if self.folder is None:
             return
-        swapped = swap_tensors(program, is_weight, lambda t: t.to("meta"))
+        swapped = swap_tensors(program, lambda name, t: is_weight(name), lambda t: t.to("meta"))
         tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
