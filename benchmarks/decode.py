@@ -199,21 +199,38 @@ def run_prefill(model, pruned, args, mode, report):
 
 
 def run_cold_start(pruned, args, report):
-    """First `fxprune.generate` call with no capture kept (capture, analysis, rewrite, 32 tokens), then a later
-    call of 8 tokens on the same GraphModule. The process has imported torch and transformers already."""
+    """First `fxprune.generate` call with no capture kept and an empty program store (capture, analysis, rewrite,
+    32 tokens), a later call of 8 tokens on the same GraphModule, and a first call with nothing kept in memory
+    but the program stored (as in a new process). The process has imported torch and transformers already."""
+    import os
+    import tempfile
     import torch
     import fxprune
-    from fxprune.serving import generation
+    from fxprune.serving import generation, program_store
     ids = torch.randint(10, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    for name, gm in pruned.items():
-        if name == DENSE_PROGRAM:
-            continue
-        generation._CAPTURES.clear()
-        generation._BY_MODULE.clear()
-        first = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=32), args.device)
-        later = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=8), args.device)
-        report["cold_start"][name] = {"first_call_32_tokens_s": first, "later_call_8_tokens_s": later}
-        log(f"cold start {name}: first call {first:.1f} s, later call {later:.2f} s")
+    previous = os.environ.get(program_store.ENV)
+    with tempfile.TemporaryDirectory(prefix="fxprune-cold-") as folder:
+        os.environ[program_store.ENV] = folder  # an empty store: nothing from earlier runs
+        try:
+            for name, gm in pruned.items():
+                if name == DENSE_PROGRAM:
+                    continue
+                generation._CAPTURES.clear()
+                generation._BY_MODULE.clear()
+                first = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=32), args.device)
+                later = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=8), args.device)
+                generation._CAPTURES.clear()
+                generation._BY_MODULE.clear()
+                stored = time_call(lambda: fxprune.generate(gm, ids, max_new_tokens=32), args.device)
+                report["cold_start"][name] = {"first_call_32_tokens_s": first, "later_call_8_tokens_s": later,
+                                              "stored_first_call_32_tokens_s": stored}
+                log(f"cold start {name}: first call {first:.1f} s, later call {later:.2f} s, "
+                    f"first call with the program stored {stored:.2f} s")
+        finally:
+            if previous is None:
+                os.environ.pop(program_store.ENV, None)
+            else:
+                os.environ[program_store.ENV] = previous
 
 
 def run_batch(model, generators, args, mode, batch, report):
@@ -351,6 +368,10 @@ def goal_lines(report: dict) -> list[str]:
     for name, c in report.get("cold_start", {}).items():
         out.append([f"first fxprune.generate call (32 tokens), {name}", "< 3 s", f"{c['first_call_32_tokens_s']:.1f} s",
                     "yes" if c["first_call_32_tokens_s"] < 3 else "no"])
+        if "stored_first_call_32_tokens_s" in c:
+            out.append([f"first fxprune.generate call, program stored (32 tokens), {name}", "< 3 s",
+                        f"{c['stored_first_call_32_tokens_s']:.1f} s",
+                        "yes" if c["stored_first_call_32_tokens_s"] < 3 else "no"])
     return out
 
 
@@ -363,11 +384,14 @@ def extra_tables(report: dict) -> list[str]:
                            [[r["mode"], f"{r['batch']} x {r['seq']}", r["variant"], f"{r['dense_tok_s']:.0f}",
                              f"{r['pruned_tok_s']:.0f}", f"**{r['speedup']:.2f}**"] for r in report["prefill"]]), ""]
     if report.get("cold_start"):
-        lines += ["First `fxprune.generate` call with nothing captured (capture, analysis, rewrite and 32 tokens "
-                  "after a 16-token prompt), and a later call of 8 tokens on the same GraphModule:", "",
-                  md_table(["variant", "first call s", "later call s"],
-                           [[n, f"{c['first_call_32_tokens_s']:.1f}", f"{c['later_call_8_tokens_s']:.2f}"]
-                            for n, c in report["cold_start"].items()]), ""]
+        lines += ["First `fxprune.generate` call with nothing captured or stored (capture, analysis, rewrite and 32 "
+                  "tokens after a 16-token prompt), a later call of 8 tokens on the same GraphModule, and a first "
+                  "call with nothing in memory but the program in the store (`fxprune.serving.program_store`, as "
+                  "in a new process):", "",
+                  md_table(["variant", "first call s", "later call s", "first call, program stored s"],
+                           [[n, f"{c['first_call_32_tokens_s']:.1f}", f"{c['later_call_8_tokens_s']:.2f}",
+                             f"{c['stored_first_call_32_tokens_s']:.2f}" if "stored_first_call_32_tokens_s" in c
+                             else "-"] for n, c in report["cold_start"].items()]), ""]
     goals = goal_lines(report)
     if goals:
         lines += ["Goals (issue 31):", "", md_table(["what", "goal", "measured", "met"], goals), ""]

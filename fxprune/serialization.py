@@ -147,11 +147,10 @@ def rebuild_base(architecture: str, config_dict: dict, dtype: torch.dtype) -> to
     return base
 
 
-def load(directory) -> torch.fx.GraphModule:
-    """Rebuild a pruned model saved by `fxprune.save` (or streamed by `prune_checkpoint`) in `directory`: the
-    architecture from config.json on the meta device, the plan replayed on it, then the saved weights (one file
-    or shards), and the graph verified (`fxprune.rewrite.verify`) before it is returned. Raises
-    `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
+def read_saved(directory) -> tuple[PrunePlan, dict, torch.dtype, dict[str, torch.Tensor]]:
+    """The plan, the base model's description (as `base_description` gives it), the dtype and the saved tensors of
+    `directory`, without rebuilding the model. Raises `FileNotFoundError` for a missing file and `ValueError`
+    for another format."""
     directory = Path(directory)
     missing = missing_files(directory)
     if missing:
@@ -159,10 +158,19 @@ def load(directory) -> torch.fx.GraphModule:
     meta = json.loads((directory / "fxprune.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}/fxprune.json has format {meta.get('format')!r}, expected {FORMAT}")
-    base = rebuild_base(meta["architecture"], json.loads((directory / "config.json").read_text()),
-                        getattr(torch, meta["dtype"]))
+    description = {"architecture": meta["architecture"], "config": json.loads((directory / "config.json").read_text())}
     plan = PrunePlan.from_json((directory / "plan.json").read_text())
-    state = read_weights(directory)
+    return plan, description, getattr(torch, meta["dtype"]), read_weights(directory)
+
+
+def load(directory) -> torch.fx.GraphModule:
+    """Rebuild a pruned model saved by `fxprune.save` (or streamed by `prune_checkpoint`) in `directory`: the
+    architecture from config.json on the meta device, the plan replayed on it, then the saved weights (one file
+    or shards), and the graph verified (`fxprune.rewrite.verify`) before it is returned. Raises
+    `FileNotFoundError` for a missing file and `ValueError` when the files disagree with each other."""
+    directory = Path(directory)
+    plan, description, dtype, state = read_saved(directory)
+    base = rebuild_base(description["architecture"], description["config"], dtype)
     dg = analyze(base, constants=state)  # constants: values the meta capture lacks
     gm = apply(base, plan, dg=dg, reconstruct=False, verify=False)  # verified below, with its weights in
     add_reconstruction_biases(gm, state)

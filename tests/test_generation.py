@@ -172,6 +172,48 @@ def test_generate_reuses_its_programs_on_the_same_module_and_directory(monkeypat
     assert (len(captures), len(builds)) == (1, 5)
 
 
+def test_stored_programs_skip_the_capture_and_stale_ones_are_not_used(monkeypatch, tmp_path):
+    """A Generator of a plan another Generator built copies its weights into the stored program: no capture, no
+    rewrite, no rebuilt model (a directory is read, not loaded), the same tokens as the pruned GraphModule's own
+    greedy loop. A program stored by other code, under another key's name or unreadable is not used."""
+    import fxprune.serialization as serialization
+    from fxprune.serving import generation, program_store
+    from fxprune.serving.program_store import ProgramStore
+    model = llama("sdpa", seed=8)
+    _, _, gm = prune_random(model, 0.5, seed=9)
+    fxprune.save(gm, tmp_path / "p")
+    store = ProgramStore(tmp_path / "store")
+    monkeypatch.setattr(generation, "_CAPTURES", {})
+    captures = count_calls(monkeypatch, generation, "capture_cached")
+    rewrites = count_calls(monkeypatch, generation, "pruned_step")
+    loads = count_calls(monkeypatch, serialization, "load")
+    ids = prompt(2, 6, seed=3)
+    want = recompute(gm, ids, 7)[0]
+    assert torch.equal(Generator(gm, store=store).generate(ids, max_new_tokens=7), want)
+    stored = list(store.folder.glob("*.pt"))
+    assert (len(captures), len(rewrites), len(stored)) == (1, 1, 1)
+    generation._CAPTURES.clear()  # as in a new process
+    for source in (gm, tmp_path / "p"):
+        assert torch.equal(Generator(source, store=store).generate(ids, max_new_tokens=7), want)
+    assert (len(captures), len(rewrites), len(loads)) == (1, 1, 0)
+
+    monkeypatch.setattr(program_store, "_SOURCES_HASH", ["other fxprune code"])
+    assert torch.equal(Generator(gm, store=store).generate(ids, max_new_tokens=7), want)
+    assert (len(captures), len(rewrites), len(list(store.folder.glob("*.pt")))) == (2, 2, 2)
+    other_code = next(p for p in store.folder.glob("*.pt") if p != stored[0])
+    monkeypatch.setattr(program_store, "_SOURCES_HASH", [])  # this code again
+    other_code.replace(stored[0])  # the other code's program under this code's name: its own key differs
+    assert torch.equal(Generator(gm, store=store).generate(ids, max_new_tokens=7), want)
+    assert len(rewrites) == 3
+    stored[0].write_bytes(b"not a program")
+    with pytest.warns(UserWarning, match="unreadable stored program"):
+        assert torch.equal(Generator(gm, store=store).generate(ids, max_new_tokens=7), want)
+    assert len(rewrites) == 4
+    other = prune_random(model, 0.2, seed=9)[2]  # another plan of the same model: its own program
+    assert torch.equal(Generator(other, store=store).generate(ids, max_new_tokens=7), recompute(other, ids, 7)[0])
+    assert len(rewrites) == 5
+
+
 def test_one_program_serves_caches_longer_than_the_captured_one(dense):
     """Tokens past the traced cache length (CAPTURE_LEN) still equal Hugging Face's: the buffers grew."""
     from fxprune.serving.generation import CAPTURE_LEN

@@ -232,7 +232,12 @@ def cmd_tune(args) -> int:
 
 def cmd_generate(args) -> int:
     """Text after `--prompt` from a pruned directory: KV-cache generation, or the recompute path."""
-    model, tok = load_any(args.model, args.tokenizer)
+    if not args.recompute and args.model and (Path(args.model) / "fxprune.json").is_file():
+        # The KV-cache Generator reads the directory itself: no model rebuilt and verified first.
+        from transformers import AutoTokenizer
+        model, tok = args.model, AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    else:
+        model, tok = load_any(args.model, args.tokenizer)
     t0 = time.time()
     if args.recompute:
         from fxprune.evaluation.evaluate import generate

@@ -62,8 +62,9 @@ def copy_graph_module(dg: DependencyGraph) -> torch.fx.GraphModule:
 
 
 def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> torch.fx.GraphModule:
-    """`kept` maps a group's atom id to the sorted unit indices that survive. `finish` replaces the last
-    pass (the causal-LM signature), for programs with another signature (the KV-cache capture)."""
+    """`kept` maps a group's atom id to the sorted unit indices that survive. `finish` (a pass, or a list of
+    passes) replaces the last pass (the causal-LM signature), for programs with another signature (the
+    KV-cache capture)."""
     kept = {a: torch.as_tensor(k, dtype=torch.long).sort().values for a, k in kept.items()}
     counts = {a: len(k) for a, k in kept.items()}
     gm = copy_graph_module(dg)
@@ -73,15 +74,26 @@ def rewrite(dg: DependencyGraph, kept: dict[int, torch.Tensor], finish=None) -> 
         DropPiecesPass(dg.table, kept, dg.unit_parameters),
         InsertGathersPass(dg.table, kept),
         LiftLinearModulesPass(),
-        finish or NormalizeSignaturePass(),
+        *(finish if isinstance(finish, (list, tuple)) else [finish or NormalizeSignaturePass()]),
     ]
-    gm = run_passes(gm, passes)
-    gm.recompile()
-    return gm
+    return run_passes(gm, passes)
+
+
+def _code_made_at_the_end() -> None:
+    """Stands in for `GraphModule.recompile` while passes run (see `run_passes`)."""
 
 
 def run_passes(gm: torch.fx.GraphModule, passes) -> torch.fx.GraphModule:
-    """`passes` in order under a PassManager that checks the graph before and after every one."""
+    """`passes` in order under a PassManager that checks the graph before and after every one. The module's Python
+    code is generated once, after the last pass: no pass or check calls that code (the refit interprets the
+    graph), and each recompile of a decoder's graph (after every pass, by the pass and by the PassManager) costs
+    about as much as a pass."""
     manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
     manager.add_checks(check_graph)  # lint and resolvable attributes, before and after every pass
-    return manager(gm).graph_module
+    gm.recompile = _code_made_at_the_end  # an instance attribute: shadows the method for this module only
+    try:
+        out = manager(gm).graph_module
+    finally:
+        del gm.recompile
+    out.recompile()
+    return out

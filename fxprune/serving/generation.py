@@ -1,12 +1,15 @@
 """KV-cache generation of a pruned model: `Generator` and `generate`.
 
-The pruned GraphModule (or a saved directory) carries its plan and the base model's description;
-the base is rebuilt without weights, a program with a static KV cache that runs the prompt and then
-one token per step is captured from it (`kv_capture`), the plan is replayed on it (`replay`) and
+The pruned GraphModule (or a saved directory, read without rebuilding the model) carries its plan and the base
+model's description; the base is rebuilt without weights, a program with a static KV cache that runs the prompt
+and then one token per step is captured from it (`kv_capture`), the plan is replayed on it (`replay`) and
 rewritten, and the pruned weights are copied in. A program is built per batch size and kept; it attends only
 over the filled part of its cache, so one program serves every cache length (its buffers grow on demand).
-`generate` keeps its Generators per GraphModule and per saved directory. Families whose attention does not use transformers' Cache raise a
-CaptureError naming the family; `fxprune.evaluation.generate` (recompute, no cache) still serves them.
+Built programs go to a `ProgramStore` on disk (without weights), so a later Generator of the same plan, in this
+process or another, copies its weights into the stored program instead of capturing again.
+`generate` keeps its Generators per GraphModule and per saved directory. Families whose attention does not use
+transformers' Cache raise a CaptureError naming the family; `fxprune.evaluation.generate` (recompute, no cache)
+still serves them.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ import torch
 from fxprune.analysis.analyze import analyze_captured
 from fxprune.analysis.meta_keys import BASE_KEY, PLAN_KEY
 from fxprune.passes.cache_signature import CacheSignaturePass
+from fxprune.passes.drop_identity_ops import DropIdentityOpsPass
+from fxprune.passes.grouped_attention import GroupedAttentionPass
 from fxprune.serving.kv_capture import CACHE_PREFIXES, capture_cached
+from fxprune.serving.program_store import ProgramStore, default_folder, program_key
 from fxprune.serving.replay import replay_kept
 from fxprune.rewrite.emit import rewrite
 
@@ -33,7 +39,8 @@ WRAPPED = "model."  # CachedLM holds the model as `model`: the prefix of every m
 @dataclass
 class Program:
     """The pruned KV-cache step: `step(input_ids [B, S], cache_mask [B, L], position_ids [B, S], start)`
-    -> logits [B, S, V], for S = the prompt length (prefill) or 1 (decode)."""
+    -> the last position's logits [B, 1, V] (all S positions' for a family whose head takes no
+    `logits_to_keep`), for S = the prompt length (prefill) or 1 (decode)."""
     step: torch.fx.GraphModule
     batch: int
     max_len: int
@@ -68,9 +75,10 @@ def model_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)))
 
 
-def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
-    """Fill the program's model tensors (uninitialised until now) from the pruned model's, by name; a bias
-    the reconstruction gave a projection is given to the program's projection first."""
+def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Fill the program's model tensors (uninitialised until now) from the pruned model's, by name (a tied tensor
+    under its other name, `aliases`: name -> the name `state` may hold it under); a bias the reconstruction gave a
+    projection is given to the program's projection first."""
     from fxprune.serialization import add_reconstruction_biases
     add_reconstruction_biases(program, {WRAPPED + k: v for k, v in state.items() if k.endswith(".bias")})
     with torch.no_grad():
@@ -78,6 +86,8 @@ def copy_weights(program: torch.fx.GraphModule, state: dict[str, torch.Tensor]) 
             source = original_name(name)
             if source is None:
                 continue
+            if source not in state:
+                source = aliases.get(source, source)
             if source not in state:
                 raise ValueError(f"the pruned model has no tensor {source} that the KV-cache program reads")
             if tuple(state[source].shape) != tuple(t.shape):
@@ -97,19 +107,37 @@ def analysed_capture(base: dict, dtype, batch: int):
     key = (base["architecture"], json.dumps(base["config"], sort_keys=True, default=str), str(dtype), batch)
     if key not in _CAPTURES:
         model = rebuild_base(base["architecture"], base["config"], dtype)
-        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, CAPTURE_LEN), model)
+        _CAPTURES[key] = analyze_captured(capture_cached(model, batch, CAPTURE_LEN, last_logits=True), model)
         while len(_CAPTURES) > KEEP_CAPTURES:
             _CAPTURES.pop(next(iter(_CAPTURES)))
     return _CAPTURES[key]
 
 
-def build_program(dg, plan, state, batch: int, device) -> Program:
-    """Capture the KV-cache step of `dg`'s model for `batch` rows, replay `plan` on it, copy the pruned weights from
-    `state`, zero the cache and move it to `device`; the cache length is not part of the program."""
+def pruned_step(base: dict, plan, dtype, batch: int) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """The KV-cache step of `base`'s model for `batch` rows with `plan` replayed and rewritten (its model tensors
+    not yet filled), and its tied tensors' aliases (the model's names: alias -> canonical)."""
     from fxprune.serving.kv_capture import family_of
+    dg = analysed_capture(base, dtype, batch)
     kept = replay_kept(dg, plan, original_name, f"the KV-cache capture of {family_of(dg.model)}")
-    program = Program(rewrite(dg, kept, finish=CacheSignaturePass()).eval(), batch, CAPTURE_LEN)
-    copy_weights(program.step, state)
+    aliases = {original_name(a): original_name(c) for a, c in dg.aliases.items()
+               if original_name(a) is not None and original_name(c) is not None}
+    # Every op of a step runs once per token: the last two passes leave fewer of them.
+    step = rewrite(dg, kept, finish=[CacheSignaturePass(), GroupedAttentionPass(), DropIdentityOpsPass()])
+    return step.eval(), aliases
+
+
+def build_program(base: dict, plan, state, dtype, batch: int, device, store: ProgramStore) -> Program:
+    """The pruned KV-cache program of `plan` for `batch` rows: read from `store`, else captured, rewritten and
+    stored; the pruned weights copied in from `state`, the cache zeroed and moved to `device`. The cache length
+    is not part of the program."""
+    key = program_key(base, plan, dtype, batch, CAPTURE_LEN)
+    stored = store.fetch(key, batch)
+    if stored is None:
+        stored = pruned_step(base, plan, dtype, batch)
+        store.store(key, batch, *stored, is_weight=lambda name: original_name(name) is not None)
+    step, aliases = stored
+    program = Program(step.eval(), batch, CAPTURE_LEN)
+    copy_weights(program.step, state, aliases)
     for t in program.cache_buffers().values():
         t.zero_()
     program.step.to(device)
@@ -152,25 +180,28 @@ def check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperat
 class Generator:
     """KV-cache generation for a pruned GraphModule (from `fxprune.compile/apply/load`) or a saved directory."""
 
-    def __init__(self, source, device=None, cache_block: int = 64):
+    def __init__(self, source, device=None, cache_block: int = 64, store: ProgramStore | None = None):
         if isinstance(source, (str, Path)):
-            from fxprune.serialization import load
-            source = load(source)
-        if PLAN_KEY not in source.meta or BASE_KEY not in source.meta:
-            raise ValueError("Generator needs a GraphModule made by fxprune.apply/compile/load "
-                             "(it carries its plan and base model)")
-        self.plan, self.base = source.meta[PLAN_KEY], source.meta[BASE_KEY]
-        self.state = {k: t.detach() for k, t in model_tensors(source).items()}
-        first = next(source.parameters())
-        self.dtype, self.device = first.dtype, torch.device(device) if device else first.device
+            from fxprune.serialization import read_saved
+            self.plan, self.base, self.dtype, self.state = read_saved(source)  # the programs need no rebuilt model
+            self.device = torch.device(device or "cpu")
+        else:
+            if PLAN_KEY not in source.meta or BASE_KEY not in source.meta:
+                raise ValueError("Generator needs a GraphModule made by fxprune.apply/compile/load "
+                                 "(it carries its plan and base model)")
+            self.plan, self.base = source.meta[PLAN_KEY], source.meta[BASE_KEY]
+            self.state = {k: t.detach() for k, t in model_tensors(source).items()}
+            first = next(source.parameters())
+            self.dtype, self.device = first.dtype, torch.device(device) if device else first.device
+        self.store = store if store is not None else ProgramStore(default_folder())
         self.cache_block = cache_block  # cache lengths are rounded up to it, so the buffers grow in a few steps
         self._programs: dict[int, Program] = {}
 
     def program(self, batch: int, max_len: int) -> Program:
         """The KV-cache program for `batch` rows (built once) with a cache of at least `max_len` positions."""
         if batch not in self._programs:
-            dg = analysed_capture(self.base, self.dtype, batch)
-            self._programs[batch] = build_program(dg, self.plan, self.state, batch, self.device)
+            self._programs[batch] = build_program(self.base, self.plan, self.state, self.dtype, batch, self.device,
+                                                  self.store)
         self._programs[batch].reserve(max_len)
         return self._programs[batch]
 
@@ -246,7 +277,7 @@ def generator_for(source) -> Generator:
     from fxprune.serialization import FILES
     path = Path(source).resolve()
     if not all((path / f).is_file() for f in FILES):
-        return Generator(path)  # load names what is missing
+        return Generator(path)  # read_saved names what is missing
     key = (str(path), tuple(os.stat(path / f).st_mtime_ns for f in FILES))
     if key not in _BY_DIRECTORY:
         _BY_DIRECTORY[key] = Generator(path)

@@ -41,14 +41,20 @@ def window_layer(max_len: int):
 
 
 class CachedLM(torch.nn.Module):
-    """`forward(input_ids [B, S], cache_mask [B, W], position_ids [B, S], start)` -> logits [B, S, V];
-    writes the keys/values of the S tokens at cache positions start..start+S-1 and attends over the first
-    W positions (W <= the cache's length L; W = start + S reads exactly the filled part)."""
+    """`forward(input_ids [B, S], cache_mask [B, W], position_ids [B, S], start)` -> logits [B, S, V] ([B, 1, V],
+    the last position's, with `last_logits` where the model takes transformers' `logits_to_keep`); writes the
+    keys/values of the S tokens at cache positions start..start+S-1 and attends over the first W positions
+    (W <= the cache's length L; W = start + S reads exactly the filled part)."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, last_logits: bool = False):
         super().__init__()
+        import inspect
         from transformers.cache_utils import StaticCache
         self.model = model
+        # Generation reads the last position's logits only: the head then runs on one position per row, not on
+        # the whole prompt (the head is the largest projection of a small model).
+        self.keep = {"logits_to_keep": 1} if last_logits and \
+            "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         # Every layer a full (windowed) static layer: sliding-window layers branch on Python values (as the
         # ExecuTorch recipe does; a sliding window is then applied by the mask only).
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -80,7 +86,7 @@ class CachedLM(torch.nn.Module):
             layer.cumulative_length.copy_(start)
             layer.window = cache_mask.shape[1]  # attend over the positions the mask covers, not the whole cache
         out = self.model(input_ids=input_ids, attention_mask=cache_mask, position_ids=position_ids,
-                         cache=self.cache, use_cache=True)
+                         cache=self.cache, use_cache=True, **self.keep)
         return out.logits
 
 
@@ -94,11 +100,11 @@ def example_step(batch: int, max_len: int, seq: int, window: int, device):
     return ids, mask, pos, torch.tensor(0, device=device)
 
 
-def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured:
-    """Export `CachedLM(model)` with a dynamic step length and a dynamic attended window (1..max_len - 1):
-    the same program runs the prompt (prefill) and every one-token decode step, each attending over the
-    `cache_mask.shape[1]` first cache positions only."""
-    wrapper = CachedLM(model, batch, max_len)
+def capture_cached(model: torch.nn.Module, batch: int, max_len: int, last_logits: bool = False) -> Captured:
+    """Export `CachedLM(model, last_logits=...)` with a dynamic step length and a dynamic attended window
+    (1..max_len - 1): the same program runs the prompt (prefill) and every one-token decode step, each attending
+    over the `cache_mask.shape[1]` first cache positions only."""
+    wrapper = CachedLM(model, batch, max_len, last_logits)
     device = next(model.parameters()).device
     seq = torch.export.Dim("seq", min=1, max=max_len)
     # A window of the whole cache would make the slice a no-op, which export guards on: the last token
@@ -109,12 +115,15 @@ def capture_cached(model: torch.nn.Module, batch: int, max_len: int) -> Captured
     dynamic = ({1: seq}, {1: window}, {1: seq}, None)
     was_training = model.training
     model.eval()
+    emit_traces = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True  # no pass reads a node's stack trace; recording one is slow
     try:
         ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise CaptureError(f"{family_of(model)}: torch.export could not trace the KV-cache step "
                            f"({type(exc).__name__}: {str(exc)[:400]}); use fxprune.evaluation.generate") from exc
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emit_traces
         model.train(was_training)
     gm = ep.module()
     drop_input_guards(gm)
