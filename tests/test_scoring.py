@@ -316,6 +316,28 @@ def test_batch_size_and_checkpointing_do_not_change_scores(env):
     assert list(got.grad) == ["model.layers.0.mlp.up_proj.weight"] and got.sq_grad is None
 
 
+def test_hywia_batches_its_gradient_pass_only_where_that_keeps_the_mean_gradient(env, monkeypatch):
+    from fxprune.scoring import hybrid
+    full = Calibration.of(torch.cat(env.cal))
+    ragged_mask = torch.ones_like(full.ids)
+    ragged_mask[1, 5:] = 0
+    ragged = Calibration.of({"input_ids": full.ids, "attention_mask": ragged_mask})
+    assert hybrid.gradient_batch(full, 1) == hybrid.GRADIENT_ROWS and hybrid.gradient_batch(full, 16) == 16
+    assert hybrid.gradient_batch(ragged, 1) == 1
+    seen = []
+    real = hybrid.gradients_for
+    monkeypatch.setattr(hybrid, "gradients_for", lambda *a: seen.append(a[6]) or real(*a))
+    hywia(env.dg, None, full, ratio=0.3, settings=HyWIA(steps=1, validate=False))
+    assert seen == [hybrid.GRADIENT_ROWS]
+    # full rows: one pass of all rows gives the mean of the one-row gradients (float32 sums kept in .grad)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    one, all_rows = (compute_gradients(env.dg, full, names, batch_size=b) for b in (1, len(full)))
+    for n in names:
+        close(all_rows.grad[n], one.grad[n])
+        close(one.grad[n], env.G[n])
+    assert all_rows.n_samples == one.n_samples == len(full) and math.isclose(all_rows.loss, one.loss, rel_tol=1e-5)
+
+
 def test_checkpointed_forward_runs_the_graph_in_segments(env, monkeypatch):
     from fxprune.scoring import forward as runner
     tensors = runner.model_tensors(env.dg, torch.device("cpu"), None)
