@@ -52,7 +52,7 @@ from fxprune.scoring.methods import HYWIA_GRANULARITIES as GRANULARITIES, HyWIA
 
 MASKABLE_KINDS = ("heads", "kv_groups", "group_heads", "mlp")
 VALIDATION_ROWS = 8  # held-out rows per forward pass of a validation (memory, not the result: the mean is per token)
-GRADIENT_ROWS = 8  # rows per pass of the gradient pass where that leaves the mean gradient as it is (memory)
+GRADIENT_ROWS = 4  # rows per pass of the gradient pass where that leaves the mean gradient as it is (memory)
 
 
 def gradient_batch(calibration, batch_size: int) -> int:
