@@ -52,15 +52,6 @@ from fxprune.scoring.methods import HYWIA_GRANULARITIES as GRANULARITIES, HyWIA
 
 MASKABLE_KINDS = ("heads", "kv_groups", "group_heads", "mlp")
 VALIDATION_ROWS = 8  # held-out rows per forward pass of a validation (memory, not the result: the mean is per token)
-GRADIENT_ROWS = 4  # rows per pass of the gradient pass where that leaves the mean gradient as it is (memory)
-
-
-def gradient_batch(calibration, batch_size: int) -> int:
-    """Rows per forward pass of HyWIA's gradient pass: at least GRADIENT_ROWS when every row has as many target
-    tokens as every other (each chunk's token-mean loss is then the mean of its rows' losses, so the row-weighted
-    mean gradient is `batch_size`'s up to float rounding), else `batch_size`."""
-    targets = (calibration.mask[:, 1:] != 0).sum(1)
-    return max(batch_size, GRADIENT_ROWS) if bool((targets == targets[0]).all()) else batch_size
 
 
 def output_projection_members(dg: DependencyGraph, group: Group) -> list[Member]:
@@ -169,8 +160,8 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
     kinds = settings.granularities
     grads = None
     if {"fine", "coarse"} & set(kinds):
-        grads = gradients_for(dg, groups, frozenset({"grad"}), "hywia", calibration, gradients,
-                              gradient_batch(calibration, batch_size), device, dtype, checkpoint)
+        grads = gradients_for(dg, groups, frozenset({"grad"}), "hywia", calibration, gradients, batch_size, device,
+                              dtype, checkpoint)
     if {"wanda", "flap"} & set(kinds) and inputs is None:
         inputs = input_statistics(dg, calibration, member_names(dg, groups))
     levels = {}
