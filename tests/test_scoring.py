@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 import math
 from types import SimpleNamespace
 
@@ -314,6 +315,27 @@ def test_batch_size_and_checkpointing_do_not_change_scores(env):
     # only the group members get gradient accumulators
     got = compute_gradients(env.dg, env.cal, ["model.layers.0.mlp.up_proj.weight"])
     assert list(got.grad) == ["model.layers.0.mlp.up_proj.weight"] and got.sq_grad is None
+
+
+def test_gradient_sums_in_place_match_one_row_passes_and_hywia_frees_them(env, monkeypatch):
+    from fxprune.scoring import hybrid
+    full = Calibration.of(torch.cat(env.cal))
+    kept, real = [], hybrid.gradients_for
+
+    def spy(*args):
+        stats = real(*args)
+        kept.append(weakref.ref(next(iter(stats.grad.values()))))
+        return stats
+    monkeypatch.setattr(hybrid, "gradients_for", spy)
+    hywia(env.dg, None, full, ratio=0.3, settings=HyWIA(steps=1, validate=False))
+    assert kept and kept[0]() is None  # the gradients are not held once the scores are made
+    # full rows: one pass of all rows gives the mean of the one-row gradients (float32 sums kept in .grad)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    one, all_rows = (compute_gradients(env.dg, full, names, batch_size=b) for b in (1, len(full)))
+    for n in names:
+        close(all_rows.grad[n], one.grad[n])
+        close(one.grad[n], env.G[n])
+    assert all_rows.n_samples == one.n_samples == len(full) and math.isclose(all_rows.loss, one.loss, rel_tol=1e-5)
 
 
 def test_checkpointed_forward_runs_the_graph_in_segments(env, monkeypatch):

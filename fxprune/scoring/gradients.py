@@ -50,13 +50,20 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
     device = compute_device(dg, device)
     tensors = model_tensors(dg, device, dtype, trainable=set(names))
     inputs = [tensors[n] for n in names]
-    grad = {n: torch.zeros(tensors[n].shape, dtype=torch.float32, device=device) for n in names}
+    # Float32 first-order sums accumulate in the tensors' own .grad: no second full set of gradients per pass
+    in_place = not second_order and all(t.dtype == torch.float32 for t in inputs)
+    grad = {} if in_place else {n: torch.zeros(tensors[n].shape, dtype=torch.float32, device=device) for n in names}
     sq = {n: torch.zeros_like(grad[n]) for n in names} if second_order else None
     n_samples, total = 0, 0.0
     for ids, mask in local_share(calibration.batches(1 if second_order else batch_size, device)):
         loss = lm_loss(forward(dg, tensors, ids, mask, checkpoint), ids, mask)
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         rows = ids.shape[0]
+        n_samples += rows
+        total += float(loss.detach()) * rows
+        if in_place:
+            (loss * rows).backward(inputs=inputs)
+            continue
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         for n, g in zip(names, grads):
             if g is None:
                 continue
@@ -64,8 +71,9 @@ def compute_gradients(dg: DependencyGraph, calibration, names=None, second_order
             grad[n].add_(g, alpha=rows)
             if sq is not None:
                 sq[n].addcmul_(g, g)
-        n_samples += rows
-        total += float(loss.detach()) * rows
+    if in_place:
+        grad = {n: tensors[n].grad if tensors[n].grad is not None else torch.zeros_like(tensors[n]).detach()
+                for n in names}
     return gradient_stats(grad, sq, n_samples, total)
 
 

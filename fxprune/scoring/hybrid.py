@@ -169,6 +169,7 @@ def hywia(dg: DependencyGraph, groups=None, calibration=None, ratio: float = 0.2
         raw = estimate(dg, groups, ESTIMATORS[GRANULARITIES[k]], aggregation, grads, seed, device, None, inputs,
                        weights)
         levels[k] = {g.id: _normalise(raw[g.id]) for g in groups}
+    del grads, inputs  # a full set of gradients: not kept through the training and validation
     train, held_out = calibration.split_holdout(calibration.held_out_rows(settings.holdout))
     samples = list(train.batches(max(batch_size, 1)))
     masker = _Masker(dg, groups, ratio, fractions, settings.temperature, device)
