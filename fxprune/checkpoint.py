@@ -19,7 +19,7 @@ from fxprune.planning.plan import PrunePlan, make_plan, target_groups
 from fxprune.serialization import save_streamed
 from fxprune.streaming import CheckpointWeights, StreamedExecutor, empty_model, partition, streamed_score
 from fxprune.streaming.budget import check_budget, largest_segment, parse_bytes
-from fxprune.streaming.estimate import CostEstimate
+from fxprune.streaming.estimate import CostEstimate, refit_work
 from fxprune.streaming.probe import probe
 from fxprune.streaming.resume import WorkFolder, checkpoint_key
 from fxprune.streaming.scores import streamable
@@ -147,7 +147,8 @@ def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bo
     largest, largest_bytes = largest_segment(dg, segments)
     cfg, batches = resolve_data(skeleton, cfg, calibration, tokenizer, scored=False)
     zero = {g.id: torch.zeros(g.n_units) for g in dg.groups}
-    after = make_plan(dg, cfg, zero).params_after  # the ratio fixes the count; which units, the scores
+    plan = make_plan(dg, cfg, zero)  # the ratio fixes the counts; which units, the scores
+    after = plan.params_after
     dtype = next(iter(dg.parameters.values())).dtype
     source = CheckpointWeights(checkpoint, skeleton)
     buffers = sum(t.numel() * t.element_size() for n, t in dg.buffers.items() if n in source.names() or not t.is_meta)
@@ -156,9 +157,12 @@ def estimate_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output: bo
         [(torch.ones(1, cfg.calibration_len, dtype=torch.long), None)]
     measured = probe(executor, rows, count=min(2, len(segments)))
     size = sum((Path(checkpoint) / f).stat().st_size for f in set(files.values()))
+    tokens = sum(int(mask.sum()) for _, mask in rows if mask is not None) or rows[0][0].numel()
+    work = refit_work(plan.kept, {n: tuple(t.shape) for n, t in dg.parameters.items()}, cfg.reconstruct, tokens) \
+        if output else 0.0
     return CostEstimate(sum(t.numel() for t in dg.parameters.values()), after, size,
                         after * (torch.finfo(dtype).bits // 8) + buffers, len(segments) - 2, largest, largest_bytes,
-                        sweeps(cfg, output), budget, measured, setup)
+                        sweeps(cfg, output), budget, measured, setup, work)
 
 
 def refit_rows(model, plan: PrunePlan, calibration, refit_calibration, tokenizer) -> Calibration | None:

@@ -93,3 +93,18 @@ def test_sizes_and_durations_read_as_a_person_writes_them():
     assert size(None) == "unknown" and size(999) == "999 B" and size(1_500_000) == "1.50 MB"
     assert size(13.5e9) == "13.50 GB" and duration(59.4) == "59.4 s" and duration(600) == "10.0 min"
     assert duration(3 * 3600) == "3.0 h"
+
+
+def test_the_refit_sweep_counts_its_solves(checkpoint):
+    from fxprune.reconstruction.settings import Refit
+    from fxprune.streaming.estimate import refit_work
+    _, folder = checkpoint
+    est = fxprune.estimate_checkpoint(folder, 0.3, calibration=IDS, reconstruct="lstsq")
+    plain = fxprune.estimate_checkpoint(folder, 0.3, calibration=IDS)
+    assert est.sweeps[-1] == "refit" and est.refit_work > 0 and plain.refit_work == 0
+    assert est.sweep_seconds("refit") > est.probe.layer_seconds * 2 * (est.layers + 2)
+    kept = {"w": {1: list(range(10))}, "frozen": {0: [0]}}  # only a weight whose inputs are pruned is refitted
+    shapes = {"w": (4, 16), "frozen": (4, 16)}
+    assert refit_work(kept, shapes, Refit(mode="lstsq", ridge=0.1), 5) == 5 * 100 + 1000 / 3 + 4 * 100
+    assert refit_work(kept, shapes, Refit(mode="bias", ridge=0.1), 5) == 5 * 100
+    assert refit_work(kept, shapes, Refit(mode="lstsq"), 5) > refit_work(kept, shapes, Refit(mode="bias"), 5)

@@ -25,11 +25,13 @@ class CostEstimate:
     budget: int | None
     probe: Probe
     setup_seconds: float         # the meta-device capture and analysis, made once per run
+    refit_work: float = 0.0      # float64 multiply-adds of the refit's sums, solves and candidate scores
 
     def sweep_seconds(self, sweep: str) -> float:
         per_layer = (self.probe.write_seconds if sweep == "write" else
                      self.probe.layer_seconds * SWEEP_COST[sweep])
-        return per_layer * (self.layers + 2)
+        solves = self.refit_work / self.probe.float64_rate if sweep == "refit" and self.probe.float64_rate else 0.0
+        return per_layer * (self.layers + 2) + solves
 
     @property
     def seconds(self) -> float:
@@ -85,3 +87,25 @@ def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def refit_work(kept: dict[str, dict[int, list[int]]], shapes: dict[str, tuple], settings, tokens: int) -> float:
+    """Float64 multiply-adds the refit under `settings` (a `Refit`) makes for the projections whose inputs the plan
+    prunes (`kept`: name -> {dim: kept positions}; `shapes`: each weight's shape) on `tokens` calibration tokens:
+    the sums (tokens x n^2), each candidate's held-out score (m x n^2) and each ridge solve (n^3 / 3 + m x n^2),
+    n the kept inputs and m the kept outputs."""
+    from fxprune.reconstruction.least_squares import RIDGES
+    from fxprune.reconstruction.settings import AUTO
+    if not settings.enabled:
+        return 0.0
+    auto, lstsq = settings.ridge == AUTO, settings.mode == "lstsq"
+    candidates = (2 + len(RIDGES) * lstsq) if auto else 0
+    solves = (len(RIDGES) + 1 if auto else 1) if lstsq else 0
+    work = 0.0
+    for name, dims in kept.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2 or 1 not in dims:
+            continue
+        n, m = len(dims[1]), len(dims.get(0, range(shape[0])))
+        work += tokens * n * n + candidates * m * n * n + solves * (n ** 3 / 3 + m * n * n)
+    return work

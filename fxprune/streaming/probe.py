@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from fxprune.streaming.executor import StreamedExecutor
@@ -20,6 +21,7 @@ class Probe:
     handed_on: int               # bytes the last probed segment hands on, all batches together
     before: int | None           # resident bytes before the probe (the capture, the analysis, the imports)
     peak: int | None             # resident high-water mark during the probe
+    float64_rate: float = 0.0    # float64 multiply-adds per second of a square matrix product (the refit's algebra)
 
     @property
     def layer_seconds(self) -> float:
@@ -48,7 +50,18 @@ def probe(executor: StreamedExecutor, batches, count: int = 2) -> Probe:
     finally:
         executor.budget, executor.progress = budget, previous
     seconds = tuple(b - a for a, b in zip([start] + marks, marks))
-    return Probe(seconds, write, handed[-1], before, peak)
+    return Probe(seconds, write, handed[-1], before, peak, float64_rate())
+
+
+def float64_rate(n: int = 1024) -> float:
+    """Multiply-adds per second of an n x n float64 matrix product here (best of three)."""
+    a = torch.randn(n, n, dtype=torch.float64)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return n ** 3 / best
 
 
 def write_seconds(executor: StreamedExecutor, segment) -> float:
