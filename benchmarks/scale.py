@@ -106,8 +106,13 @@ def main(argv=None):
     p.add_argument("--tokens", default="8x128", help="calibration rows x tokens")
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick check of the script)")
     p.add_argument("--tmp", default=None, help="where checkpoints are written (deleted after)")
+    p.add_argument("--from-partial", action="store_true",
+                   help="no new run: the report of the runs an interrupted sweep left in scale_partial.json")
     args = p.parse_args(argv)
     report = {**header(threads=2), "max_memory": args.max_memory, "tokens": args.tokens, "runs": []}
+    if args.from_partial:
+        report = json.loads((RESULTS / "scale_partial.json").read_text())
+        args.runs = []
     extra = {} if args.layers is None else {"num_hidden_layers": args.layers}
     runs: dict[str, list[str]] = {}
     for spec in args.runs:
