@@ -1,7 +1,6 @@
 """LoRA post-training of pruned GraphModules (fxprune.recovery): targets, training, merge, resume, DDP."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -15,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxprune
+from fxprune.recovery.sharding import unsharded_copy as clone  # a copy to train: tune() injects LoRA in place
 from fxprune.recovery import LoraSettings, checkpoints, linear_targets, merge, output_heads, tune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,19 +66,6 @@ def trained(pruned, examples):
     """30 LoRA steps on a copy of the pruned model."""
     settings = LoraSettings(max_steps=30, lr=2e-3, batch_size=4, seed=0)
     return tune(clone(pruned), examples, settings)
-
-
-def clone(gm):
-    """A copy to train (tune() injects LoRA in place). gm.meta is shared, not copied: the plan there
-    holds its analysis (fake tensors), which deepcopy cannot copy."""
-    meta = gm.meta
-    gm.meta = {}
-    try:
-        copied = copy.deepcopy(gm)
-    finally:
-        gm.meta = meta
-    copied.meta = dict(meta)
-    return copied
 
 
 def batch(examples, n=4):

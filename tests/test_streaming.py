@@ -308,9 +308,9 @@ def test_memory_sizes_parse():
         parse_bytes("2 parsecs")
 
 
-def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys):
-    from fxprune.cli import main
-    from fxprune.data.loaders import calibration_samples
+def cli_checkpoint(tmp_path, rows: int):
+    """(model, tokenizer, C4-style sample file) of a tiny llama checkpoint with its tokenizer under tmp_path/ckpt and
+    `rows` rows of text under tmp_path/data, as `fxprune prune CKPT --data-dir` reads them."""
     from tiny_tokenizer import tiny_tokenizer
     tok = tiny_tokenizer()
     model = llama("sdpa", vocab_size=len(tok))
@@ -318,7 +318,14 @@ def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys)
     tok.save_pretrained(tmp_path / "ckpt")
     sample = tmp_path / "data" / "c4" / "c4_sample.json"
     sample.parent.mkdir(parents=True)
-    sample.write_text(json.dumps([{"text": f"row {k}: the cat sat on a mat, then a hat. " * 6} for k in range(6)]))
+    sample.write_text(json.dumps([{"text": f"row {k}: the cat sat on a mat, then a hat. " * 6} for k in range(rows)]))
+    return model, tok, sample
+
+
+def test_cli_prune_streams_a_checkpoint_larger_than_max_memory(tmp_path, capsys):
+    from fxprune.cli import main
+    from fxprune.data.loaders import calibration_samples
+    model, tok, sample = cli_checkpoint(tmp_path, 6)
     assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--output", str(tmp_path / "out"),
                  "--data-dir", str(tmp_path / "data"), "--calib-samples", "4", "--calib-len", "16"]) == 0
     out = capsys.readouterr()

@@ -227,14 +227,8 @@ def test_a_refit_without_calibration_is_refused_before_any_read(tmp_path, tmp_pa
 def test_cli_prune_streams_the_refit_on_its_own_windows(tmp_path, capsys):
     from fxprune.cli import main
     from fxprune.data.loaders import calibration_samples
-    from tiny_tokenizer import tiny_tokenizer
-    tok = tiny_tokenizer()
-    model = llama("sdpa", vocab_size=len(tok))
-    model.save_pretrained(tmp_path / "ckpt", max_shard_size="50KB")
-    tok.save_pretrained(tmp_path / "ckpt")
-    sample = tmp_path / "data" / "c4" / "c4_sample.json"
-    sample.parent.mkdir(parents=True)
-    sample.write_text(json.dumps([{"text": f"row {k}: the cat sat on a mat, then a hat. " * 6} for k in range(8)]))
+    from test_streaming import cli_checkpoint
+    model, tok, sample = cli_checkpoint(tmp_path, 8)
     assert main(["prune", str(tmp_path / "ckpt"), "--max-memory", "200KB", "--output", str(tmp_path / "out"),
                  "--data-dir", str(tmp_path / "data"), "--calib-samples", "4", "--calib-len", "16",
                  "--reconstruct", "lstsq", "--refit-samples", "6"]) == 0
