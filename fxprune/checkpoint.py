@@ -85,10 +85,10 @@ def prune_checkpoint(checkpoint, ratio: float | PruneConfig = 0.2, output=None, 
     work = None
     if output is not None and not distributed.active():  # an interrupted run starts again where this one stopped
         rows = None if batches is None else calibration_for(dg, batches, "the streamed prune")
-        refit = None if refit_calibration is None else Calibration.of(refit_calibration)
+        given = None if refit_calibration is None else Calibration.of(refit_calibration)
         work = WorkFolder(output, checkpoint_key(checkpoint, config=cfg.to_dict(), ids=getattr(rows, "ids", None),
-                                                 mask=getattr(rows, "mask", None), refit_ids=getattr(refit, "ids", None),
-                                                 refit_mask=getattr(refit, "mask", None)))
+                                                 mask=getattr(rows, "mask", None), refit_ids=getattr(given, "ids", None),
+                                                 refit_mask=getattr(given, "mask", None)))
     if work is not None and work.plan_file.is_file():
         pruning = PrunePlan.from_json(work.plan_file.read_text())
     else:

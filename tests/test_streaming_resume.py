@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.streaming import CheckpointWeights, StreamedExecutor, StreamError, empty_model
 from fxprune.streaming.resume import Snapshots, WorkFolder
 from models import llama
 
@@ -93,10 +94,15 @@ def test_another_command_does_not_resume_from_a_stale_folder(checkpoint, referen
     assert files(out) == reference
 
 
-def test_snapshots_are_written_atomically_and_refuse_another_batch_count(tmp_path):
+def test_snapshots_are_written_atomically_and_refuse_another_batch_count(checkpoint, tmp_path):
     snaps = Snapshots(tmp_path / "s.pt", every=0)
     assert snaps.load() is None and snaps.due()
     snaps.save(4, [{"x": torch.ones(2)}], {"n": 1})
     segment, batches, state = snaps.load()
     assert segment == 4 and torch.equal(batches[0]["x"], torch.ones(2)) and state == {"n": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]
+    skeleton = empty_model(checkpoint)
+    executor = StreamedExecutor(fxprune.analyze(skeleton), CheckpointWeights(checkpoint, skeleton))
+    rows = [(IDS[:3], None), (IDS[3:], None)]  # two batches; the snapshot holds one
+    with pytest.raises(StreamError, match=r"holds 1 batches, this run has 2"):
+        executor.run(rows, logits=False, segments=2, snapshots=snaps, state={})
